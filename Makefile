@@ -1,0 +1,34 @@
+# pdx: two commands do all the set-up on a fresh machine.
+#   make run    set up, then run the main job
+#   make test   set up, then run the test suite
+VENV := .venv
+PY := $(VENV)/bin/python
+export UCX_NET_DEVICES ?= lo
+export HF_HUB_OFFLINE := 1
+export VLLM_NO_USAGE_STATS := 1
+
+.PHONY: venv run test test-fast lint bench clean
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(VENV)/bin/pdx demo
+
+test: venv
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q -rs -m "not vllm and not slow" $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check pdx transports kernels tests
+	$(VENV)/bin/mypy pdx transports kernels
+
+bench: venv
+	$(VENV)/bin/pdx bench transport --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,50 @@
+"""Errors of pdx's control plane (config, router, engines, storage).
+
+Data-plane errors live in ``transports.errors``; pdx wraps them where they cross
+into the control plane (``raise KVTransferError(...) from exc``)::
+
+    PdxError
+    ├── ConfigError               a topology/config file or option is invalid (names file, line, field)
+    ├── LayoutError               two KV layouts cannot be copied directly, or a layout is malformed
+    ├── KVTransferError           moving KV between engines failed (wraps a transports error)
+    │   └── KVLeaseExpired        the decode side never confirmed; the prefill side freed its blocks
+    ├── RoutingError              no healthy engine (pair) can take the request
+    ├── EngineError               an engine answered with an error or cannot be reached
+    └── StorageError              the storage tier failed (callers fall back to recompute)
+
+Messages say what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class PdxError(Exception):
+    """Base of every pdx control-plane error."""
+
+
+class ConfigError(PdxError):
+    """A configuration file or option is invalid."""
+
+
+class LayoutError(PdxError):
+    """A KV layout is malformed, or two layouts cannot be copied directly."""
+
+
+class KVTransferError(PdxError):
+    """Moving KV cache between engines failed."""
+
+
+class KVLeaseExpired(KVTransferError):
+    """The decode engine never confirmed; the prefill engine freed the held blocks."""
+
+
+class RoutingError(PdxError):
+    """No healthy engine, or pair of engines, can take the request."""
+
+
+class EngineError(PdxError):
+    """An engine answered with an error or could not be reached."""
+
+
+class StorageError(PdxError):
+    """The storage tier failed; callers fall back to recomputing."""

@@ -1,0 +1,506 @@
+"""The transport interface: move bytes between registered memory of two endpoints.
+
+A transport endpoint lives in one process. Who calls what:
+
+Both sides
+    ``register(buffer)`` / ``allocate(nbytes)``  -> ``MemoryRegion`` (owned; ``release()`` idempotent)
+    ``descriptor()``                             -> bytes naming this endpoint and its regions; send to the peer
+    ``aclose()``                                 releases every region, peer, transfer and task (idempotent)
+
+Initiator (for KV: the prefill engine)
+    ``await connect(peer_descriptor)``           -> ``Peer`` (reconnect with a newer descriptor to refresh it)
+    ``await post_write(peer, pairs, notif)``     -> ``Transfer``: one-sided write, then ``notif`` to the target
+    ``await post_read(peer, pairs, notif)``      -> ``Transfer`` (``supports_read`` says if the medium can)
+    ``await transfer.wait(timeout)``             -> ``TransferReport`` (raises ``TransferError`` subclasses)
+    ``transfer.poll()`` / ``transfer.abort()``
+
+Target (for KV: the decode engine)
+    ``await wait_notification(timeout, peer=None)`` -> ``Notification`` (each delivered exactly once)
+    ``pop_notifications()``                      -> every notification received so far, removed from the box
+
+Segments never see tokens or layers: a ``SegmentPairs`` is a table of
+``(local_region, local_offset, remote_region, remote_offset, nbytes)`` rows, int64.
+A notification is sent only after every byte of its transfer is in place at the target.
+
+Failure contract: a transfer completes, or fails with a report naming its failed
+segment indices, within its timeout; a peer that dies gives ``PeerLost`` within a
+bounded time; a bad descriptor or segment raises before anything is posted and
+leaves both sides usable.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import enum
+import itertools
+import logging
+import sys
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from transports.errors import RegistrationError, SegmentError, TransportClosed
+
+logger = logging.getLogger(__name__)
+
+# Columns of a SegmentPairs table.
+LOCAL_REGION, LOCAL_OFFSET, REMOTE_REGION, REMOTE_OFFSET, NBYTES = range(5)
+
+
+class TransferStatus(enum.Enum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    status: TransferStatus
+    num_segments: int
+    nbytes: int  # bytes requested, all segments
+    failed_segments: tuple[int, ...] = ()  # row indices into the posted SegmentPairs
+    error: str | None = None
+    seconds: float = 0.0  # post to completion
+
+    @property
+    def ok(self) -> bool:
+        return self.status is TransferStatus.DONE
+
+
+@dataclass(frozen=True)
+class Notification:
+    peer: str  # the sender endpoint's name
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    """What a peer needs to address one registered region (part of a descriptor)."""
+
+    region_id: int
+    nbytes: int
+    device: str = "cpu"  # "cpu" or "cuda:N"
+    extra: dict[str, Any] = field(default_factory=dict)  # transport-specific (shm name, IPC handle, ...)
+
+
+class SegmentPairs:
+    """A batch of (local segment -> remote segment) pairs, stored as an int64 [n, 5] table."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: np.ndarray) -> None:
+        table = np.ascontiguousarray(table, dtype=np.int64)
+        if table.ndim != 2 or table.shape[1] != 5:
+            raise SegmentError(f"segment table must have shape [n, 5], got {table.shape}")
+        if len(table) and (table[:, NBYTES] <= 0).any():
+            raise SegmentError("every segment must have nbytes > 0")
+        if len(table) and ((table[:, LOCAL_OFFSET] < 0) | (table[:, REMOTE_OFFSET] < 0)).any():
+            raise SegmentError("segment offsets must be >= 0")
+        self.table = table
+
+    @classmethod
+    def from_tuples(cls, rows: Iterable[Sequence[int]]) -> SegmentPairs:
+        rows = list(rows)
+        return cls(np.asarray(rows, dtype=np.int64).reshape(len(rows), 5))
+
+    @classmethod
+    def strided(
+        cls,
+        local_region: int,
+        remote_region: int,
+        nbytes: int,
+        count: int,
+        local_offset: int = 0,
+        remote_offset: int = 0,
+        local_stride: int | None = None,
+        remote_stride: int | None = None,
+    ) -> SegmentPairs:
+        """``count`` segments of ``nbytes`` at regular strides (default: packed)."""
+        idx = np.arange(count, dtype=np.int64)
+        t = np.empty((count, 5), dtype=np.int64)
+        t[:, LOCAL_REGION] = local_region
+        t[:, LOCAL_OFFSET] = local_offset + idx * (local_stride or nbytes)
+        t[:, REMOTE_REGION] = remote_region
+        t[:, REMOTE_OFFSET] = remote_offset + idx * (remote_stride or nbytes)
+        t[:, NBYTES] = nbytes
+        return cls(t)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.table[:, NBYTES].sum())
+
+    def merged(self) -> SegmentPairs:
+        """Adjacent rows whose local and remote runs both continue are merged into one."""
+        t = self.table
+        if len(t) < 2:
+            return self
+        cont = (
+            (t[1:, LOCAL_REGION] == t[:-1, LOCAL_REGION])
+            & (t[1:, REMOTE_REGION] == t[:-1, REMOTE_REGION])
+            & (t[1:, LOCAL_OFFSET] == t[:-1, LOCAL_OFFSET] + t[:-1, NBYTES])
+            & (t[1:, REMOTE_OFFSET] == t[:-1, REMOTE_OFFSET] + t[:-1, NBYTES])
+        )
+        if not cont.any():
+            return self
+        starts = np.flatnonzero(np.concatenate(([True], ~cont)))
+        out = t[starts].copy()
+        out[:, NBYTES] = np.add.reduceat(t[:, NBYTES], starts)
+        return SegmentPairs(out)
+
+    def validate(self, local: dict[int, int], remote: dict[int, int]) -> None:
+        """Raise ``SegmentError`` unless every row fits its regions (``{region_id: nbytes}``)."""
+        t = self.table
+        for col_r, col_o, regions, side in (
+            (LOCAL_REGION, LOCAL_OFFSET, local, "local"),
+            (REMOTE_REGION, REMOTE_OFFSET, remote, "remote"),
+        ):
+            ids = np.unique(t[:, col_r])
+            for rid in ids.tolist():
+                size = regions.get(rid)
+                rows = t[:, col_r] == rid
+                if size is None:
+                    first = int(np.flatnonzero(rows)[0])
+                    raise SegmentError(
+                        f"segment {first}: {side} region {rid} is not registered "
+                        f"(known {side} regions: {sorted(regions)}); register it, or refresh the peer descriptor"
+                    )
+                ends = t[rows, col_o] + t[rows, NBYTES]
+                if (ends > size).any():
+                    bad = int(np.flatnonzero(rows)[int(np.argmax(ends > size))])
+                    raise SegmentError(
+                        f"segment {bad}: {side} range [{t[bad, col_o]}, {t[bad, col_o] + t[bad, NBYTES]}) "
+                        f"is outside {side} region {rid} of {size} bytes"
+                    )
+
+
+_region_ids = itertools.count(1)
+
+
+def buffer_address(buffer: Any) -> tuple[int, int, str]:
+    """(address, nbytes, device) of a numpy array, torch tensor, writable buffer, or (addr, nbytes) tuple."""
+    if isinstance(buffer, tuple) and len(buffer) in (2, 3):
+        addr, nbytes = int(buffer[0]), int(buffer[1])
+        return addr, nbytes, (buffer[2] if len(buffer) == 3 else "cpu")
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(buffer, torch.Tensor):
+        if not buffer.is_contiguous():
+            raise RegistrationError("a registered tensor must be contiguous")
+        dev = "cpu" if buffer.device.type == "cpu" else f"{buffer.device.type}:{buffer.device.index or 0}"
+        return buffer.data_ptr(), buffer.numel() * buffer.element_size(), dev
+    if isinstance(buffer, np.ndarray):
+        if not buffer.flags.c_contiguous:
+            raise RegistrationError("a registered array must be C-contiguous")
+        if not buffer.flags.writeable:
+            raise RegistrationError("a registered array must be writable")
+        return buffer.ctypes.data, buffer.nbytes, "cpu"
+    try:
+        arr = np.frombuffer(buffer, dtype=np.uint8)
+    except (TypeError, ValueError) as exc:
+        raise RegistrationError(f"cannot register {type(buffer).__name__}: not a buffer") from exc
+    if not arr.flags.writeable:
+        raise RegistrationError(f"cannot register read-only {type(buffer).__name__}")
+    return arr.ctypes.data, arr.nbytes, "cpu"
+
+
+class MemoryRegion:
+    """A registered memory region owned by one transport. ``release()`` is idempotent."""
+
+    __slots__ = ("region_id", "addr", "nbytes", "device", "extra", "_transport", "_owner", "__weakref__")
+
+    def __init__(
+        self,
+        transport: Transport,
+        addr: int,
+        nbytes: int,
+        device: str = "cpu",
+        owner: Any = None,  # keeps allocated/registered memory alive while registered
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.region_id = next(_region_ids)
+        self.addr = addr
+        self.nbytes = nbytes
+        self.device = device
+        self.extra = extra or {}
+        self._transport: Transport | None = transport
+        self._owner = owner
+
+    @property
+    def is_released(self) -> bool:
+        return self._transport is None
+
+    @property
+    def buffer(self) -> Any:
+        """The object backing the region (numpy array for ``allocate``d regions)."""
+        return self._owner
+
+    def info(self) -> RegionInfo:
+        return RegionInfo(self.region_id, self.nbytes, self.device, dict(self.extra))
+
+    def release(self) -> None:
+        t, self._transport = self._transport, None
+        if t is not None:
+            t._deregister(self)
+        self._owner = None
+
+    def __del__(self) -> None:
+        if self._transport is not None:
+            try:
+                logger.debug("region %d garbage-collected while registered", self.region_id)
+                self.release()
+            except Exception:  # never raise from __del__
+                pass
+
+    def __repr__(self) -> str:
+        return f"MemoryRegion(id={self.region_id}, nbytes={self.nbytes}, device={self.device})"
+
+
+class Peer:
+    """A connected remote endpoint. Returned by ``Transport.connect``."""
+
+    __slots__ = ("name", "regions", "state")
+
+    def __init__(self, name: str, regions: dict[int, RegionInfo], state: Any = None) -> None:
+        self.name = name
+        self.regions = regions
+        self.state = state  # transport-specific (socket, nixl agent name, ...)
+
+    def region_sizes(self) -> dict[int, int]:
+        return {rid: r.nbytes for rid, r in self.regions.items()}
+
+
+class Transfer(abc.ABC):
+    """A posted batch of segment pairs. ``wait`` returns its report or raises a TransferError."""
+
+    num_segments: int
+    nbytes: int
+
+    @abc.abstractmethod
+    def poll(self) -> TransferStatus:
+        """Current status, without blocking."""
+
+    @abc.abstractmethod
+    async def wait(self, timeout: float | None = None) -> TransferReport:
+        """Wait for completion. Raises ``TransferTimeout`` (the transfer is aborted),
+        ``PeerLost``, ``TransferAborted`` or ``TransferError``; each carries ``.report``."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Stop the transfer; idempotent. Bytes already written at the target may be partial."""
+
+
+class NotificationBox:
+    """Thread-safe notification queue that asyncio code can wait on without polling.
+
+    Transports push from any thread (receiver threads, progress threads); every
+    notification is handed out exactly once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: collections.deque[Notification] = collections.deque()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._cond = threading.Condition(self._lock)
+
+    def push(self, note: Notification) -> None:
+        with self._lock:
+            self._items.append(note)
+            waiters, self._waiters = self._waiters, []
+            self._cond.notify_all()
+        for loop, fut in waiters:
+            try:
+                loop.call_soon_threadsafe(_set_if_pending, fut)
+            except RuntimeError:  # loop closed
+                pass
+
+    def pop_all(self) -> list[Notification]:
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            return items
+
+    def _take(self, peer: str | None, payload: bytes | None) -> Notification | None:
+        for i, n in enumerate(self._items):
+            if (peer is None or n.peer == peer) and (payload is None or n.payload == payload):
+                del self._items[i]
+                return n
+        return None
+
+    async def wait(
+        self, timeout: float | None = None, peer: str | None = None, payload: bytes | None = None
+    ) -> Notification:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            with self._lock:
+                note = self._take(peer, payload)
+                if note is not None:
+                    return note
+                fut: asyncio.Future[None] = loop.create_future()
+                self._waiters.append((loop, fut))
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError("no matching notification arrived in time")
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no matching notification arrived within {timeout}s") from None
+
+    def wait_blocking(
+        self, timeout: float | None = None, peer: str | None = None, payload: bytes | None = None
+    ) -> Notification:
+        """The same as ``wait`` for threads that have no event loop."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self._has(peer, payload), timeout)
+            if not ok:
+                raise TimeoutError(f"no matching notification arrived within {timeout}s")
+            note = self._take(peer, payload)
+            assert note is not None
+            return note
+
+    def _has(self, peer: str | None, payload: bytes | None) -> bool:
+        return any(
+            (peer is None or n.peer == peer) and (payload is None or n.payload == payload)
+            for n in self._items
+        )
+
+
+def _set_if_pending(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Transport(abc.ABC):
+    """One endpoint of a medium. Create through ``transports.create_transport(name, **options)``."""
+
+    #: registry name ("tcp", "shm", ...)
+    kind: str = ""
+    #: whether ``post_read`` is implemented
+    supports_read: bool = False
+    #: devices this transport can register ("cpu", "cuda")
+    devices: tuple[str, ...] = ("cpu",)
+
+    def __init__(self, name: str | None = None) -> None:
+        import uuid
+
+        self.name = name or f"{self.kind}-{uuid.uuid4().hex[:12]}"
+        self.regions: dict[int, MemoryRegion] = {}
+        self.notifications = NotificationBox()
+        self._closed = False
+
+    # -- memory ---------------------------------------------------------------------
+    def register(self, buffer: Any) -> MemoryRegion:
+        """Register caller-owned memory (array, tensor, buffer or ``(addr, nbytes[, device])``).
+
+        The caller keeps the memory alive until ``region.release()`` or ``aclose()``.
+        Raises ``RegistrationError`` for memory this transport cannot use.
+        """
+        self._check_open()
+        addr, nbytes, device = buffer_address(buffer)
+        if nbytes <= 0:
+            raise RegistrationError("cannot register an empty buffer")
+        if device.split(":")[0] not in self.devices:
+            raise RegistrationError(f"{self.kind} cannot register {device} memory (supports {self.devices})")
+        region = MemoryRegion(self, addr, nbytes, device, owner=buffer)
+        self._register(region)
+        self.regions[region.region_id] = region
+        return region
+
+    def allocate(self, nbytes: int, device: str = "cpu") -> MemoryRegion:
+        """Allocate and register memory the peer can write into (zero-filled, pre-touched).
+
+        ``region.buffer`` is a uint8 numpy array over it. Transports whose medium needs
+        special memory (shm) override this.
+        """
+        self._check_open()
+        if device != "cpu":
+            raise RegistrationError(f"{self.kind}.allocate supports only cpu memory")
+        buf = np.zeros(nbytes, dtype=np.uint8)
+        return self.register(buf)
+
+    def _register(self, region: MemoryRegion) -> None:
+        """Backend hook: make the region usable (pin, register with the NIC, ...)."""
+
+    def _deregister(self, region: MemoryRegion) -> None:
+        """Backend hook, called once per region by ``MemoryRegion.release``."""
+        self.regions.pop(region.region_id, None)
+
+    def region_sizes(self) -> dict[int, int]:
+        return {rid: r.nbytes for rid, r in self.regions.items()}
+
+    # -- descriptors and peers ----------------------------------------------------------
+    @abc.abstractmethod
+    def descriptor(self) -> bytes:
+        """Serialisable bytes a peer passes to ``connect``: this endpoint and its regions."""
+
+    @abc.abstractmethod
+    async def connect(self, descriptor: bytes) -> Peer:
+        """Connect to the peer a descriptor names. Raises ``DescriptorError`` or ``ConnectError``."""
+
+    async def disconnect(self, peer: Peer) -> None:
+        """Forget a peer; in-flight transfers to it fail. Idempotent."""
+
+    # -- transfers ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def post_write(
+        self, peer: Peer, pairs: SegmentPairs, notif: bytes | None = None
+    ) -> Transfer:
+        """Write local segments into the peer's segments, then deliver ``notif`` there.
+
+        Validates every pair first (``SegmentError``); returns once posted.
+        """
+
+    async def post_read(
+        self, peer: Peer, pairs: SegmentPairs, notif: bytes | None = None
+    ) -> Transfer:
+        """Read the peer's segments into local segments (where ``supports_read``)."""
+        from transports.errors import TransportUnavailable
+
+        raise TransportUnavailable(f"{self.kind} does not support reads; use post_write from the other side")
+
+    # -- notifications (target side) -----------------------------------------------------
+    async def wait_notification(
+        self, timeout: float | None = None, peer: str | None = None, payload: bytes | None = None
+    ) -> Notification:
+        """Next notification (optionally from ``peer`` / equal to ``payload``); each is returned once.
+        Raises ``TimeoutError``."""
+        return await self.notifications.wait(timeout, peer, payload)
+
+    def pop_notifications(self) -> list[Notification]:
+        return self.notifications.pop_all()
+
+    # -- lifetime -----------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportClosed(f"{self.kind} transport {self.name} is closed")
+
+    def _validate(self, peer: Peer, pairs: SegmentPairs) -> None:
+        self._check_open()
+        pairs.validate(self.region_sizes(), peer.region_sizes())
+
+    async def aclose(self) -> None:
+        """Abort in-flight transfers, release every region and peer, stop tasks. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for region in list(self.regions.values()):
+            region.release()
+        self.regions.clear()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    async def __aenter__(self) -> Transport:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
