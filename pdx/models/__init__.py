@@ -1,0 +1,1 @@
+"""Models pdx builds itself (no downloads): see ``pdx.models.tiny``."""
