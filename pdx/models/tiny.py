@@ -281,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pdx make-tiny-model", description="Build the built-in tiny Llama model offline."
     )
-    parser.add_argument("--out", default=None, help=f"output directory (default {default_model_dir()})")
+    parser.add_argument(
+        "--out", default=None, help=f"output directory (default {default_model_dir()})"
+    )
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument(
         "--max-model-len",
