@@ -1,0 +1,136 @@
+"""The vLLM process harness: command line, environment, metrics parsing, clear start errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from pdx.engines.metrics import parse_prometheus_text
+from pdx.engines.process import EngineSpec, VllmEngine, build_command, build_env, free_port
+from pdx.errors import EngineError
+
+METRICS = """\
+# HELP vllm:prompt_tokens_by_source_total Number of prompt tokens by source.
+# TYPE vllm:prompt_tokens_by_source_total counter
+vllm:prompt_tokens_by_source_total{engine="0",model_name="tiny",source="local_compute"} 0.0
+vllm:prompt_tokens_by_source_total{engine="0",model_name="tiny",source="external_kv_transfer"} 1234.0
+vllm:prompt_tokens_by_source_total{engine="1",model_name="tiny",source="external_kv_transfer"} 6.0
+vllm:num_requests_running{engine="0",model_name="a \\"quoted\\" name"} 2.0
+vllm:e2e_request_latency_seconds_bucket{le="+Inf",model_name="tiny"} 3.0 1700000000000
+"""
+
+
+def test_metrics_sum_by_name_and_labels():
+    m = parse_prometheus_text(METRICS)
+    assert m.sum("prompt_tokens_by_source", source="external_kv_transfer") == 1240.0
+    assert (
+        m.sum("vllm:prompt_tokens_by_source_total", source="external_kv_transfer", engine="0")
+        == 1234.0
+    )
+    assert m.sum("prompt_tokens_by_source", source="local_compute") == 0.0
+    assert m.sum("num_requests_running", model_name='a "quoted" name') == 2.0
+    assert m.sum("e2e_request_latency_seconds_bucket", le="+Inf") == 3.0
+    assert m.sum("no_such_metric") == 0.0
+
+
+def test_metrics_reject_garbage():
+    with pytest.raises(ValueError, match="not a Prometheus sample"):
+        parse_prometheus_text("this is { not metrics")
+
+
+def test_command_line_is_the_cpu_recipe():
+    spec = EngineSpec(
+        model="/m",
+        port=8123,
+        max_model_len=2048,
+        block_size=32,
+        max_num_seqs=4,
+        kv_transfer_config={"kv_connector": "NixlConnector", "kv_role": "kv_producer"},
+        enable_prefix_caching=False,
+    )
+    cmd = build_command(spec, python="py")
+    assert cmd[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
+
+    def arg(flag: str) -> str:
+        return cmd[cmd.index(flag) + 1]
+
+    assert (arg("--model"), arg("--port"), arg("--max-model-len")) == ("/m", "8123", "2048")
+    assert (arg("--dtype"), arg("--load-format"), arg("--seed")) == ("float32", "auto", "0")
+    assert (arg("--block-size"), arg("--max-num-seqs"), arg("--host")) == ("32", "4", "127.0.0.1")
+    assert "--enforce-eager" in cmd and "--no-enable-prefix-caching" in cmd
+    assert json.loads(arg("--kv-transfer-config"))["kv_connector"] == "NixlConnector"
+    assert "--kv-transfer-config" not in build_command(EngineSpec(model="/m", port=1))
+
+
+def test_environment_is_offline_pinned_and_nixl_aware():
+    spec = EngineSpec(
+        model="/m", port=1, kv_cache_gib=0.5, cpu_bind="1", nixl_side_channel_port=5601
+    )
+    env = build_env(spec, base={"PATH": "/bin"})
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "0.5"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_NO_USAGE_STATS"] == "1"
+    assert env["UCX_NET_DEVICES"] == "lo"
+    assert (env["VLLM_NIXL_SIDE_CHANNEL_HOST"], env["VLLM_NIXL_SIDE_CHANNEL_PORT"]) == (
+        "127.0.0.1",
+        "5601",
+    )
+    assert "VLLM_NIXL_SIDE_CHANNEL_PORT" not in build_env(EngineSpec(model="/m", port=1), base={})
+
+
+def test_free_port_is_bindable():
+    import socket
+
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_engine_that_dies_raises_with_log_tail(tmp_path, monkeypatch):
+    # A server that cannot start (no vLLM module by that name) must fail fast and say why.
+    import pdx.engines.process as process
+
+    monkeypatch.setattr(
+        process,
+        "build_command",
+        lambda spec: [sys.executable, "-c", "import sys; print('boom: bad model'); sys.exit(3)"],
+    )
+    engine = VllmEngine(EngineSpec(model="/m", port=free_port()), log_path=tmp_path / "e.log")
+    with pytest.raises(EngineError, match=r"exited with code 3(.|\n)*boom: bad model"):
+        engine.start(timeout_s=30)
+    assert not engine.is_alive()
+    engine.stop()  # idempotent
+
+
+def test_stop_ends_the_whole_process_group(tmp_path, monkeypatch):
+    import os
+    import time
+
+    import pdx.engines.process as process
+
+    child_pid_file = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(child_pid_file)!r}, 'w').write(str(c.pid))\n"
+        "time.sleep(600)\n"
+    )
+    monkeypatch.setattr(process, "build_command", lambda spec: [sys.executable, "-c", script])
+    engine = VllmEngine(EngineSpec(model="/m", port=free_port()), log_path=tmp_path / "e.log")
+    engine.launch()
+    for _ in range(100):
+        if child_pid_file.exists() and child_pid_file.read_text():
+            break
+        time.sleep(0.1)
+    child = int(child_pid_file.read_text())
+    engine.stop(grace_s=2)
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"child {child} of the engine outlived stop()")
