@@ -11,6 +11,8 @@ into the control plane (``raise KVTransferError(...) from exc``)::
     ├── RoutingError              no healthy engine (pair) can take the request
     ├── EngineError               an engine answered with an error or cannot be reached
     └── StorageError              the storage tier failed (callers fall back to recompute)
+        ├── StoreUnavailable      the store server or an L2 backend did not answer in time
+        └── ChunkCorrupt          a stored chunk failed its header or checksum check (a miss)
 
 Messages say what was wrong and what to do about it.
 """
@@ -48,3 +50,11 @@ class EngineError(PdxError):
 
 class StorageError(PdxError):
     """The storage tier failed; callers fall back to recomputing."""
+
+
+class StoreUnavailable(StorageError):
+    """The store server or an L2 backend cannot be reached or did not answer in time."""
+
+
+class ChunkCorrupt(StorageError):
+    """A stored chunk failed its header or checksum check; it is treated as a miss."""
