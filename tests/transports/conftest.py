@@ -1,0 +1,150 @@
+"""Fixtures of the transport contract suite.
+
+Every test that takes ``kind`` runs once per transport in ``transports.REGISTRY``
+that imports and is available here (restrict with ``PDX_TEST_TRANSPORTS=tcp,shm``).
+The target endpoint lives in a real separate process for every transport except
+``loopback``; the leak check fails a test that leaves threads, fds, tasks,
+registrations or /dev/shm entries behind, on either side.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import transports
+from transports.remote import LocalEndpoint, LoopThread, RemoteEndpoint
+
+IN_PROCESS = {"loopback"}
+MARKS = {"nixl": pytest.mark.nixl, "ucx": pytest.mark.ucx, "cuda_ipc": pytest.mark.gpu}
+
+
+def transport_kinds() -> list[str]:
+    kinds = transports.available_transports()
+    wanted = os.environ.get("PDX_TEST_TRANSPORTS")
+    if wanted:
+        names = [w.strip() for w in wanted.split(",") if w.strip()]
+        kinds = [k for k in names if k in kinds]
+    return kinds
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "kind" in metafunc.fixturenames:
+        params = [pytest.param(k, marks=[MARKS[k]] if k in MARKS else [], id=k) for k in transport_kinds()]
+        metafunc.parametrize("kind", params)
+
+
+@pytest.fixture(scope="session")
+def aio() -> Iterator[LoopThread]:
+    """A background event loop, as the vLLM connector uses: ``aio.run(coro, timeout)``."""
+    loop = LoopThread("pdx-test-loop")
+    yield loop
+    loop.stop()
+
+
+def _fds() -> set[str]:
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.add(f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            pass
+    return out
+
+
+def _shm_entries() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("pdx")}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def leak_check(aio: LoopThread) -> Iterator[None]:
+    threads = set(threading.enumerate())
+    fds = _fds()
+    shm = _shm_entries()
+    yield
+    deadline = time.monotonic() + 5
+    while True:  # threads finishing their last socket call may need a moment to exit
+        extra_threads = [t.name for t in threading.enumerate() if t not in threads and t.is_alive()]
+        extra_fds = sorted(_fds() - fds)
+        if (not extra_threads and not extra_fds) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    tasks = aio.run(_other_tasks())
+    new_shm = sorted(_shm_entries() - shm)
+    assert not extra_threads, f"threads left running: {extra_threads}"
+    assert not extra_fds, f"file descriptors left open: {extra_fds}"
+    assert not tasks, f"asyncio tasks left running: {tasks}"
+    assert not new_shm, f"shared-memory segments left in /dev/shm: {new_shm}"
+
+
+async def _other_tasks() -> list[str]:
+    import asyncio
+
+    me = asyncio.current_task()
+    return [repr(t) for t in asyncio.all_tasks() if t is not me]
+
+
+class Endpoints:
+    """Starts target endpoints for a test and checks each for leaks at the end."""
+
+    def __init__(self, kind: str, aio: LoopThread) -> None:
+        self.kind = kind
+        self.aio = aio
+        self.started: list[RemoteEndpoint | LocalEndpoint] = []
+
+    def start(self, **options: object) -> RemoteEndpoint | LocalEndpoint:
+        ep: RemoteEndpoint | LocalEndpoint
+        if self.kind in IN_PROCESS:
+            ep = LocalEndpoint(self.kind, self.aio, **options)
+        else:
+            ep = RemoteEndpoint.start(self.kind, **options)
+        self.started.append(ep)
+        return ep
+
+    def finish(self) -> None:
+        reports = []
+        for ep in self.started:
+            is_alive = isinstance(ep, LocalEndpoint) or (ep.process is not None and ep.process.is_alive())
+            if is_alive:
+                reports.append(ep.close())
+            ep.stop()
+        for report in reports:
+            assert report["regions"] == 0, f"target kept {report['regions']} registered regions after aclose"
+            assert report["tasks"] == 0, f"target left {report['tasks']} asyncio tasks"
+            assert not report["threads"], f"target left threads running: {report['threads']}"
+            assert not report["fds"], f"target left file descriptors open: {report['fds']}"
+
+
+@pytest.fixture
+def endpoints(kind: str, aio: LoopThread) -> Iterator[Endpoints]:
+    eps = Endpoints(kind, aio)
+    try:
+        yield eps
+    finally:
+        eps.finish()
+
+
+@pytest.fixture
+def target(endpoints: Endpoints) -> RemoteEndpoint | LocalEndpoint:
+    """The target endpoint (separate process except for loopback)."""
+    return endpoints.start()
+
+
+@pytest.fixture
+def initiator(kind: str, aio: LoopThread) -> Iterator[transports.base.Transport]:
+    """The initiator endpoint, in this process, on the background loop."""
+    t = aio.run(_create(kind))
+    yield t
+    aio.run(t.aclose())
+    assert not t.regions, "initiator kept registered regions after aclose"
+
+
+async def _create(kind: str) -> transports.base.Transport:
+    return transports.create_transport(kind)
