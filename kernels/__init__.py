@@ -43,26 +43,54 @@ def _is_cuda(layer_cache: Any) -> bool:
 def select_backend(layer_cache: Any, backend: str | None = None) -> Any:
     """The module that implements gather/scatter for ``layer_cache``'s device."""
     if backend is None:
-        backend = "triton" if _is_cuda(layer_cache) and importlib.util.find_spec("triton") else "reference"
+        backend = (
+            "triton"
+            if _is_cuda(layer_cache) and importlib.util.find_spec("triton")
+            else "reference"
+        )
     if backend not in ("reference", "triton"):
         raise ValueError(f"unknown kernel backend {backend!r}; use 'reference' or 'triton'")
-    return importlib.import_module(f"kernels.{'triton_paged' if backend == 'triton' else 'reference'}")
+    return importlib.import_module(
+        f"kernels.{'triton_paged' if backend == 'triton' else 'reference'}"
+    )
 
 
-def gather_layer(layout: Any, layer_cache: Any, slot_mapping: Any, head_range: Any = None, backend: str | None = None) -> Any:
-    return select_backend(layer_cache, backend).gather_layer(layout, layer_cache, slot_mapping, head_range)
+def gather_layer(
+    layout: Any,
+    layer_cache: Any,
+    slot_mapping: Any,
+    head_range: Any = None,
+    backend: str | None = None,
+) -> Any:
+    return select_backend(layer_cache, backend).gather_layer(
+        layout, layer_cache, slot_mapping, head_range
+    )
 
 
 def scatter_layer(
-    layout: Any, layer_cache: Any, chunk: Any, slot_mapping: Any, head_range: Any = None, backend: str | None = None
+    layout: Any,
+    layer_cache: Any,
+    chunk: Any,
+    slot_mapping: Any,
+    head_range: Any = None,
+    backend: str | None = None,
 ) -> None:
-    select_backend(layer_cache, backend).scatter_layer(layout, layer_cache, chunk, slot_mapping, head_range)
+    select_backend(layer_cache, backend).scatter_layer(
+        layout, layer_cache, chunk, slot_mapping, head_range
+    )
 
 
 def gather(
-    layout: Any, caches: Any, slot_mapping: Any, head_range: Any = None, layers: Any = None, backend: str | None = None
+    layout: Any,
+    caches: Any,
+    slot_mapping: Any,
+    head_range: Any = None,
+    layers: Any = None,
+    backend: str | None = None,
 ) -> Any:
-    return select_backend(caches[0], backend).gather(layout, caches, slot_mapping, head_range, layers)
+    return select_backend(caches[0], backend).gather(
+        layout, caches, slot_mapping, head_range, layers
+    )
 
 
 def scatter(
@@ -74,10 +102,14 @@ def scatter(
     layers: Any = None,
     backend: str | None = None,
 ) -> None:
-    select_backend(caches[0], backend).scatter(layout, caches, chunk, slot_mapping, head_range, layers)
+    select_backend(caches[0], backend).scatter(
+        layout, caches, chunk, slot_mapping, head_range, layers
+    )
 
 
-def slot_mapping_from_blocks(block_ids: Any, block_size: int, num_tokens: int | None = None, device: Any = None) -> Any:
+def slot_mapping_from_blocks(
+    block_ids: Any, block_size: int, num_tokens: int | None = None, device: Any = None
+) -> Any:
     from kernels.reference import slot_mapping_from_blocks as impl
 
     return impl(block_ids, block_size, num_tokens, device)

@@ -22,7 +22,10 @@ from kernels.views import kv_views
 
 
 def slot_mapping_from_blocks(
-    block_ids: Sequence[int] | torch.Tensor, block_size: int, num_tokens: int | None = None, device: Any = None
+    block_ids: Sequence[int] | torch.Tensor,
+    block_size: int,
+    num_tokens: int | None = None,
+    device: Any = None,
 ) -> torch.Tensor:
     """int64 ``[num_tokens]`` slots of a request whose tokens fill ``block_ids`` in order."""
     ids = torch.as_tensor(block_ids, dtype=torch.int64, device=device).reshape(-1)
@@ -69,7 +72,13 @@ def gather_layer(
     n = layout.block_size
     b, off = slots // n, slots % n
     if out is None:
-        out = torch.empty(len(views), slots.numel(), (hi - lo) * layout.head_dim, dtype=views[0].dtype, device=views[0].device)
+        out = torch.empty(
+            len(views),
+            slots.numel(),
+            (hi - lo) * layout.head_dim,
+            dtype=views[0].dtype,
+            device=views[0].device,
+        )
     for c, view in enumerate(views):
         out[c].copy_(view[b, off, lo:hi].flatten(1))  # [T, H_sel, D] -> [T, H_sel * D]
     return out
@@ -129,13 +138,17 @@ def scatter(
     """``[C, num_layers, num_tokens, H_sel * D]`` -> every (or the listed) layer's blocks."""
     layers = range(len(caches)) if layers is None else layers
     if chunk.dim() != 4 or chunk.shape[1] != len(layers):
-        raise ValueError(f"chunk must be [C, {len(layers)}, num_tokens, hidden], got {list(chunk.shape)}")
+        raise ValueError(
+            f"chunk must be [C, {len(layers)}, num_tokens, hidden], got {list(chunk.shape)}"
+        )
     for i, layer in enumerate(layers):
         scatter_layer(layout, caches[layer], chunk[:, i], slot_mapping, head_range)
 
 
 def reshard(
-    parts: Sequence[tuple[torch.Tensor, tuple[int, int]]], head_range: tuple[int, int], head_dim: int
+    parts: Sequence[tuple[torch.Tensor, tuple[int, int]]],
+    head_range: tuple[int, int],
+    head_dim: int,
 ) -> torch.Tensor:
     """Assemble the chunk for global heads ``head_range`` from chunks of other head ranges.
 
@@ -144,17 +157,23 @@ def reshard(
     """
     lo, hi = head_range
     first = parts[0][0]
-    out = torch.empty(*first.shape[:-1], (hi - lo) * head_dim, dtype=first.dtype, device=first.device)
+    out = torch.empty(
+        *first.shape[:-1], (hi - lo) * head_dim, dtype=first.dtype, device=first.device
+    )
     covered = torch.zeros(hi - lo, dtype=torch.bool)
     for chunk, (p_lo, p_hi) in parts:
         if chunk.shape[-1] != (p_hi - p_lo) * head_dim:
-            raise ValueError(f"a part for heads [{p_lo}, {p_hi}) must be {(p_hi - p_lo) * head_dim} wide")
+            raise ValueError(
+                f"a part for heads [{p_lo}, {p_hi}) must be {(p_hi - p_lo) * head_dim} wide"
+            )
         a, b = max(lo, p_lo), min(hi, p_hi)
         if a >= b:
             continue
-        out[..., (a - lo) * head_dim : (b - lo) * head_dim] = chunk[..., (a - p_lo) * head_dim : (b - p_lo) * head_dim]
+        out[..., (a - lo) * head_dim : (b - lo) * head_dim] = chunk[
+            ..., (a - p_lo) * head_dim : (b - p_lo) * head_dim
+        ]
         covered[a - lo : b - lo] = True
     if not bool(covered.all()):
-        missing = [lo + i for i in torch.flatnonzero(~covered).tolist()]
+        missing = [lo + i for i in torch.nonzero(~covered).flatten().tolist()]
         raise ValueError(f"heads {missing} of [{lo}, {hi}) are in none of the parts")
     return out

@@ -51,7 +51,9 @@ def _paged_copy_kernel(
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < num_heads) & (d < HEAD_DIM)
-    paged = paged_ptr + block * stride_b + offset * stride_n + (head_lo + h) * stride_h + d * stride_d
+    paged = (
+        paged_ptr + block * stride_b + offset * stride_n + (head_lo + h) * stride_h + d * stride_d
+    )
     row = chunk_ptr + t.to(tl.int64) * chunk_stride_t + h * HEAD_DIM + d
     if TO_CHUNK:
         tl.store(row, tl.load(paged, mask=mask), mask=mask)
@@ -73,12 +75,22 @@ def _as_int(t: torch.Tensor) -> torch.Tensor:
     return t.view(_INT_OF_SIZE[t.element_size()])
 
 
-def _launch(view: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, layout: Any, lo: int, hi: int, to_chunk: bool) -> None:
+def _launch(
+    view: torch.Tensor,
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    layout: Any,
+    lo: int,
+    hi: int,
+    to_chunk: bool,
+) -> None:
     # view: [B, N, H, D] strided; rows: [T, H_sel * D] with unit stride inside a row.
     if view.dtype != rows.dtype:
         raise ValueError(f"chunk dtype {rows.dtype} differs from the cache's {view.dtype}")
     if rows.dim() != 2 or rows.stride(1) != 1 or rows.shape[1] != (hi - lo) * layout.head_dim:
-        raise ValueError(f"chunk rows must be [T, {(hi - lo) * layout.head_dim}] with unit inner stride")
+        raise ValueError(
+            f"chunk rows must be [T, {(hi - lo) * layout.head_dim}] with unit inner stride"
+        )
     if rows.shape[0] != slots.numel() or not slots.is_contiguous():
         raise ValueError("slot_mapping must be contiguous with one slot per chunk row")
     if min(view.stride()) < 0:
@@ -97,18 +109,32 @@ def _launch(view: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, layout:
     )  # fmt: skip
 
 
-def gather_layer(layout: Any, layer_cache: Any, slot_mapping: Any, head_range: Any = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def gather_layer(
+    layout: Any,
+    layer_cache: Any,
+    slot_mapping: Any,
+    head_range: Any = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     views = kv_views(layout, layer_cache)
     lo, hi = local_heads(layout, head_range)
     slots = _slots(slot_mapping, views[0].device).contiguous()
     if out is None:
-        out = torch.empty(len(views), slots.numel(), (hi - lo) * layout.head_dim, dtype=views[0].dtype, device=views[0].device)
+        out = torch.empty(
+            len(views),
+            slots.numel(),
+            (hi - lo) * layout.head_dim,
+            dtype=views[0].dtype,
+            device=views[0].device,
+        )
     for c, view in enumerate(views):
         _launch(view, out[c], slots, layout, lo, hi, to_chunk=True)
     return out
 
 
-def scatter_layer(layout: Any, layer_cache: Any, chunk: torch.Tensor, slot_mapping: Any, head_range: Any = None) -> None:
+def scatter_layer(
+    layout: Any, layer_cache: Any, chunk: torch.Tensor, slot_mapping: Any, head_range: Any = None
+) -> None:
     views = kv_views(layout, layer_cache)
     lo, hi = local_heads(layout, head_range)
     slots = _slots(slot_mapping, views[0].device).contiguous()
@@ -119,7 +145,13 @@ def scatter_layer(layout: Any, layer_cache: Any, chunk: torch.Tensor, slot_mappi
         _launch(view, chunk[c], slots, layout, lo, hi, to_chunk=False)
 
 
-def gather(layout: Any, caches: Sequence[Any], slot_mapping: Any, head_range: Any = None, layers: Sequence[int] | None = None) -> torch.Tensor:
+def gather(
+    layout: Any,
+    caches: Sequence[Any],
+    slot_mapping: Any,
+    head_range: Any = None,
+    layers: Sequence[int] | None = None,
+) -> torch.Tensor:
     layers = range(len(caches)) if layers is None else layers
     lo, hi = local_heads(layout, head_range)
     first = kv_views(layout, caches[layers[0]])[0]
@@ -133,9 +165,18 @@ def gather(layout: Any, caches: Sequence[Any], slot_mapping: Any, head_range: An
     return out
 
 
-def scatter(layout: Any, caches: Sequence[Any], chunk: torch.Tensor, slot_mapping: Any, head_range: Any = None, layers: Sequence[int] | None = None) -> None:
+def scatter(
+    layout: Any,
+    caches: Sequence[Any],
+    chunk: torch.Tensor,
+    slot_mapping: Any,
+    head_range: Any = None,
+    layers: Sequence[int] | None = None,
+) -> None:
     layers = range(len(caches)) if layers is None else layers
     if chunk.dim() != 4 or chunk.shape[1] != len(layers):
-        raise ValueError(f"chunk must be [C, {len(layers)}, num_tokens, hidden], got {list(chunk.shape)}")
+        raise ValueError(
+            f"chunk must be [C, {len(layers)}, num_tokens, hidden], got {list(chunk.shape)}"
+        )
     for i, layer in enumerate(layers):
         scatter_layer(layout, caches[layer], chunk[:, i], slot_mapping, head_range)

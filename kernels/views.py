@@ -32,7 +32,9 @@ def kv_views(layout: Any, layer_cache: Any) -> list[torch.Tensor]:
         t = layer_cache
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[1:]) != (h, n, 2 * d):
             shape = tuple(getattr(t, "shape", ()))
-            raise ValueError(f"{kind} layer cache must be [num_blocks, {h}, {n}, {2 * d}], got {shape}")
+            raise ValueError(
+                f"{kind} layer cache must be [num_blocks, {h}, {n}, {2 * d}], got {shape}"
+            )
         if kind != "vllm_cpu":
             bnhc = t.transpose(1, 2)  # [B, N, H, 2D]
             return [bnhc[..., :d], bnhc[..., d:]]
@@ -58,12 +60,16 @@ def kv_views(layout: Any, layer_cache: Any) -> list[torch.Tensor]:
 
 def _pool_view(pool: Any, n: int, h: int, d: int, kind: str) -> torch.Tensor:
     if not isinstance(pool, torch.Tensor) or pool.dim() != 3 or tuple(pool.shape[1:]) != (h, d):
-        raise ValueError(f"{kind} pool must be [num_slots, {h}, {d}], got {tuple(getattr(pool, 'shape', ()))}")
+        raise ValueError(
+            f"{kind} pool must be [num_slots, {h}, {d}], got {tuple(getattr(pool, 'shape', ()))}"
+        )
     num_pages = pool.shape[0] // n
     return pool[: num_pages * n].unflatten(0, (num_pages, n))
 
 
-def alloc_layer_cache(layout: Any, num_blocks: int, device: Any = "cpu", fill: str = "zeros") -> Any:
+def alloc_layer_cache(
+    layout: Any, num_blocks: int, device: Any = "cpu", fill: str = "zeros"
+) -> Any:
     """One layer's cache as the engine allocates it (``fill``: "zeros", "randn" or "empty")."""
     kind = _kind(layout)
     dtype = getattr(torch, layout.dtype)
@@ -75,7 +81,9 @@ def alloc_layer_cache(layout: Any, num_blocks: int, device: Any = "cpu", fill: s
         return getattr(torch, fill)(*shape, dtype=dtype, device=device)
 
     if kind == "vllm_nhd":
-        return make(num_blocks, n, h, 2 * d).transpose(1, 2)  # memory [B, N, H, 2D], logical [B, H, N, 2D]
+        return make(num_blocks, n, h, 2 * d).transpose(
+            1, 2
+        )  # memory [B, N, H, 2D], logical [B, H, N, 2D]
     if kind in ("vllm_hnd", "vllm_cpu"):
         return make(num_blocks, h, n, 2 * d)
     if kind == "sglang_mha":

@@ -70,7 +70,13 @@ class KeyExtras:
     @classmethod
     def for_layout(cls, model_id: str, layout: Any, hash_name: str = DEFAULT_HASH) -> KeyExtras:
         """Extras of a ``PagedKVLayout`` (dtype, fingerprint, head range)."""
-        return cls(model_id, layout.dtype, layout.fingerprint(model_id), tuple(layout.head_range), hash_name)
+        return cls(
+            model_id,
+            layout.dtype,
+            layout.fingerprint(model_id),
+            tuple(layout.head_range),
+            hash_name,
+        )
 
 
 @dataclass(frozen=True)

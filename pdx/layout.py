@@ -52,7 +52,13 @@ class LayoutKind(str, enum.Enum):
 def dtype_name(dtype: Any) -> str:
     """``torch.bfloat16`` / ``"torch.bfloat16"`` / ``"bfloat16"`` -> ``"bfloat16"``."""
     name = str(dtype).removeprefix("torch.")
-    aliases = {"half": "float16", "float": "float32", "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+    aliases = {
+        "half": "float16",
+        "float": "float32",
+        "fp16": "float16",
+        "bf16": "bfloat16",
+        "fp32": "float32",
+    }
     name = aliases.get(name, name)
     if name not in DTYPE_SIZES:
         raise LayoutError(f"unsupported KV dtype {dtype!r}; use one of {sorted(DTYPE_SIZES)}")
@@ -88,7 +94,9 @@ class PagedKVLayout:
                 f"the model's {self.total_kv_heads} KV heads"
             )
         if self.kind is LayoutKind.SGLANG_MLA and self.num_kv_heads != 1:
-            raise LayoutError("an MLA layout holds one latent vector per token: num_kv_heads must be 1")
+            raise LayoutError(
+                "an MLA layout holds one latent vector per token: num_kv_heads must be 1"
+            )
         if self.block_stride and self.block_stride < self.page_nbytes:
             raise LayoutError(
                 f"block_stride {self.block_stride} is smaller than one page ({self.page_nbytes} bytes)"
@@ -118,7 +126,13 @@ class PagedKVLayout:
     @property
     def page_nbytes(self) -> int:
         """Bytes of one block of one layer in one buffer (K and V together for vLLM)."""
-        return self.block_size * self.num_kv_heads * self.head_dim * self.components_per_buffer * self.dtype_size
+        return (
+            self.block_size
+            * self.num_kv_heads
+            * self.head_dim
+            * self.components_per_buffer
+            * self.dtype_size
+        )
 
     @property
     def block_stride_nbytes(self) -> int:
@@ -185,7 +199,9 @@ def tp_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int,
         per = total_kv_heads // tp_size
         return tp_rank * per, per
     if tp_size % total_kv_heads:
-        raise LayoutError(f"TP={tp_size} is not a multiple of the {total_kv_heads} KV heads it replicates")
+        raise LayoutError(
+            f"TP={tp_size} is not a multiple of the {total_kv_heads} KV heads it replicates"
+        )
     return tp_rank // (tp_size // total_kv_heads), 1
 
 
@@ -223,7 +239,9 @@ def vllm_flash(
     kinds = {"HND": LayoutKind.VLLM_HND, "LBHNC": LayoutKind.VLLM_HND,
              "NHD": LayoutKind.VLLM_NHD, "LBNHC": LayoutKind.VLLM_NHD}  # fmt: skip
     if order.upper() not in kinds:
-        raise LayoutError(f"unsupported vLLM KV cache layout {order!r}; pdx handles {sorted(kinds)}")
+        raise LayoutError(
+            f"unsupported vLLM KV cache layout {order!r}; pdx handles {sorted(kinds)}"
+        )
     return _mha(kinds[order.upper()], num_layers, total_kv_heads, head_dim, block_size, dtype,
                 tp_size, tp_rank, block_stride=block_stride)  # fmt: skip
 
@@ -256,7 +274,16 @@ def sglang_mha(
     tp_rank: int = 0,
 ) -> PagedKVLayout:
     """SGLang ``MHATokenToKVPool``: separate K and V pools per layer, ``[num_slots, H, D]`` each."""
-    return _mha(LayoutKind.SGLANG_MHA, num_layers, total_kv_heads, head_dim, page_size, dtype, tp_size, tp_rank)
+    return _mha(
+        LayoutKind.SGLANG_MHA,
+        num_layers,
+        total_kv_heads,
+        head_dim,
+        page_size,
+        dtype,
+        tp_size,
+        tp_rank,
+    )
 
 
 def sglang_mla(

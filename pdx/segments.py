@@ -27,7 +27,14 @@ import numpy as np
 
 from pdx.errors import LayoutError
 from pdx.layout import LayoutKind, PagedKVLayout
-from transports.base import LOCAL_OFFSET, LOCAL_REGION, NBYTES, REMOTE_OFFSET, REMOTE_REGION, SegmentPairs
+from transports.base import (
+    LOCAL_OFFSET,
+    LOCAL_REGION,
+    NBYTES,
+    REMOTE_OFFSET,
+    REMOTE_REGION,
+    SegmentPairs,
+)
 
 BufferRef = tuple[int, int]  # (region_id, byte offset of the layer's buffer inside that region)
 
@@ -56,7 +63,9 @@ def layer_block_segments(
     if not 0 <= layer < layout.num_layers:
         raise LayoutError(f"layer {layer} is outside the layout's {layout.num_layers} layers")
     if not 0 <= buffer < layout.num_buffers:
-        raise LayoutError(f"buffer {buffer} is outside the layout's {layout.num_buffers} per-layer buffers")
+        raise LayoutError(
+            f"buffer {buffer} is outside the layout's {layout.num_buffers} per-layer buffers"
+        )
     ids = _as_block_ids(block_ids, "layer")
     t = np.zeros((len(ids), 5), dtype=np.int64)
     t[:, LOCAL_OFFSET] = ids * layout.block_stride_nbytes
@@ -86,7 +95,9 @@ class CopyPlan:
     def __len__(self) -> int:
         return len(self.table)
 
-    def segment_pairs(self, src_buffers: Sequence[BufferRef], dst_buffers: Sequence[BufferRef]) -> SegmentPairs:
+    def segment_pairs(
+        self, src_buffers: Sequence[BufferRef], dst_buffers: Sequence[BufferRef]
+    ) -> SegmentPairs:
         """The plan for one layer as a transport table: local = src, remote = dst (a write)."""
         src = np.asarray(src_buffers, dtype=np.int64).reshape(-1, 2)
         dst = np.asarray(dst_buffers, dtype=np.int64).reshape(-1, 2)
@@ -96,7 +107,9 @@ class CopyPlan:
             (REMOTE_REGION, REMOTE_OFFSET, dst, "dst"),
         ):
             if len(t) and int(t[:, col_r].max()) >= len(refs):
-                raise LayoutError(f"the plan uses {int(t[:, col_r].max()) + 1} {side} buffers per layer, got {len(refs)}")
+                raise LayoutError(
+                    f"the plan uses {int(t[:, col_r].max()) + 1} {side} buffers per layer, got {len(refs)}"
+                )
             buf = t[:, col_r]
             t[:, col_o] += refs[buf, 1]
             t[:, col_r] = refs[buf, 0]
@@ -108,7 +121,9 @@ class CopyPlan:
         """Every layer at once: ``src_buffers[layer]`` lists that layer's buffers."""
         if len(src_buffers) != len(dst_buffers):
             raise LayoutError(f"{len(src_buffers)} src layers but {len(dst_buffers)} dst layers")
-        tables = [self.segment_pairs(s, d).table for s, d in zip(src_buffers, dst_buffers)]
+        tables = [
+            self.segment_pairs(s, d).table for s, d in zip(src_buffers, dst_buffers, strict=True)
+        ]
         return SegmentPairs(np.concatenate(tables) if tables else np.zeros((0, 5), np.int64))
 
 
@@ -193,7 +208,13 @@ def plan_copy(
 
 
 def _plan_pages(
-    src: PagedKVLayout, src_ids: np.ndarray, dst: PagedKVLayout, dst_ids: np.ndarray, num_tokens: int, lo: int, hi: int
+    src: PagedKVLayout,
+    src_ids: np.ndarray,
+    dst: PagedKVLayout,
+    dst_ids: np.ndarray,
+    num_tokens: int,
+    lo: int,
+    hi: int,
 ) -> np.ndarray:
     # Whole blocks, or one head-slice run per block for head-major pages.
     num_blocks = -(-num_tokens // src.block_size)
@@ -204,7 +225,13 @@ def _plan_pages(
 
 
 def _plan_tokens(
-    src: PagedKVLayout, src_ids: np.ndarray, dst: PagedKVLayout, dst_ids: np.ndarray, num_tokens: int, lo: int, hi: int
+    src: PagedKVLayout,
+    src_ids: np.ndarray,
+    dst: PagedKVLayout,
+    dst_ids: np.ndarray,
+    num_tokens: int,
+    lo: int,
+    hi: int,
 ) -> np.ndarray:
     s_tok, s_head, run = _token_atoms(src)
     d_tok, d_head, _ = _token_atoms(dst)
@@ -227,7 +254,12 @@ def _plan_tokens(
 
 
 def _rows(
-    num_buffers: int, s_off: np.ndarray, d_off: np.ndarray, nbytes: int, src: PagedKVLayout, dst: PagedKVLayout
+    num_buffers: int,
+    s_off: np.ndarray,
+    d_off: np.ndarray,
+    nbytes: int,
+    src: PagedKVLayout,
+    dst: PagedKVLayout,
 ) -> np.ndarray:
     n = len(s_off)
     out = np.empty((n * num_buffers, 5), dtype=np.int64)
