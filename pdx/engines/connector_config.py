@@ -1,0 +1,54 @@
+"""``kv_connector_extra_config`` of ``PdxConnector``: validated once, frozen for runtime.
+
+Every key is documented here and in docs/connector.md.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pdx.errors import ConfigError
+
+
+class _ExtraConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    transport: str = "tcp"  # a transports registry name
+    transport_options: dict[str, Any] = Field(default_factory=dict)  # passed to create_transport
+    control_host: str = "127.0.0.1"  # P: where the control server listens
+    control_port: int = Field(default=0, ge=0, le=65535)  # P: the engine's kv_port; 0 picks one
+    auth_token: str = ""  # shared by P and D; env PDX_KV_AUTH_TOKEN when empty
+    lease_s: float = Field(default=30.0, gt=0)  # P: hold finished blocks at most this long for D
+    recv_timeout_s: float = Field(default=30.0, gt=0)  # D: registration to last layer landed
+    write_timeout_s: float = Field(default=10.0, gt=0)  # P: one posted write
+    stats_path: str | None = None  # D: append one JSON line of transfer figures per request
+    debug_corrupt_block: bool = False  # tests only: D damages one landed block
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    transport: str = "tcp"
+    transport_options: dict[str, Any] = field(default_factory=dict)
+    control_host: str = "127.0.0.1"
+    control_port: int = 0
+    auth_token: str = ""
+    lease_s: float = 30.0
+    recv_timeout_s: float = 30.0
+    write_timeout_s: float = 10.0
+    stats_path: str | None = None
+    debug_corrupt_block: bool = False
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
+        try:
+            parsed = _ExtraConfig.model_validate(dict(extra or {}))
+        except ValidationError as exc:
+            raise ConfigError(f"invalid PdxConnector kv_connector_extra_config: {exc}") from exc
+        values = parsed.model_dump()
+        if not values["auth_token"]:
+            values["auth_token"] = os.environ.get("PDX_KV_AUTH_TOKEN", "")
+        return cls(**values)

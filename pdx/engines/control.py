@@ -1,0 +1,283 @@
+"""The connector control channel: D's worker publishes its reserved blocks to P's worker.
+
+One TCP connection per (D worker, P worker), JSON lines, asyncio at both ends.
+
+    D -> P  hello     {token, engine}                      first line; P closes on a bad token
+    D -> P  register  {seq, transfer_id, block_ids, ...}   D reserved these blocks for the transfer
+    D -> P  release   {seq, transfer_id, reason}           D no longer wants the KV (abort, timeout)
+    P -> D  reply     {seq, ok, error}                     answer to register / release
+    P -> D  failed    {transfer_id, reason}                P cannot complete the transfer
+
+A ``release`` is answered only once P has no write to that transfer in flight,
+so D may reuse the blocks as soon as the reply arrives. Every line from a peer
+is validated (pydantic) before use; a malformed line closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+logger = logging.getLogger(__name__)
+
+MAX_LINE = 16 << 20  # bytes
+PROTOCOL_VERSION = 1
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Hello(_Msg):
+    op: Literal["hello"] = "hello"
+    token: str
+    engine: str = ""
+    version: int = PROTOCOL_VERSION
+
+
+class LayerDst(_Msg):
+    region_id: int
+    offset: int = Field(ge=0)  # byte offset of the layer's block 0 in the region
+    block_stride: int = Field(gt=0)  # bytes between consecutive blocks
+
+
+class Register(_Msg):
+    op: Literal["register"] = "register"
+    seq: int
+    transfer_id: str = Field(min_length=8, max_length=64)
+    block_ids: list[Annotated[int, Field(ge=0)]]  # D's blocks for the whole prompt, in order
+    first_block: int = Field(ge=0)  # blocks before this index D already holds (local prefix hit)
+    num_tokens: int = Field(gt=0)  # prompt tokens D expects
+    block_size: int = Field(gt=0)  # tokens per block
+    block_nbytes: int = Field(gt=0)  # bytes of one block of one layer
+    layers: list[LayerDst]
+    descriptor: str  # D's transport descriptor, base64
+
+
+class Release(_Msg):
+    op: Literal["release"] = "release"
+    seq: int
+    transfer_id: str = Field(min_length=8, max_length=64)
+    reason: str = ""
+
+
+class Reply(_Msg):
+    op: Literal["reply"] = "reply"
+    seq: int
+    ok: bool
+    error: str = ""
+
+
+class Failed(_Msg):
+    op: Literal["failed"] = "failed"
+    transfer_id: str
+    reason: str
+
+
+ToPrefill = Annotated[Hello | Register | Release, Field(discriminator="op")]
+ToDecode = Annotated[Reply | Failed, Field(discriminator="op")]
+_to_prefill: TypeAdapter[Any] = TypeAdapter(ToPrefill)
+_to_decode: TypeAdapter[Any] = TypeAdapter(ToDecode)
+
+
+def encode(msg: _Msg) -> bytes:
+    return msg.model_dump_json().encode() + b"\n"
+
+
+class ControlError(Exception):
+    """The control peer refused a request, or the connection is gone."""
+
+
+class Connection:
+    """P's end of one D connection; ``send`` may be called from the server's loop only."""
+
+    def __init__(self, writer: asyncio.StreamWriter, peer: str) -> None:
+        self.writer = writer
+        self.peer = peer
+        self.engine = ""
+        self.transfer_ids: set[str] = set()  # registered over this connection
+
+    async def send(self, msg: _Msg) -> None:
+        if self.writer.is_closing():
+            return
+        self.writer.write(encode(msg))
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError):
+            pass
+
+
+class ControlHandler:
+    """What P's worker does with D's messages. Raise ``ControlError`` to answer ok=false."""
+
+    async def on_register(self, conn: Connection, msg: Register) -> None:
+        raise NotImplementedError
+
+    async def on_release(self, conn: Connection, msg: Release) -> None:
+        raise NotImplementedError
+
+    async def on_disconnect(self, conn: Connection) -> None:
+        """The connection closed (D died or went away)."""
+
+
+class ControlServer:
+    """P's control server. ``start`` binds; ``aclose`` closes it and every connection."""
+
+    def __init__(self, host: str, port: int, token: str, handler: ControlHandler) -> None:
+        self.host, self.port, self._token = host, port, token
+        self._handler = handler
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[Connection] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=MAX_LINE)
+        self.port = self._server.sockets[0].getsockname()[1]
+        logger.info("pdx control server listening on %s:%d", self.host, self.port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername")
+        conn = Connection(writer, f"{peername[0]}:{peername[1]}" if peername else "?")
+        try:
+            hello = _to_prefill.validate_json(await reader.readuntil(b"\n"))
+            if not isinstance(hello, Hello) or not hmac.compare_digest(
+                hello.token.encode(), self._token.encode()
+            ):
+                logger.warning("pdx control: rejected %s (bad hello or auth token)", conn.peer)
+                return
+            if hello.version != PROTOCOL_VERSION:
+                logger.warning("pdx control: %s speaks version %d, not %d", conn.peer, hello.version, PROTOCOL_VERSION)
+                return
+            conn.engine = hello.engine
+            self._conns.add(conn)
+            await conn.send(Reply(seq=0, ok=True))
+            while True:
+                line = await reader.readuntil(b"\n")
+                msg = _to_prefill.validate_json(line)
+                try:
+                    if isinstance(msg, Register):
+                        await self._handler.on_register(conn, msg)
+                    elif isinstance(msg, Release):
+                        await self._handler.on_release(conn, msg)
+                    else:
+                        raise ControlError(f"unexpected {msg.op!r}")
+                except ControlError as exc:
+                    await conn.send(Reply(seq=msg.seq, ok=False, error=str(exc)))
+                else:
+                    await conn.send(Reply(seq=msg.seq, ok=True))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.LimitOverrunError):
+            pass
+        except ValidationError as exc:
+            logger.warning("pdx control: malformed message from %s: %s", conn.peer, exc)
+        finally:
+            self._conns.discard(conn)
+            writer.close()
+            await self._handler.on_disconnect(conn)
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for conn in list(self._conns):
+            conn.writer.close()
+
+
+class ControlClient:
+    """D's end: one connection to one P. ``request`` sends and awaits the reply.
+
+    ``on_failed(transfer_id, reason)`` runs for P's ``failed`` messages and, with
+    reason "connection lost", for every transfer when the connection drops.
+    """
+
+    def __init__(
+        self, host: str, port: int, token: str, engine: str,
+        on_failed: Callable[[str, str], Awaitable[None] | None],
+    ) -> None:
+        self.host, self.port, self._token, self._engine = host, port, token, engine
+        self._on_failed = on_failed
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._seq = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.transfer_ids: set[str] = set()
+        self.is_closed = False
+
+    async def connect(self, timeout: float = 5.0) -> None:
+        self._reader, self._writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, limit=MAX_LINE), timeout
+        )
+        self._writer.write(encode(Hello(token=self._token, engine=self._engine)))
+        await self._writer.drain()
+        try:
+            first = _to_decode.validate_json(await asyncio.wait_for(self._reader.readuntil(b"\n"), timeout))
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise ControlError(
+                f"prefill control server {self.host}:{self.port} closed the connection: "
+                "check that both engines use the same auth_token"
+            ) from exc
+        if not (isinstance(first, Reply) and first.ok):
+            raise ControlError(f"prefill control server {self.host}:{self.port} refused hello")
+        self._task = asyncio.create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        try:
+            while True:
+                msg = _to_decode.validate_json(await self._reader.readuntil(b"\n"))
+                if isinstance(msg, Reply):
+                    fut = self._pending.pop(msg.seq, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+                else:
+                    await _maybe_await(self._on_failed(msg.transfer_id, msg.reason))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValidationError) as exc:
+            logger.debug("pdx control: connection to %s:%d ended: %r", self.host, self.port, exc)
+        finally:
+            await self._lost()
+
+    async def _lost(self) -> None:
+        if self.is_closed:
+            return
+        self.is_closed = True
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ControlError("control connection lost"))
+        self._pending.clear()
+        for tid in list(self.transfer_ids):
+            await _maybe_await(self._on_failed(tid, "connection to the prefill engine lost"))
+        if self._writer is not None:
+            self._writer.close()
+
+    async def request(self, msg_factory: Callable[[int], _Msg], timeout: float) -> Reply:
+        if self.is_closed or self._writer is None:
+            raise ControlError("control connection is closed")
+        seq = next(self._seq)
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[seq] = fut
+        self._writer.write(encode(msg_factory(seq)))
+        try:
+            await self._writer.drain()
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise ControlError(f"no reply from {self.host}:{self.port} within {timeout}s") from None
+        except (ConnectionError, OSError) as exc:
+            raise ControlError(f"control connection lost: {exc}") from exc
+        finally:
+            self._pending.pop(seq, None)
+
+    async def aclose(self) -> None:
+        self.transfer_ids.clear()
+        if self._task is not None:
+            self._task.cancel()
+        await self._lost()
+
+
+async def _maybe_await(value: Any) -> None:
+    if asyncio.iscoroutine(value):
+        await value

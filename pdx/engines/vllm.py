@@ -1,0 +1,168 @@
+"""``PdxConnector``: vLLM's KV connector for pdx (layer-wise push from P into D's paged blocks).
+
+Load it into stock vLLM (0.32) with::
+
+    --kv-transfer-config '{"kv_connector": "PdxConnector",
+                           "kv_connector_module_path": "pdx.engines.vllm",
+                           "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
+                           "kv_connector_extra_config": {"transport": "tcp", "control_port": 15600,
+                                                         "auth_token": "..."}}'
+
+vLLM builds one instance per process and role. Who calls what:
+
+Scheduler side (``PdxScheduler``)
+    get_num_new_matched_tokens, update_state_after_alloc   D: reserve blocks, load async
+    on_new_request, build_connector_meta                    P: which layers of which blocks to push
+    request_finished(_all_groups), update_connector_output  block lifetimes (P holds under a lease)
+    has_pending_push_work                                   keep stepping while P holds blocks
+Worker side (``PdxWorker``)
+    register_kv_caches                                      register KV memory; P starts its control server
+    start_load_kv                                           D: publish reserved blocks; P: finished requests
+    save_kv_layer                                           P: queue this layer's blocks (never blocks)
+    get_finished, get_block_ids_with_load_errors            sent / landed / failed transfers
+    get_kv_connector_stats, build_connector_worker_meta     transfer figures
+
+The router's side of the contract is ``pdx.engines.protocol``; config keys are
+``pdx.engines.connector_config``; docs/connector.md has the whole picture.
+Only models with a single KV cache group (all layers full attention) are supported.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    SupportsHMA,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from pdx.engines.connector_config import ConnectorConfig
+from pdx.engines.vllm_metadata import PdxConnectorMetadata, PdxKVConnectorStats
+from pdx.engines.vllm_scheduler import PdxScheduler
+from pdx.engines.vllm_worker import PdxWorker
+from pdx.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+
+class PdxConnector(KVConnectorBase_V1, SupportsHMA):
+    _cache_hit_source = CacheHitSource.P2P
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        ktc = self._kv_transfer_config
+        self.cfg = ConnectorConfig.from_extra_config(ktc.kv_connector_extra_config)
+        groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+        if len(groups) > 1:
+            raise ConfigError(
+                f"PdxConnector supports models with one KV cache group, this one has {len(groups)}"
+            )
+        block_size = vllm_config.cache_config.block_size
+        self.scheduler: PdxScheduler | None = None
+        self.worker: PdxWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler = PdxScheduler(block_size, ktc.is_kv_producer, ktc.is_kv_consumer)
+        else:
+            self.worker = PdxWorker(self.cfg, block_size, ktc.is_kv_producer, ktc.is_kv_consumer,
+                                    ktc.engine_id or "pdx")
+
+    # -- worker side ------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self.worker is not None
+        self.worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self.worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, PdxConnectorMetadata)
+        self.worker.start_load_kv(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        # D admits a request only once its whole KV landed: nothing to wait for per layer.
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
+                      **kwargs: Any) -> None:
+        assert self.worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, PdxConnectorMetadata)
+        self.worker.save_kv_layer(layer_name, meta)
+
+    def wait_for_save(self) -> None:
+        # Writes are asynchronous; P's blocks stay held (delay_free) until they are released.
+        return
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self.worker is not None
+        return self.worker.get_finished()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self.worker is not None
+        return self.worker.pop_load_errors()
+
+    def get_kv_connector_stats(self) -> PdxKVConnectorStats | None:
+        return self.worker.pop_stats() if self.worker is not None else None
+
+    def build_connector_worker_meta(self) -> Any:
+        return self.worker.pop_worker_meta() if self.worker is not None else None
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> PdxKVConnectorStats | None:
+        return PdxKVConnectorStats(data=dict(data)) if data else PdxKVConnectorStats()
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        return True  # save_kv_layer must run between layers
+
+    # -- scheduler side ----------------------------------------------------------------------
+    def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        if self.scheduler is not None:
+            self.scheduler.kv_cache_manager = kv_cache_manager
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self.scheduler is not None
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        assert self.scheduler is not None
+        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self.scheduler is not None
+        return self.scheduler.build_connector_meta(scheduler_output)
+
+    def on_new_request(self, request: Request) -> None:
+        assert self.scheduler is not None
+        self.scheduler.on_new_request(request)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        assert self.scheduler is not None
+        self.scheduler.update_connector_output(connector_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self.scheduler is not None
+        return self.scheduler.request_finished(request, block_ids)
+
+    def request_finished_all_groups(self, request: Request,
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        return self.request_finished(request, block_ids[0] if block_ids else [])
+
+    def has_pending_push_work(self) -> bool:
+        return self.scheduler is not None and self.scheduler.has_pending_push_work()

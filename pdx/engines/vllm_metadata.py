@@ -1,0 +1,118 @@
+"""What PdxConnector's scheduler side tells its workers each step, and what they answer.
+
+Scheduler -> worker: ``PdxConnectorMetadata`` (pickled into every step).
+Worker -> scheduler: ``PdxWorkerMeta`` (per-request transfer figures, aggregated
+over workers) and ``PdxKVConnectorStats`` (vLLM's connector stats/logging).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+
+@dataclass(frozen=True)
+class SaveSpec:
+    """P: this step computes prompt tokens [start, end) of a request whose KV goes to a decoder."""
+
+    req_id: str
+    transfer_id: str
+    block_ids: tuple[int, ...]  # P's blocks of the request so far
+    start: int  # 0 on the request's first step, so a local prefix hit is sent too
+    end: int
+    num_tokens: int  # prompt tokens
+
+
+@dataclass(frozen=True)
+class RecvSpec:
+    """D: blocks reserved for a transfer; publish them to P and count what lands."""
+
+    req_id: str
+    transfer_id: str
+    peer: str  # P's control address "host:port"
+    block_ids: tuple[int, ...]  # D's blocks for the whole prompt
+    first_block: int  # D's local prefix hit, in blocks
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class FinishSpec:
+    """P: the request finished; its blocks are held until the worker reports it sent."""
+
+    req_id: str
+    transfer_id: str
+    is_aborted: bool
+
+
+@dataclass(frozen=True)
+class ReleaseSpec:
+    """D: the request ended before its KV landed; tell P to stop (and wait for it)."""
+
+    req_id: str
+    transfer_id: str
+    peer: str
+    is_reserved: bool  # a RecvSpec was issued, so the worker must report finished_recving
+
+
+@dataclass
+class PdxConnectorMetadata(KVConnectorMetadata):
+    saves: list[SaveSpec] = field(default_factory=list)
+    recvs: list[RecvSpec] = field(default_factory=list)
+    finishes: list[FinishSpec] = field(default_factory=list)
+    releases: list[ReleaseSpec] = field(default_factory=list)
+
+
+@dataclass
+class PdxWorkerMeta(KVConnectorWorkerMetadata):
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # req_id -> transfer figures
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, PdxWorkerMeta)
+        merged = dict(self.stats)
+        merged.update(other.stats)
+        return PdxWorkerMeta(merged)
+
+
+@dataclass
+class PdxKVConnectorStats(KVConnectorStats):
+    """Per interval: transfers completed/failed, bytes, transfer and exposed seconds."""
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            self.reset()
+
+    def reset(self) -> None:
+        self.data = {"num_transfers": 0, "num_failed": 0, "nbytes": 0, "transfer_s": 0.0, "exposed_s": 0.0}
+
+    def record(self, figures: dict[str, Any]) -> None:
+        if figures.get("ok"):
+            self.data["num_transfers"] += 1
+        else:
+            self.data["num_failed"] += 1
+        self.data["nbytes"] += int(figures.get("nbytes", 0))
+        self.data["transfer_s"] += float(figures.get("transfer_ms", 0.0)) / 1e3
+        self.data["exposed_s"] += float(figures.get("exposed_ms", 0.0)) / 1e3
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for key, value in other.data.items():
+            self.data[key] = self.data.get(key, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        n = max(self.data["num_transfers"], 1)
+        return {
+            "Num transfers": self.data["num_transfers"],
+            "Num failed transfers": self.data["num_failed"],
+            "MB moved": round(self.data["nbytes"] / 2**20, 3),
+            "Avg transfer time (ms)": round(1e3 * self.data["transfer_s"] / n, 3),
+            "Avg exposed transfer time (ms)": round(1e3 * self.data["exposed_s"] / n, 3),
+        }
+
+    def is_empty(self) -> bool:
+        return self.data["num_transfers"] == 0 and self.data["num_failed"] == 0

@@ -1,0 +1,191 @@
+"""PdxConnector's worker side: registers the KV cache, feeds the loop-side sender/receiver.
+
+vLLM calls these from the model runner's thread; everything that does I/O runs
+on one background event loop (``_LoopThread``), reached with
+``call_soon_threadsafe`` so the forward pass never waits on the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from pdx.engines.connector_config import ConnectorConfig
+from pdx.engines.control import LayerDst
+from pdx.engines.decode_side import DecodeSide
+from pdx.engines.kv_regions import KVRegions, describe_kv_caches
+from pdx.engines.prefill_side import PrefillSide
+from pdx.engines.send_book import LayerSrc, SendBook, WriteItem
+from pdx.engines.vllm_metadata import PdxConnectorMetadata, PdxKVConnectorStats, PdxWorkerMeta
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+class _LoopThread:
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Any, *args: Any) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+class PdxWorker:
+    def __init__(self, cfg: ConnectorConfig, block_size: int, is_producer: bool, is_consumer: bool,
+                 engine_id: str) -> None:
+        self.cfg = cfg
+        self.block_size = block_size
+        self.is_producer = is_producer
+        self.is_consumer = is_consumer
+        self.engine_id = engine_id
+        self._loop: _LoopThread | None = None
+        self._transport: Any = None
+        self._prefill: PrefillSide | None = None
+        self._decode: DecodeSide | None = None
+        self._regions: KVRegions | None = None
+        self._layer_index: dict[str, int] = {}
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._load_errors: set[int] = set()
+        self._figures: dict[str, dict[str, Any]] = {}
+        self._stats = PdxKVConnectorStats()
+
+    @property
+    def control_port(self) -> int | None:
+        return self._prefill.server.port if self._prefill is not None else None
+
+    # -- start-up --------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from transports import create_transport
+
+        regions = describe_kv_caches(kv_caches)
+        self._regions, self._kv_caches = regions, kv_caches
+        self._layer_index = regions.layer_index
+        self._loop = _LoopThread(f"pdx-kv-{self.engine_id[:8]}")
+
+        async def _start() -> None:
+            self._transport = create_transport(self.cfg.transport, **self.cfg.transport_options)
+            ids = [self._transport.register((addr, nbytes)).region_id for addr, nbytes in regions.buffers]
+            if self.is_producer:
+                src = [LayerSrc(ids[lk.buffer_index], lk.offset, lk.block_stride) for lk in regions.layers]
+                book = SendBook(self.cfg.lease_s, len(src), self.block_size, regions.block_nbytes)
+                self._prefill = PrefillSide(self._transport, book, src, self.cfg.control_host,
+                                            self.cfg.control_port, self.cfg.auth_token, self.cfg.write_timeout_s)
+                await self._prefill.start()
+            if self.is_consumer:
+                dst = [LayerDst(region_id=ids[lk.buffer_index], offset=lk.offset, block_stride=lk.block_stride)
+                       for lk in regions.layers]
+                self._decode = DecodeSide(self._transport, dst, self.block_size, regions.block_nbytes,
+                                          self.cfg.auth_token, self.engine_id, self.cfg.recv_timeout_s)
+                await self._decode.start()
+
+        self._loop.run(_start())
+        logger.info("pdx connector: %d KV layers, %d-byte blocks, transport %s, %s", len(regions.layers),
+                    regions.block_nbytes, self.cfg.transport,
+                    f"control port {self.control_port}" if self._prefill else "decode side")
+
+    # -- per step --------------------------------------------------------------------------
+    def start_load_kv(self, meta: PdxConnectorMetadata) -> None:
+        assert self._loop is not None
+        for f in meta.finishes:
+            if self._prefill is not None:
+                self._loop.call(self._prefill.finish, f.req_id, f.transfer_id, f.is_aborted)
+        for r in meta.recvs:
+            if self._decode is not None:
+                self._loop.call(self._decode.recv, r.req_id, r.transfer_id, r.peer, list(r.block_ids),
+                                r.first_block, r.num_tokens)
+        for rel in meta.releases:
+            if self._decode is not None:
+                self._loop.call(self._decode.release, rel.req_id, rel.transfer_id, rel.peer)
+
+    def save_kv_layer(self, layer_name: str, meta: PdxConnectorMetadata) -> None:
+        # Called after the layer's attention wrote its KV (synchronous on CPU).
+        if not meta.saves or self._prefill is None or self._loop is None:
+            return
+        layer = self._layer_index.get(layer_name)
+        if layer is None:
+            return
+        now = time.time()
+        for s in meta.saves:
+            self._loop.call(self._prefill.save, s.req_id, s.transfer_id, list(s.block_ids), s.num_tokens,
+                            WriteItem(layer, s.start, s.end, now))
+
+    def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
+        sending = set(self._prefill.pop_released()) if self._prefill is not None else set()
+        recving: set[str] = set()
+        if self._decode is not None:
+            for out in self._decode.pop_outcomes():
+                recving.add(out.req_id)
+                self._load_errors |= out.failed_block_ids
+                self._figures[out.req_id] = out.figures
+                self._stats.record(out.figures)
+                logger.debug("transfer for %s: %s", out.req_id, out.figures)
+                if out.is_ok and self.cfg.debug_corrupt_block and out.first_block_id is not None:
+                    self._corrupt(out.first_block_id)
+                if self.cfg.stats_path:
+                    with open(self.cfg.stats_path, "a") as fh:
+                        fh.write(json.dumps({"req_id": out.req_id, **out.figures}) + "\n")
+        return sending or None, recving or None
+
+    def _corrupt(self, block_id: int) -> None:
+        """Test hook: damage one landed block of the first layer, as bad KV would."""
+        first = self._regions.layers[0].name if self._regions else None
+        if first is not None:
+            self._kv_caches[first][block_id].add_(0.5)
+            logger.warning("debug_corrupt_block: damaged block %d of %s", block_id, first)
+
+    def pop_load_errors(self) -> set[int]:
+        out, self._load_errors = self._load_errors, set()
+        return out
+
+    def pop_worker_meta(self) -> PdxWorkerMeta | None:
+        if not self._figures:
+            return None
+        out, self._figures = PdxWorkerMeta(self._figures), {}
+        return out
+
+    def pop_stats(self) -> PdxKVConnectorStats | None:
+        if self._stats.is_empty():
+            return None
+        out, self._stats = self._stats, PdxKVConnectorStats()
+        return out
+
+    def debug_counts(self) -> dict[str, int]:
+        """Held P transfers and reserved D transfers (leak checks)."""
+        return {
+            "held": self._prefill.book.num_held if self._prefill else 0,
+            "reserved": self._decode.book.num_reserved if self._decode else 0,
+        }
+
+    def shutdown(self) -> None:
+        if self._loop is None:
+            return
+
+        async def _stop() -> None:
+            for side in (self._prefill, self._decode):
+                if side is not None:
+                    await side.aclose()
+            if self._transport is not None:
+                await self._transport.aclose()
+
+        try:
+            self._loop.run(_stop(), timeout=10)
+        except Exception:
+            logger.warning("pdx connector shutdown was not clean", exc_info=True)
+        self._loop.stop()
+        self._loop = None

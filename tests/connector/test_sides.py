@@ -1,0 +1,210 @@
+"""P's sender and D's receiver end to end in one process, over the loopback transport.
+
+Real bytes move from a fake paged KV cache on P into reserved blocks on D; the
+tests assert the bytes, the completion rule, leases, releases and failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from pdx.engines.control import LayerDst
+from pdx.engines.decode_side import DecodeSide
+from pdx.engines.prefill_side import PrefillSide
+from pdx.engines.send_book import LayerSrc, SendBook, WriteItem
+from transports import create_transport
+
+NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, BLOCK_NBYTES = 2, 16, 4, 64
+TOKEN = "secret"
+
+
+class Fleet:
+    """One P side and one D side sharing a loop, each with its own 'KV cache' array."""
+
+    def __init__(self, lease_s: float = 5.0, recv_timeout_s: float = 5.0) -> None:
+        self.lease_s, self.recv_timeout_s = lease_s, recv_timeout_s
+
+    async def __aenter__(self) -> Fleet:
+        self.p_kv = np.random.default_rng(0).integers(
+            0, 256, (NUM_LAYERS, NUM_BLOCKS, BLOCK_NBYTES), dtype=np.uint8)
+        self.d_kv = np.zeros_like(self.p_kv)
+        self.pt = create_transport("loopback")
+        self.dt = create_transport("loopback")
+        pr = self.pt.register(self.p_kv.reshape(-1))
+        dr = self.dt.register(self.d_kv.reshape(-1))
+        layer_bytes = NUM_BLOCKS * BLOCK_NBYTES
+        src = [LayerSrc(pr.region_id, i * layer_bytes, BLOCK_NBYTES) for i in range(NUM_LAYERS)]
+        dst = [LayerDst(region_id=dr.region_id, offset=i * layer_bytes, block_stride=BLOCK_NBYTES)
+               for i in range(NUM_LAYERS)]
+        book = SendBook(self.lease_s, NUM_LAYERS, BLOCK_SIZE, BLOCK_NBYTES)
+        self.p = PrefillSide(self.pt, book, src, "127.0.0.1", 0, TOKEN, 5.0)
+        await self.p.start()
+        self.d = DecodeSide(self.dt, dst, BLOCK_SIZE, BLOCK_NBYTES, TOKEN, "d0", self.recv_timeout_s)
+        await self.d.start()
+        self.peer = f"127.0.0.1:{self.p.server.port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.d.aclose()
+        await self.p.aclose()
+        await self.pt.aclose()
+        await self.dt.aclose()
+
+    def save_all(self, rid: str, tid: str, p_blocks: list[int], num_tokens: int, start: int = 0) -> None:
+        for layer in range(NUM_LAYERS):
+            self.p.save(rid, tid, p_blocks, num_tokens, WriteItem(layer, start, num_tokens, time.time()))
+
+    async def outcomes(self, n: int = 1, timeout: float = 5.0) -> list:
+        out: list = []
+        deadline = time.monotonic() + timeout
+        while len(out) < n and time.monotonic() < deadline:
+            out += self.d.pop_outcomes()
+            await asyncio.sleep(0.01)
+        return out
+
+    async def released(self, timeout: float = 5.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.p.pop_released()
+            if got:
+                return got
+            await asyncio.sleep(0.01)
+        return []
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_blocks_land_in_the_reserved_blocks_and_both_sides_release():
+    async def main():
+        async with Fleet() as f:
+            p_blocks, d_blocks, n = [3, 7, 1], [10, 2, 5], 10  # 10 tokens = 3 blocks
+            f.save_all("p-req", "ab" * 8, p_blocks, n)  # P computes before D registers
+            f.d.recv("d-req", "ab" * 8, f.peer, d_blocks, 0, n)
+            (out,) = await f.outcomes()
+            assert out.is_ok and out.req_id == "d-req" and not out.failed_block_ids
+            for layer in range(NUM_LAYERS):
+                for pb, db in zip(p_blocks, d_blocks, strict=True):
+                    assert (f.d_kv[layer, db] == f.p_kv[layer, pb]).all()
+            untouched = [b for b in range(NUM_BLOCKS) if b not in d_blocks]
+            assert not f.d_kv[:, untouched].any(), "P wrote outside the reserved blocks"
+            assert out.figures["nbytes"] == NUM_LAYERS * 3 * BLOCK_NBYTES
+            assert f.p.pop_released() == []  # P's request not finished yet: blocks stay held
+            f.p.finish("p-req", "ab" * 8, is_aborted=False)
+            assert await f.released() == ["p-req"]
+            assert f.p.book.num_held == 0 and f.d.book.num_reserved == 0
+    run(main())
+
+
+def test_local_prefix_hit_on_d_is_not_overwritten():
+    async def main():
+        async with Fleet() as f:
+            d_blocks = [4, 5, 6]
+            f.d_kv[:, 4] = 77  # D's own cached block 0
+            f.d.recv("d", "cd" * 8, f.peer, d_blocks, 1, 12)
+            await asyncio.sleep(0.05)
+            f.save_all("p", "cd" * 8, [0, 1, 2], 12)
+            (out,) = await f.outcomes()
+            assert out.is_ok
+            assert (f.d_kv[:, 4] == 77).all()
+            assert (f.d_kv[:, 5] == f.p_kv[:, 1]).all() and (f.d_kv[:, 6] == f.p_kv[:, 2]).all()
+    run(main())
+
+
+def test_chunked_prefill_completes_only_when_every_token_landed():
+    async def main():
+        async with Fleet() as f:
+            f.d.recv("d", "ef" * 8, f.peer, [0, 1, 2], 0, 10)
+            await asyncio.sleep(0.05)
+            for layer in range(NUM_LAYERS):  # first chunk: tokens 0..6 (block 1 half full)
+                f.p.save("p", "ef" * 8, [8, 9], 10, WriteItem(layer, 0, 6, time.time()))
+            assert await f.outcomes(timeout=0.3) == []
+            for layer in range(NUM_LAYERS):  # second chunk: tokens 6..10
+                f.p.save("p", "ef" * 8, [8, 9, 10], 10, WriteItem(layer, 6, 10, time.time()))
+            (out,) = await f.outcomes()
+            assert out.is_ok and (f.d_kv[:, 2] == f.p_kv[:, 10]).all()
+    run(main())
+
+
+def test_lease_expiry_frees_p_when_d_never_registers():
+    async def main():
+        async with Fleet(lease_s=0.3) as f:
+            f.save_all("p", "12" * 8, [0, 1], 8)
+            f.p.finish("p", "12" * 8, is_aborted=False)
+            assert f.p.book.num_held == 1
+            assert await f.released() == ["p"]
+            assert f.p.book.num_held == 0
+            # A decoder that shows up after the lease is refused, and recomputes everything.
+            f.d.recv("d", "12" * 8, f.peer, [0, 1], 0, 8)
+            (out,) = await f.outcomes()
+            assert not out.is_ok and out.failed_block_ids == {0, 1}
+            assert "over on the prefill side" in out.figures["error"]
+            assert not f.d_kv.any()
+    run(main())
+
+
+def test_decoder_timeout_reports_unlanded_blocks_and_releases_p():
+    async def main():
+        async with Fleet(recv_timeout_s=0.4) as f:
+            f.d.recv("d", "34" * 8, f.peer, [0, 1, 2], 0, 12)
+            await asyncio.sleep(0.05)
+            f.p.save("p", "34" * 8, [5, 6, 7], 12, WriteItem(0, 0, 12, time.time()))  # layer 1 never comes
+            (out,) = await f.outcomes()
+            assert not out.is_ok and out.failed_block_ids == {0, 1, 2}
+            f.p.finish("p", "34" * 8, is_aborted=False)
+            assert await f.released() == ["p"]  # D released it: P does not wait for its lease
+            assert f.d.book.num_reserved == 0 and f.p.book.num_held == 0
+    run(main())
+
+
+def test_prefill_abort_fails_the_decoder_at_once():
+    async def main():
+        async with Fleet() as f:
+            f.d.recv("d", "56" * 8, f.peer, [0, 1], 0, 8)
+            await asyncio.sleep(0.05)
+            f.p.save("p", "56" * 8, [2, 3], 8, WriteItem(0, 0, 8, time.time()))
+            f.p.finish("p", "56" * 8, is_aborted=True)
+            (out,) = await f.outcomes()
+            assert not out.is_ok and "aborted" in out.figures["error"]
+            assert await f.released() == ["p"]
+    run(main())
+
+
+def test_decoder_abort_releases_both_sides():
+    async def main():
+        async with Fleet() as f:
+            f.d.recv("d", "78" * 8, f.peer, [0, 1], 0, 8)
+            await asyncio.sleep(0.05)
+            f.d.release("d", "78" * 8, f.peer)
+            (out,) = await f.outcomes()
+            assert out.req_id == "d" and not out.is_ok and not out.failed_block_ids
+            f.save_all("p", "78" * 8, [2, 3], 8)  # P computes after D gave up: nothing is written
+            f.p.finish("p", "78" * 8, is_aborted=False)
+            assert await f.released() == ["p"]
+            assert not f.d_kv.any()
+    run(main())
+
+
+def test_bad_token_is_refused():
+    async def main():
+        async with Fleet() as f:
+            f.d.token = "wrong"
+            f.d.recv("d", "9a" * 8, f.peer, [0], 0, 4)
+            (out,) = await f.outcomes()
+            assert not out.is_ok and "auth_token" in out.figures["error"]
+    run(main())
+
+
+def test_prefill_death_fails_the_decoder_without_waiting_for_the_timeout():
+    async def main():
+        async with Fleet(recv_timeout_s=30) as f:
+            f.d.recv("d", "bc" * 8, f.peer, [0, 1], 0, 8)
+            await asyncio.sleep(0.05)
+            await f.p.server.aclose()  # P's control connections drop, as when P is killed
+            (out,) = await f.outcomes(timeout=3)
+            assert not out.is_ok and out.failed_block_ids == {0, 1}
+    run(main())
