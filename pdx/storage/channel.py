@@ -1,0 +1,91 @@
+"""One blocking connection from an engine process to its node's store (client side).
+
+A call either returns the reply or raises ``StoreUnavailable`` within its timeout;
+after a failure the socket is dropped and no new connect is tried for ``retry_s``,
+so a store that is gone costs nothing per call until then. ``StorageError`` means
+the store answered but refused the request (the connection stays usable).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pdx.errors import StorageError, StoreUnavailable
+from pdx.storage.arena import SharedArena
+from pdx.storage.protocol import VERSION, ProtocolError, encode_frame, recv_frame
+
+logger = logging.getLogger(__name__)
+
+
+class StoreChannel:
+    def __init__(
+        self,
+        socket_path: str,
+        timeout_s: float,
+        retry_s: float,
+        attach_arena: Callable[[str, int], SharedArena],
+    ):
+        self.socket_path = socket_path
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.arena: SharedArena | None = None  # the arena of the server this socket talks to
+        self._attach_arena = attach_arena
+        self._sock: socket.socket | None = None
+        self._retry_at = 0.0
+
+    def call(self, msg: dict[str, Any], *, extra_timeout_s: float = 0.0) -> dict[str, Any]:
+        sock = self._connected()
+        try:
+            sock.settimeout(self.timeout_s + extra_timeout_s)
+            sock.sendall(encode_frame(msg))
+            reply = recv_frame(sock)
+        except (OSError, ProtocolError) as exc:  # timeouts are OSErrors
+            self._fail()
+            raise StoreUnavailable(f"store at {self.socket_path} failed {msg.get('op')!r}: {exc!r}") from exc
+        if not reply.get("ok"):
+            raise StorageError(f"store refused {msg.get('op')!r}: {reply.get('error')}")
+        return reply
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """Send a request that gets no reply (``noreply``); failures only drop the socket."""
+        if self._sock is None:
+            return
+        try:
+            self._sock.settimeout(self.timeout_s)
+            self._sock.sendall(encode_frame({**msg, "noreply": True}))
+        except OSError:
+            self._fail()
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def _fail(self) -> None:
+        self.close()
+        self._retry_at = time.monotonic() + self.retry_s
+
+    def _connected(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        if time.monotonic() < self._retry_at:
+            raise StoreUnavailable(f"store at {self.socket_path} is down; retrying later")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout_s)
+            sock.connect(self.socket_path)
+            sock.sendall(encode_frame({"op": "hello", "version": VERSION}))
+            hello = recv_frame(sock)
+            if hello.get("version") != VERSION:
+                raise ProtocolError(f"store speaks protocol v{hello.get('version')}, client v{VERSION}")
+            self.arena = self._attach_arena(str(hello["arena"]), int(hello["arena_bytes"]))
+        except (OSError, ProtocolError, KeyError, ValueError) as exc:
+            sock.close()
+            self._retry_at = time.monotonic() + self.retry_s
+            raise StoreUnavailable(f"cannot connect to the store at {self.socket_path}: {exc!r}") from exc
+        self._sock = sock
+        return sock

@@ -1,0 +1,97 @@
+"""``pdx store``: run the node-shared KV store until SIGINT/SIGTERM.
+
+    pdx store --socket /run/pdx/store.sock --capacity-gb 8 --l2 redis://10.0.0.5:6379/0
+
+Flags default from ``PDX_STORE_<FLAG>`` environment variables (for example
+``PDX_STORE_CAPACITY_GB=8``). Once serving it prints one line,
+``pdx store ready: socket=... http=... arena=... capacity_bytes=...``, to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from pdx.storage.config import GB, MB, StoreConfig
+
+DEFAULT_SOCKET = "/tmp/pdx-store.sock"
+
+
+def _env(name: str, default: object) -> object:
+    return os.environ.get(f"PDX_STORE_{name.upper()}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdx store", description="Serve the node-shared KV chunk store.")
+    p.add_argument("--socket", default=_env("socket", DEFAULT_SOCKET), help="unix socket engines connect to")
+    p.add_argument("--capacity-gb", type=float, default=_env("capacity_gb", 4.0), help="L1 arena size (GB)")
+    p.add_argument("--slab-mb", type=float, default=_env("slab_mb", 64), help="slab size (MiB); a chunk must fit in one")
+    p.add_argument("--http-host", default=_env("http_host", "127.0.0.1"))
+    p.add_argument("--http-port", type=int, default=_env("http_port", 8300), help="0 = any free port, -1 = no HTTP")
+    p.add_argument("--l2", default=_env("l2", None), help="L2 URL: file:///path or redis://host:port/db")
+    p.add_argument("--l2-queue", type=int, default=_env("l2_queue", 256), help="write-through backlog before drops")
+    p.add_argument("--l2-workers", type=int, default=_env("l2_workers", 2), help="threads writing to L2")
+    p.add_argument("--lease-ttl-s", type=float, default=_env("lease_ttl_s", 60.0), help="longest a lease may live")
+    p.add_argument("--prefault", action="store_true", help="touch the whole arena at start")
+    p.add_argument("--log-level", default=_env("log_level", "info"))
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> StoreConfig:
+    capacity = int(float(args.capacity_gb) * GB)
+    slab = int(float(args.slab_mb) * MB)
+    if capacity <= 0 or slab <= 0:
+        raise SystemExit("pdx store: --capacity-gb and --slab-mb must be positive")
+    return StoreConfig(
+        socket_path=args.socket,
+        capacity_bytes=capacity,
+        slab_bytes=slab,
+        http_host=args.http_host,
+        http_port=int(args.http_port),
+        l2_url=args.l2 or None,
+        l2_queue=int(args.l2_queue),
+        l2_workers=max(1, int(args.l2_workers)),
+        lease_ttl_s=float(args.lease_ttl_s),
+        prefault=bool(args.prefault),
+    )
+
+
+async def serve(config: StoreConfig) -> None:
+    from pdx.storage.server import StoreServer
+
+    server = StoreServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        assert server.arena is not None
+        http = f"http://{config.http_host}:{server.http_port}" if server.http_port else "off"
+        print(
+            f"pdx store ready: socket={config.socket_path} http={http} arena={server.arena.name} "
+            f"capacity_bytes={server.arena.nbytes} l2={config.l2_url or 'none'}",
+            flush=True,
+        )
+        await stop.wait()
+    finally:
+        await server.aclose()
+        logging.getLogger(__name__).info("store stopped; arena and socket removed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=str(args.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = config_from_args(args)
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"pdx store: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,113 @@
+"""Operator HTTP API of the store (JSON), plus Prometheus ``/metrics``.
+
+    GET  /healthz                      200 "ok"
+    GET  /stats                        the stats dict
+    GET  /metrics                      Prometheus text format
+    POST /lookup  {"keys": [hex...]}   {"num_chunks", "num_l1"}
+    POST /pin     {"keys": [hex...]}   {"num_chunks"}   (pinned chunks are never evicted)
+    POST /unpin   {"keys": [hex...]}   {"num_chunks"}
+    POST /clear   {"l2": false}        {"num_chunks"}   (removed from L1; L2 too if l2)
+
+Operators call it rarely, so it is a few lines of HTTP/1.1 on the store's own
+event loop (one request per connection) rather than a web framework; engines use
+the unix socket. Bad input gets a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pdx.storage.metrics import render_prometheus
+
+if TYPE_CHECKING:
+    from pdx.storage.server import StoreServer
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY = 64 << 20
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large"}
+
+
+class KeysBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keys: list[str]  # chunk keys, hex
+
+
+class ClearBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    l2: bool = False  # also clear the L2 tier
+
+
+async def start_http(server: StoreServer, host: str, port: int) -> asyncio.AbstractServer:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            status, ctype, body = await _serve_one(server, reader)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+            status, ctype, body = 400, "application/json", _json({"error": f"malformed request: {exc}"})
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)
+
+
+async def _serve_one(server: StoreServer, reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
+    request_line = (await reader.readline()).decode("latin-1").split()
+    if len(request_line) != 3:
+        raise ValueError("bad request line")
+    method, path = request_line[0], request_line[1].split("?", 1)[0]
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    if length > MAX_BODY:
+        return 413, "application/json", _json({"error": f"body over {MAX_BODY} bytes"})
+    raw = await reader.readexactly(length) if length else b""
+
+    if method == "GET":
+        if path == "/healthz":
+            return 200, "text/plain", b"ok\n"
+        if path == "/stats":
+            return 200, "application/json", _json(server.stats())
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4", render_prometheus(server.stats())
+    elif method == "POST" and path in ("/lookup", "/pin", "/unpin", "/clear"):
+        model = ClearBody if path == "/clear" else KeysBody
+        try:
+            body = model.model_validate_json(raw or b"{}")
+            msg: dict[str, Any] = {"op": path[1:], **body.model_dump()}
+            reply = await server.dispatch(msg, None)
+        except ValidationError as exc:
+            return 400, "application/json", _json({"error": _first_error(exc)})
+        except ValueError as exc:
+            return 400, "application/json", _json({"error": str(exc)})
+        if not reply.pop("ok"):
+            return 400, "application/json", _json(reply)
+        return 200, "application/json", _json(reply)
+    if path in ("/healthz", "/stats", "/metrics", "/lookup", "/pin", "/unpin", "/clear"):
+        return 405, "application/json", _json({"error": f"{method} not allowed on {path}"})
+    return 404, "application/json", _json({"error": f"no such endpoint {path}"})
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err.get("loc", ())) or "body"
+    return f"{field}: {err.get('msg')}"
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj).encode()

@@ -1,0 +1,409 @@
+"""The ``pdx store`` server: owns the L1 arena, the chunk index, leases and L2.
+
+One asyncio loop serves engines on a unix socket (``protocol.py``) and operators
+over HTTP (``http_api.py``). Chunk bytes never pass through this process on the L1
+path: engines copy them straight into or out of the shared arena at the offsets
+handed out here, under leases that keep those slots from being evicted or reused.
+L2 reads and writes run in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from pdx.errors import ChunkCorrupt, StoreUnavailable
+from pdx.storage.allocator import SlabAllocator
+from pdx.storage.arena import SharedArena, sweep_stale_arenas
+from pdx.storage.config import StoreConfig
+from pdx.storage.index import ChunkIndex, Entry, ReserveStatus
+from pdx.storage.metrics import StoreCounters
+from pdx.storage.protocol import VERSION, ProtocolError, encode_frame, parse_keys, read_frame
+
+logger = logging.getLogger(__name__)
+
+LEASE_SWEEP_S = 1.0
+
+
+class Lease:
+    __slots__ = ("id", "is_write", "entries", "deadline", "conn")
+
+    def __init__(self, id: int, is_write: bool, entries: list[Entry], deadline: float, conn: set[int]):
+        self.id = id
+        self.is_write = is_write
+        self.entries = entries
+        self.deadline = deadline  # loop time
+        self.conn = conn  # the owning connection's lease-id set
+
+
+class StoreServer:
+    def __init__(self, config: StoreConfig):
+        self.config = config
+        self.counters = StoreCounters()
+        self.arena: SharedArena | None = None
+        self.index: ChunkIndex | None = None
+        self.l2: Any = None
+        self.http_port: int | None = None
+        self._leases: dict[int, Lease] = {}
+        self._lease_ids = itertools.count(1)
+        self._promoting: dict[bytes, asyncio.Task[bool]] = {}
+        self._l2_queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=config.l2_queue)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._servers: list[asyncio.AbstractServer] = []
+        self._write_pool: ThreadPoolExecutor | None = None
+        self._read_pool: ThreadPoolExecutor | None = None
+        self._conn_writers: set[asyncio.StreamWriter] = set()
+
+    # -- life cycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        from pdx.storage.http_api import start_http
+
+        cfg = self.config
+        _claim_socket_path(cfg.socket_path)
+        sweep_stale_arenas()
+        allocator = SlabAllocator(cfg.capacity_bytes, min(cfg.slab_bytes, cfg.capacity_bytes))
+        self.arena = SharedArena.create(allocator.capacity, prefault=cfg.prefault)
+        self.index = ChunkIndex(allocator)
+        if cfg.l2_url:
+            from pdx.storage.l2 import create_l2
+
+            self.l2 = create_l2(cfg.l2_url)
+            self._write_pool = ThreadPoolExecutor(cfg.l2_workers, thread_name_prefix="pdx-l2-write")
+            self._read_pool = ThreadPoolExecutor(4, thread_name_prefix="pdx-l2-read")
+            self._tasks += [asyncio.create_task(self._write_through()) for _ in range(cfg.l2_workers)]
+        self._tasks.append(asyncio.create_task(self._sweep_leases()))
+        self._servers.append(await asyncio.start_unix_server(self._on_client, path=cfg.socket_path))
+        if cfg.http_port >= 0:
+            http = await start_http(self, cfg.http_host, cfg.http_port)
+            self._servers.append(http)
+            self.http_port = http.sockets[0].getsockname()[1]
+
+    async def aclose(self) -> None:
+        """Stop serving, end all leases, close L2, unlink the socket and the arena. Idempotent."""
+        for srv in self._servers:
+            srv.close()
+        for writer in list(self._conn_writers):
+            writer.close()
+        for task in self._tasks + list(self._promoting.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._promoting.values(), return_exceptions=True)
+        self._tasks.clear()
+        self._servers.clear()
+        for pool in (self._write_pool, self._read_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._write_pool = self._read_pool = None
+        for lease_id in list(self._leases):
+            self._end_lease(lease_id)
+        if self.l2 is not None:
+            self.l2.close()
+            self.l2 = None
+        if self.arena is not None:
+            self.arena.close()
+        try:
+            os.unlink(self.config.socket_path)
+        except FileNotFoundError:
+            pass
+
+    # -- engine connections --------------------------------------------------------------
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn: set[int] = set()  # lease ids owned by this connection
+        self._conn_writers.add(writer)
+        try:
+            while (msg := await read_frame(reader)) is not None:
+                try:
+                    reply = await self.dispatch(msg, conn)
+                except (ValueError, KeyError, TypeError) as exc:
+                    reply = {"ok": False, "error": f"bad {msg.get('op')!r} request: {exc}"}
+                if msg.get("noreply"):
+                    continue
+                writer.write(encode_frame(reply))
+                await writer.drain()
+        except (ProtocolError, ConnectionError, asyncio.IncompleteReadError) as exc:
+            logger.debug("client connection ended: %s", exc)
+        finally:
+            for lease_id in list(conn):
+                self._end_lease(lease_id)
+            self._conn_writers.discard(writer)
+            writer.close()
+
+    async def dispatch(self, msg: dict[str, Any], conn: set[int] | None) -> dict[str, Any]:
+        op = msg.get("op")
+        if op == "hello":
+            assert self.arena is not None
+            return {"ok": True, "arena": self.arena.name, "arena_bytes": self.arena.nbytes, "version": VERSION}
+        if op == "lookup":
+            return {"ok": True, **await self.lookup(parse_keys(msg["keys"]), _budget(msg, self.config))}
+        if op == "acquire" and conn is not None:
+            return {"ok": True, **await self.acquire(parse_keys(msg["keys"]), _budget(msg, self.config), conn)}
+        if op == "release":
+            self._end_lease(int(msg["lease"]), copy_s=float(msg.get("copy_s") or 0.0))
+            return {"ok": True}
+        if op == "reserve" and conn is not None:
+            return {"ok": True, **self.reserve(parse_keys(msg["keys"]), msg["sizes"], conn)}
+        if op == "commit":
+            n = self.commit(int(msg["lease"]), msg["checksums"], float(msg.get("copy_s") or 0.0))
+            return {"ok": True, "num_committed": n}
+        if op == "abort":
+            self._end_lease(int(msg["lease"]))
+            return {"ok": True}
+        if op in ("pin", "unpin"):
+            assert self.index is not None
+            fn = self.index.pin if op == "pin" else self.index.unpin
+            return {"ok": True, "num_chunks": sum(fn(k) for k in parse_keys(msg["keys"]))}
+        if op == "clear":
+            return {"ok": True, "num_chunks": await self.clear(bool(msg.get("l2", False)))}
+        if op == "stats":
+            return {"ok": True, "stats": self.stats()}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    # -- operations ----------------------------------------------------------------------
+    async def lookup(self, keys: list[bytes], budget_s: float) -> dict[str, int]:
+        """Leading run of keys stored in L1, then L2; L2 hits start promoting at once."""
+        assert self.index is not None
+        num_l1 = self.index.lookup_prefix(keys)
+        num = num_l1
+        if self.l2 is not None and num_l1 < len(keys):
+            rest = keys[num_l1:]
+            try:
+                num += await asyncio.wait_for(self._in_read_pool(self.l2.contains_prefix, rest), budget_s)
+            except (StoreUnavailable, asyncio.TimeoutError) as exc:
+                self._l2_failed("lookup", exc)
+            for key in keys[num_l1:num]:
+                self._start_promotion(key)
+        self.counters.lookup_chunks += len(keys)
+        self.counters.lookup_hits += num
+        return {"num_chunks": num, "num_l1": num_l1}
+
+    async def acquire(self, keys: list[bytes], budget_s: float, conn: set[int]) -> dict[str, Any]:
+        """Read-lease the leading run of stored chunks, promoting L2 hits within the budget."""
+        assert self.index is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget_s
+        entries: list[Entry] = []
+        try:
+            for key in keys:
+                entry = self.index.acquire(key)
+                if entry is not None:
+                    self.counters.hits_l1 += 1
+                elif self.l2 is not None and loop.time() < deadline:
+                    entry = await self._promoted(key, deadline)
+                    self.counters.hits_l2 += entry is not None
+                if entry is None:
+                    break
+                entries.append(entry)
+        except BaseException:
+            for entry in entries:
+                self.index.release(entry)
+            raise
+        self.counters.misses += len(keys) - len(entries)
+        if not entries:
+            return {"lease": None, "chunks": []}
+        lease = self._new_lease(False, entries, conn)
+        return {"lease": lease.id, "chunks": [[e.offset, e.nbytes, e.checksum] for e in entries]}
+
+    def reserve(self, keys: list[bytes], sizes: list[int], conn: set[int]) -> dict[str, Any]:
+        assert self.index is not None
+        if len(sizes) != len(keys) or not all(isinstance(s, int) and s > 0 for s in sizes):
+            raise ValueError("'sizes' must be one positive int per key")
+        offsets: list[int | None] = []
+        entries: list[Entry] = []
+        for key, nbytes in zip(keys, sizes):
+            status, entry = self.index.reserve(key, nbytes)
+            if entry is not None:
+                entries.append(entry)
+                offsets.append(entry.offset)
+                continue
+            offsets.append(None)
+            if status is ReserveStatus.NO_SPACE:
+                self.counters.reserve_no_space += 1
+            elif status is ReserveStatus.TOO_LARGE:
+                self.counters.reserve_too_large += 1
+        lease_id = self._new_lease(True, entries, conn).id if entries else None
+        return {"lease": lease_id, "offsets": offsets}
+
+    def commit(self, lease_id: int, checksums: list[int | None], copy_s: float) -> int:
+        """Publish the lease's chunks that have a checksum; free the others."""
+        assert self.index is not None
+        lease = self._leases.pop(lease_id, None)
+        if lease is None or not lease.is_write:
+            raise ValueError(f"no open write lease {lease_id} (expired or already ended)")
+        lease.conn.discard(lease_id)
+        if len(checksums) != len(lease.entries):
+            for entry in lease.entries:
+                self.index.abort(entry)
+            raise ValueError(f"{len(checksums)} checksums for {len(lease.entries)} reserved chunks")
+        num, nbytes = 0, 0
+        for entry, value in zip(lease.entries, checksums):
+            if value is None or not self.index.commit(entry, int(value)):
+                self.index.abort(entry)
+                continue
+            num += 1
+            nbytes += entry.nbytes
+            if self.l2 is not None:
+                try:
+                    self._l2_queue.put_nowait(entry.key)
+                except asyncio.QueueFull:
+                    self.counters.l2_write_dropped += 1
+        self.counters.record_copy("save", nbytes, copy_s)
+        return num
+
+    async def clear(self, include_l2: bool) -> int:
+        assert self.index is not None
+        num = self.index.clear()
+        if include_l2 and self.l2 is not None:
+            await self._in_read_pool(self.l2.clear)
+        return num
+
+    def stats(self) -> dict[str, Any]:
+        assert self.index is not None and self.arena is not None
+        return {
+            **self.counters.as_dict(),
+            "evictions": self.index.num_evictions,
+            "evicted_bytes": self.index.evicted_bytes,
+            "capacity_bytes": self.index.allocator.capacity,
+            "used_bytes": self.index.allocator.used_bytes,
+            "stored_bytes": self.index.stored_bytes,
+            "num_chunks": self.index.num_chunks,
+            "num_pinned": self.index.num_pinned,
+            "num_leases": len(self._leases),
+            "l2_queue_depth": self._l2_queue.qsize(),
+            "l2_url": self.config.l2_url,
+            "arena": self.arena.name,
+        }
+
+    # -- leases --------------------------------------------------------------------------
+    def _new_lease(self, is_write: bool, entries: list[Entry], conn: set[int]) -> Lease:
+        deadline = asyncio.get_running_loop().time() + self.config.lease_ttl_s
+        lease = Lease(next(self._lease_ids), is_write, entries, deadline, conn)
+        self._leases[lease.id] = lease
+        conn.add(lease.id)
+        return lease
+
+    def _end_lease(self, lease_id: int, copy_s: float = 0.0) -> None:
+        assert self.index is not None
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return
+        lease.conn.discard(lease_id)
+        for entry in lease.entries:
+            if lease.is_write:
+                self.index.abort(entry)
+            else:
+                self.index.release(entry)
+        if not lease.is_write and copy_s > 0:
+            self.counters.record_copy("load", sum(e.nbytes for e in lease.entries), copy_s)
+
+    async def _sweep_leases(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(LEASE_SWEEP_S)
+            now = loop.time()
+            for lease in [x for x in self._leases.values() if x.deadline < now]:
+                logger.warning("lease %d expired after %.0f s; ending it", lease.id, self.config.lease_ttl_s)
+                self.counters.leases_expired += 1
+                self._end_lease(lease.id)
+
+    # -- L2 ------------------------------------------------------------------------------
+    async def _in_read_pool(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._read_pool, fn, *args)
+
+    def _l2_failed(self, what: str, exc: BaseException) -> None:
+        self.counters.l2_errors += 1
+        if self.counters.l2_errors == 1 or self.counters.l2_errors % 1000 == 0:
+            logger.warning("L2 %s failed (%d failures so far): %s", what, self.counters.l2_errors, exc)
+
+    def _start_promotion(self, key: bytes) -> asyncio.Task[bool]:
+        task = self._promoting.get(key)
+        if task is None:
+            task = asyncio.create_task(self._promote(key))
+            self._promoting[key] = task
+            task.add_done_callback(lambda _t, k=key: self._promoting.pop(k, None))
+        return task
+
+    async def _promoted(self, key: bytes, deadline: float) -> Entry | None:
+        """Promote key from L2 (or join a promotion in flight) and read-acquire it."""
+        assert self.index is not None
+        task = self._start_promotion(key)
+        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except asyncio.TimeoutError:
+            return None
+        return self.index.acquire(key)
+
+    async def _promote(self, key: bytes) -> bool:
+        assert self.index is not None and self.arena is not None
+        try:
+            value = await self._in_read_pool(self.l2.get, key)
+        except ChunkCorrupt as exc:
+            self.counters.l2_corrupt += 1
+            logger.warning("%s; serving a miss", exc)
+            return False
+        except StoreUnavailable as exc:
+            self._l2_failed("read", exc)
+            return False
+        if value is None:
+            return False
+        status, entry = self.index.reserve(key, len(value.payload))
+        if entry is None:
+            return status is ReserveStatus.EXISTS
+        dst = self.arena.array[entry.offset : entry.offset + entry.nbytes]  # [nbytes] uint8
+        try:
+            await self._in_read_pool(np.copyto, dst, np.frombuffer(value.payload, dtype=np.uint8))
+        except BaseException:
+            self.index.abort(entry)
+            raise
+        entry.is_from_l2 = True
+        self.counters.l2_promotions += self.index.commit(entry, value.checksum)
+        return True
+
+    async def _write_through(self) -> None:
+        assert self.index is not None and self.arena is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            key = await self._l2_queue.get()
+            entry = self.index.acquire(key, touch=False)
+            if entry is None:
+                continue
+            try:
+                if entry.is_from_l2:
+                    continue
+                view = memoryview(self.arena.array[entry.offset : entry.offset + entry.nbytes])
+                await loop.run_in_executor(self._write_pool, self.l2.put, key, view, entry.checksum)
+                self.counters.l2_writes += 1
+            except StoreUnavailable as exc:
+                self._l2_failed("write", exc)
+            except OSError as exc:
+                self._l2_failed("write", exc)
+            finally:
+                view = None
+                self.index.release(entry)
+
+
+def _budget(msg: dict[str, Any], config: StoreConfig) -> float:
+    return min(max(float(msg.get("budget_s", config.max_budget_s)), 0.0), config.max_budget_s)
+
+
+def _claim_socket_path(path: str) -> None:
+    """Remove a stale socket file; refuse if a live store answers there."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(f"a store is already serving on {path}; stop it or pick another --socket")
