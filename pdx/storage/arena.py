@@ -80,7 +80,9 @@ class SharedArena:
             try:
                 mm.close()
             except BufferError:  # a view is still alive somewhere; the mapping goes with it
-                logger.warning("arena %s still has live views; leaving the mapping to GC", self.name)
+                logger.warning(
+                    "arena %s still has live views; leaving the mapping to GC", self.name
+                )
         if self._is_owner:
             self._is_owner = False
             try:
@@ -102,7 +104,7 @@ def sweep_stale_arenas() -> list[str]:
     An arena belongs to the pid in its name; it is stale when that process is gone.
     Returns the names removed.
     """
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:

@@ -45,7 +45,9 @@ class StoreChannel:
             reply = recv_frame(sock)
         except (OSError, ProtocolError) as exc:  # timeouts are OSErrors
             self._fail()
-            raise StoreUnavailable(f"store at {self.socket_path} failed {msg.get('op')!r}: {exc!r}") from exc
+            raise StoreUnavailable(
+                f"store at {self.socket_path} failed {msg.get('op')!r}: {exc!r}"
+            ) from exc
         if not reply.get("ok"):
             raise StorageError(f"store refused {msg.get('op')!r}: {reply.get('error')}")
         return reply
@@ -81,11 +83,15 @@ class StoreChannel:
             sock.sendall(encode_frame({"op": "hello", "version": VERSION}))
             hello = recv_frame(sock)
             if hello.get("version") != VERSION:
-                raise ProtocolError(f"store speaks protocol v{hello.get('version')}, client v{VERSION}")
+                raise ProtocolError(
+                    f"store speaks protocol v{hello.get('version')}, client v{VERSION}"
+                )
             self.arena = self._attach_arena(str(hello["arena"]), int(hello["arena_bytes"]))
         except (OSError, ProtocolError, KeyError, ValueError) as exc:
             sock.close()
             self._retry_at = time.monotonic() + self.retry_s
-            raise StoreUnavailable(f"cannot connect to the store at {self.socket_path}: {exc!r}") from exc
+            raise StoreUnavailable(
+                f"cannot connect to the store at {self.socket_path}: {exc!r}"
+            ) from exc
         self._sock = sock
         return sock

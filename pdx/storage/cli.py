@@ -26,16 +26,46 @@ def _env(name: str, default: object) -> object:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pdx store", description="Serve the node-shared KV chunk store.")
-    p.add_argument("--socket", default=_env("socket", DEFAULT_SOCKET), help="unix socket engines connect to")
-    p.add_argument("--capacity-gb", type=float, default=_env("capacity_gb", 4.0), help="L1 arena size (GB)")
-    p.add_argument("--slab-mb", type=float, default=_env("slab_mb", 64), help="slab size (MiB); a chunk must fit in one")
+    p = argparse.ArgumentParser(
+        prog="pdx store", description="Serve the node-shared KV chunk store."
+    )
+    p.add_argument(
+        "--socket", default=_env("socket", DEFAULT_SOCKET), help="unix socket engines connect to"
+    )
+    p.add_argument(
+        "--capacity-gb", type=float, default=_env("capacity_gb", 4.0), help="L1 arena size (GB)"
+    )
+    p.add_argument(
+        "--slab-mb",
+        type=float,
+        default=_env("slab_mb", 64),
+        help="slab size (MiB); a chunk must fit in one",
+    )
     p.add_argument("--http-host", default=_env("http_host", "127.0.0.1"))
-    p.add_argument("--http-port", type=int, default=_env("http_port", 8300), help="0 = any free port, -1 = no HTTP")
-    p.add_argument("--l2", default=_env("l2", None), help="L2 URL: file:///path or redis://host:port/db")
-    p.add_argument("--l2-queue", type=int, default=_env("l2_queue", 256), help="write-through backlog before drops")
-    p.add_argument("--l2-workers", type=int, default=_env("l2_workers", 2), help="threads writing to L2")
-    p.add_argument("--lease-ttl-s", type=float, default=_env("lease_ttl_s", 60.0), help="longest a lease may live")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=_env("http_port", 8300),
+        help="0 = any free port, -1 = no HTTP",
+    )
+    p.add_argument(
+        "--l2", default=_env("l2", None), help="L2 URL: file:///path or redis://host:port/db"
+    )
+    p.add_argument(
+        "--l2-queue",
+        type=int,
+        default=_env("l2_queue", 256),
+        help="write-through backlog before drops",
+    )
+    p.add_argument(
+        "--l2-workers", type=int, default=_env("l2_workers", 2), help="threads writing to L2"
+    )
+    p.add_argument(
+        "--lease-ttl-s",
+        type=float,
+        default=_env("lease_ttl_s", 60.0),
+        help="longest a lease may live",
+    )
     p.add_argument("--prefault", action="store_true", help="touch the whole arena at start")
     p.add_argument("--log-level", default=_env("log_level", "info"))
     return p

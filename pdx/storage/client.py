@@ -81,9 +81,11 @@ class StoreClient:
         self._ctl = StoreChannel(self.socket_path, timeout_s, retry_s, self._attach_arena)
         self._ctl_lock = threading.Lock()
         self._saver = StoreChannel(self.socket_path, timeout_s, retry_s, self._attach_arena)
-        self._save_queue: queue.Queue[tuple[list[bytes], list[Any], Future[int]]] = queue.Queue(save_queue)
+        self._save_queue: queue.Queue[tuple[list[bytes], list[Any], Future[int]]] = queue.Queue(
+            save_queue
+        )
         self._inflight: set[Future[int]] = set()
-        self._stats = dict.fromkeys(ClientStats.__dataclass_fields__, 0)
+        self._stats: dict[str, float] = dict.fromkeys(ClientStats.__dataclass_fields__, 0)
         self._stats_lock = threading.Lock()
         self._is_down = False
         self._is_closed = False
@@ -126,14 +128,18 @@ class StoreClient:
             assert arena is not None and arena.array is not None
             num, nbytes, start = 0, 0, time.perf_counter()
             try:
-                for (offset, size, want), dst in zip(reply["chunks"], dsts):
+                for (offset, size, want), dst in zip(reply["chunks"], dsts, strict=False):
                     if dst.nbytes != size:
-                        logger.warning("stored chunk has %d bytes, destination %d: stopping", size, dst.nbytes)
+                        logger.warning(
+                            "stored chunk has %d bytes, destination %d: stopping", size, dst.nbytes
+                        )
                         break
                     np.copyto(dst, arena.array[offset : offset + size])
                     if self.verify_loads and checksum(dst) != want:
                         self._add(num_corrupt=1)
-                        logger.error("chunk %d of a load failed its checksum; treating it as a miss", num)
+                        logger.error(
+                            "chunk %d of a load failed its checksum; treating it as a miss", num
+                        )
                         break
                     num += 1
                     nbytes += size
@@ -174,7 +180,7 @@ class StoreClient:
 
     def stats(self) -> ClientStats:
         with self._stats_lock:
-            return ClientStats(**self._stats)
+            return ClientStats(**self._stats)  # type: ignore[arg-type]
 
     def close(self) -> None:
         """Stop the saver (queued saves resolve to 0), close sockets, unmap. Idempotent."""
@@ -232,7 +238,7 @@ class StoreClient:
         checksums: list[int | None] = []
         nbytes, start = 0, time.perf_counter()
         try:
-            for offset, src in zip(reply["offsets"], views):
+            for offset, src in zip(reply["offsets"], views, strict=True):
                 if offset is None:
                     continue
                 dst = arena.array[offset : offset + src.nbytes]
@@ -243,9 +249,13 @@ class StoreClient:
             self._saver.send({"op": "abort", "lease": reply["lease"]})
             raise
         copy_s = time.perf_counter() - start
-        done = self._saver.call({"op": "commit", "lease": reply["lease"], "checksums": checksums, "copy_s": copy_s})
+        done = self._saver.call(
+            {"op": "commit", "lease": reply["lease"], "checksums": checksums, "copy_s": copy_s}
+        )
         num = int(done["num_committed"])
-        self._add(num_saved=num, saved_bytes=nbytes if num == len(checksums) else 0, save_seconds=copy_s)
+        self._add(
+            num_saved=num, saved_bytes=nbytes if num == len(checksums) else 0, save_seconds=copy_s
+        )
         return num
 
     # -- helpers -------------------------------------------------------------------------
@@ -275,7 +285,9 @@ class StoreClient:
         self._add(num_errors=1)
         if not self._is_down:
             self._is_down = True
-            logger.warning("store unavailable (%s): loads miss and saves drop until it is back", exc)
+            logger.warning(
+                "store unavailable (%s): loads miss and saves drop until it is back", exc
+            )
         else:
             logger.debug("store still unavailable: %s", exc)
 

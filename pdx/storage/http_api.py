@@ -30,7 +30,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 64 << 20
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Payload Too Large",
+}
 
 
 class KeysBody(BaseModel):
@@ -43,12 +49,16 @@ class ClearBody(BaseModel):
     l2: bool = False  # also clear the L2 tier
 
 
-async def start_http(server: StoreServer, host: str, port: int) -> asyncio.AbstractServer:
+async def start_http(server: StoreServer, host: str, port: int) -> asyncio.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             status, ctype, body = await _serve_one(server, reader)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
-            status, ctype, body = 400, "application/json", _json({"error": f"malformed request: {exc}"})
+            status, ctype, body = (
+                400,
+                "application/json",
+                _json({"error": f"malformed request: {exc}"}),
+            )
         head = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"

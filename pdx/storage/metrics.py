@@ -95,5 +95,9 @@ def render_prometheus(stats: dict[str, Any]) -> bytes:
             lines.append(f"# HELP {name} {help_}")
             lines.append(f"# TYPE {name} {kind}")
         label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        lines.append(f"{name}{{{label_text}}} {float(stats[key])!r}" if labels else f"{name} {float(stats[key])!r}")
+        lines.append(
+            f"{name}{{{label_text}}} {float(stats[key])!r}"
+            if labels
+            else f"{name} {float(stats[key])!r}"
+        )
     return ("\n".join(lines) + "\n").encode()

@@ -10,6 +10,7 @@ L2 reads and writes run in worker threads.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -35,7 +36,9 @@ LEASE_SWEEP_S = 1.0
 class Lease:
     __slots__ = ("id", "is_write", "entries", "deadline", "conn")
 
-    def __init__(self, id: int, is_write: bool, entries: list[Entry], deadline: float, conn: set[int]):
+    def __init__(
+        self, id: int, is_write: bool, entries: list[Entry], deadline: float, conn: set[int]
+    ):
         self.id = id
         self.is_write = is_write
         self.entries = entries
@@ -56,7 +59,7 @@ class StoreServer:
         self._promoting: dict[bytes, asyncio.Task[bool]] = {}
         self._l2_queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=config.l2_queue)
         self._tasks: list[asyncio.Task[Any]] = []
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.Server] = []
         self._write_pool: ThreadPoolExecutor | None = None
         self._read_pool: ThreadPoolExecutor | None = None
         self._conn_writers: set[asyncio.StreamWriter] = set()
@@ -77,7 +80,9 @@ class StoreServer:
             self.l2 = create_l2(cfg.l2_url)
             self._write_pool = ThreadPoolExecutor(cfg.l2_workers, thread_name_prefix="pdx-l2-write")
             self._read_pool = ThreadPoolExecutor(4, thread_name_prefix="pdx-l2-read")
-            self._tasks += [asyncio.create_task(self._write_through()) for _ in range(cfg.l2_workers)]
+            self._tasks += [
+                asyncio.create_task(self._write_through()) for _ in range(cfg.l2_workers)
+            ]
         self._tasks.append(asyncio.create_task(self._sweep_leases()))
         self._servers.append(await asyncio.start_unix_server(self._on_client, path=cfg.socket_path))
         if cfg.http_port >= 0:
@@ -138,11 +143,22 @@ class StoreServer:
         op = msg.get("op")
         if op == "hello":
             assert self.arena is not None
-            return {"ok": True, "arena": self.arena.name, "arena_bytes": self.arena.nbytes, "version": VERSION}
+            return {
+                "ok": True,
+                "arena": self.arena.name,
+                "arena_bytes": self.arena.nbytes,
+                "version": VERSION,
+            }
         if op == "lookup":
-            return {"ok": True, **await self.lookup(parse_keys(msg["keys"]), _budget(msg, self.config))}
+            return {
+                "ok": True,
+                **await self.lookup(parse_keys(msg["keys"]), _budget(msg, self.config)),
+            }
         if op == "acquire" and conn is not None:
-            return {"ok": True, **await self.acquire(parse_keys(msg["keys"]), _budget(msg, self.config), conn)}
+            return {
+                "ok": True,
+                **await self.acquire(parse_keys(msg["keys"]), _budget(msg, self.config), conn),
+            }
         if op == "release":
             self._end_lease(int(msg["lease"]), copy_s=float(msg.get("copy_s") or 0.0))
             return {"ok": True}
@@ -173,7 +189,9 @@ class StoreServer:
         if self.l2 is not None and num_l1 < len(keys):
             rest = keys[num_l1:]
             try:
-                num += await asyncio.wait_for(self._in_read_pool(self.l2.contains_prefix, rest), budget_s)
+                num += await asyncio.wait_for(
+                    self._in_read_pool(self.l2.contains_prefix, rest), budget_s
+                )
             except (StoreUnavailable, asyncio.TimeoutError) as exc:
                 self._l2_failed("lookup", exc)
             for key in keys[num_l1:num]:
@@ -215,7 +233,7 @@ class StoreServer:
             raise ValueError("'sizes' must be one positive int per key")
         offsets: list[int | None] = []
         entries: list[Entry] = []
-        for key, nbytes in zip(keys, sizes):
+        for key, nbytes in zip(keys, sizes, strict=True):
             status, entry = self.index.reserve(key, nbytes)
             if entry is not None:
                 entries.append(entry)
@@ -241,7 +259,7 @@ class StoreServer:
                 self.index.abort(entry)
             raise ValueError(f"{len(checksums)} checksums for {len(lease.entries)} reserved chunks")
         num, nbytes = 0, 0
-        for entry, value in zip(lease.entries, checksums):
+        for entry, value in zip(lease.entries, checksums, strict=True):
             if value is None or not self.index.commit(entry, int(value)):
                 self.index.abort(entry)
                 continue
@@ -307,7 +325,9 @@ class StoreServer:
             await asyncio.sleep(LEASE_SWEEP_S)
             now = loop.time()
             for lease in [x for x in self._leases.values() if x.deadline < now]:
-                logger.warning("lease %d expired after %.0f s; ending it", lease.id, self.config.lease_ttl_s)
+                logger.warning(
+                    "lease %d expired after %.0f s; ending it", lease.id, self.config.lease_ttl_s
+                )
                 self.counters.leases_expired += 1
                 self._end_lease(lease.id)
 
@@ -318,15 +338,20 @@ class StoreServer:
     def _l2_failed(self, what: str, exc: BaseException) -> None:
         self.counters.l2_errors += 1
         if self.counters.l2_errors == 1 or self.counters.l2_errors % 1000 == 0:
-            logger.warning("L2 %s failed (%d failures so far): %s", what, self.counters.l2_errors, exc)
+            logger.warning(
+                "L2 %s failed (%d failures so far): %s", what, self.counters.l2_errors, exc
+            )
 
     def _start_promotion(self, key: bytes) -> asyncio.Task[bool]:
         task = self._promoting.get(key)
         if task is None:
             task = asyncio.create_task(self._promote(key))
             self._promoting[key] = task
-            task.add_done_callback(lambda _t, k=key: self._promoting.pop(k, None))
+            task.add_done_callback(functools.partial(self._end_promotion, key))
         return task
+
+    def _end_promotion(self, key: bytes, _task: asyncio.Task[bool]) -> None:
+        self._promoting.pop(key, None)
 
     async def _promoted(self, key: bytes, deadline: float) -> Entry | None:
         """Promote key from L2 (or join a promotion in flight) and read-acquire it."""
@@ -355,6 +380,7 @@ class StoreServer:
         status, entry = self.index.reserve(key, len(value.payload))
         if entry is None:
             return status is ReserveStatus.EXISTS
+        assert self.arena.array is not None
         dst = self.arena.array[entry.offset : entry.offset + entry.nbytes]  # [nbytes] uint8
         try:
             await self._in_read_pool(np.copyto, dst, np.frombuffer(value.payload, dtype=np.uint8))
@@ -366,7 +392,8 @@ class StoreServer:
         return True
 
     async def _write_through(self) -> None:
-        assert self.index is not None and self.arena is not None
+        assert self.index is not None and self.arena is not None and self.arena.array is not None
+        arena = self.arena.array  # [capacity] uint8
         loop = asyncio.get_running_loop()
         while True:
             key = await self._l2_queue.get()
@@ -376,15 +403,15 @@ class StoreServer:
             try:
                 if entry.is_from_l2:
                     continue
-                view = memoryview(self.arena.array[entry.offset : entry.offset + entry.nbytes])
+                view = memoryview(arena[entry.offset : entry.offset + entry.nbytes])  # type: ignore[arg-type]
                 await loop.run_in_executor(self._write_pool, self.l2.put, key, view, entry.checksum)
+                view.release()
                 self.counters.l2_writes += 1
             except StoreUnavailable as exc:
                 self._l2_failed("write", exc)
             except OSError as exc:
                 self._l2_failed("write", exc)
             finally:
-                view = None
                 self.index.release(entry)
 
 

@@ -1,7 +1,7 @@
 """L2 adapters selected by URL; ``create_l2(url)`` imports the adapter lazily.
 
-    file:///var/cache/pdx              local disk (one file per chunk)
-    redis://127.0.0.1:6379/0           Redis or Valkey (``?prefix=pdx:`` names the key space)
+file:///var/cache/pdx              local disk (one file per chunk)
+redis://127.0.0.1:6379/0           Redis or Valkey (``?prefix=pdx:`` names the key space)
 """
 
 from __future__ import annotations

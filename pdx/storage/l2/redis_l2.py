@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pdx.errors import ConfigError, StoreUnavailable
@@ -38,7 +39,7 @@ class RedisL2(L2Store):
         self.prefix = query.pop("prefix", [DEFAULT_PREFIX])[0]
         base_url = urlunsplit(("redis", parts.netloc, parts.path, "", ""))
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-        self._redis = redis.Redis.from_url(
+        self._redis: Any = redis.Redis.from_url(
             base_url,
             socket_timeout=SOCKET_TIMEOUT_S,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
