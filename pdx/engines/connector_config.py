@@ -26,7 +26,8 @@ class _ExtraConfig(BaseModel):
     recv_timeout_s: float = Field(default=30.0, gt=0)  # D: registration to last layer landed
     write_timeout_s: float = Field(default=10.0, gt=0)  # P: one posted write
     stats_path: str | None = None  # D: append one JSON line of transfer figures per request
-    debug_corrupt_block: bool = False  # tests only: D damages one landed block
+    debug_corrupt_block: bool = False  # tests only: D damages one landed block of every transfer
+    debug_corrupt_prefix: str | None = None  # tests only: ... of transfers whose id starts with this
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class ConnectorConfig:
     write_timeout_s: float = 10.0
     stats_path: str | None = None
     debug_corrupt_block: bool = False
+    debug_corrupt_prefix: str | None = None
+
+    def should_corrupt(self, transfer_id: str) -> bool:
+        prefix = self.debug_corrupt_prefix
+        return self.debug_corrupt_block or (bool(prefix) and transfer_id.startswith(prefix or ""))
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> ConnectorConfig:

@@ -135,7 +135,7 @@ class PdxWorker:
                 self._figures[out.req_id] = out.figures
                 self._stats.record(out.figures)
                 logger.debug("transfer for %s: %s", out.req_id, out.figures)
-                if out.is_ok and self.cfg.debug_corrupt_block and out.first_block_id is not None:
+                if out.is_ok and self.cfg.should_corrupt(out.figures["transfer_id"]) and out.first_block_id is not None:
                     self._corrupt(out.first_block_id)
                 if self.cfg.stats_path:
                     with open(self.cfg.stats_path, "a") as fh:

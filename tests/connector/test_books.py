@@ -1,0 +1,116 @@
+"""Bookkeeping without I/O: the router contract, segment planning, landing and lease rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdx.engines import protocol
+from pdx.engines.connector_config import ConnectorConfig
+from pdx.engines.control import ControlError, LayerDst
+from pdx.engines.recv_book import RecvBook, RecvState, RecvStatus
+from pdx.engines.send_book import Destination, LayerSrc, SendBook, WriteItem
+from pdx.errors import ConfigError
+
+TID = "0123456789abcdef"
+
+
+def test_protocol_round_trip_and_clear_errors():
+    p = protocol.parse(protocol.decode_params(TID, "10.0.0.7", 15600))
+    assert p == protocol.PdxTransferParams(TID, "decode", "10.0.0.7:15600")
+    assert p.peer_host_port == ("10.0.0.7", 15600)
+    assert protocol.parse(protocol.prefill_params(TID)).role == "prefill"
+    assert protocol.parse({"do_remote_decode": True}) is None
+    with pytest.raises(ConfigError, match="pdx_role"):
+        protocol.parse({"pdx_transfer_id": TID, "pdx_role": "both"})
+    with pytest.raises(ConfigError, match="pdx_peer"):
+        protocol.parse({"pdx_transfer_id": TID, "pdx_role": "decode"})
+    with pytest.raises(ConfigError, match="hex"):
+        protocol.parse({"pdx_transfer_id": "not hex!", "pdx_role": "prefill"})
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(ConfigError, match="lease_seconds"):
+        ConnectorConfig.from_extra_config({"lease_seconds": 3})
+    assert ConnectorConfig.from_extra_config({"lease_s": 3}).lease_s == 3
+
+
+def _book() -> SendBook:
+    return SendBook(lease_s=10, num_layers=2, block_size=4, block_nbytes=100)
+
+
+def _dest(first_block: int = 0, num_tokens: int = 10) -> Destination:
+    layers = [LayerDst(region_id=9, offset=0, block_stride=100), LayerDst(region_id=9, offset=5000, block_stride=100)]
+    return Destination([20, 21, 22], first_block, num_tokens, layers, b"")
+
+
+def test_plan_maps_p_blocks_to_d_blocks_per_layer_and_skips_d_prefix():
+    book = _book()
+    src = [LayerSrc(1, 0, 100), LayerSrc(1, 1000, 100)]
+    state = book.save("r", TID, [5, 6, 7], 10, WriteItem(1, 0, 10, 0.0))
+    book.register(TID, _dest(first_block=1), now=0)
+    table, start, end = book.plan(state, WriteItem(1, 0, 10, 0.0), src)
+    assert (start, end) == (4, 10)
+    assert table.tolist() == [[1, 1600, 9, 5000 + 2100, 100], [1, 1700, 9, 5000 + 2200, 100]]
+
+
+def test_register_refuses_mismatched_transfers():
+    book = _book()
+    book.save("r", TID, [5, 6, 7], 10, WriteItem(0, 0, 10, 0.0))
+    with pytest.raises(ControlError, match="prompt tokens"):
+        book.register(TID, _dest(num_tokens=12), now=0)
+    bad_layers = _dest()
+    bad_layers.layers = bad_layers.layers[:1]
+    with pytest.raises(ControlError, match="KV layers"):
+        book.register("f" * 16, bad_layers, now=0)
+
+
+def test_lease_releases_held_blocks_and_refuses_late_decoders():
+    book = _book()
+    book.save("r", TID, [5], 3, WriteItem(0, 0, 3, 0.0))
+    book.finish("r", TID, is_aborted=False, now=100.0)
+    assert book.num_held == 1
+    assert book.pop_releasable(now=105.0) == []
+    (state,) = book.pop_releasable(now=110.0)
+    assert "lease" in state.error and book.num_held == 0
+    with pytest.raises(ControlError, match="over on the prefill side"):
+        book.register(TID, _dest(num_tokens=3), now=111.0)
+
+
+def test_early_registration_waits_for_the_request_then_expires():
+    book = _book()
+    assert book.register(TID, _dest(), now=0) is None
+    state = book.save("r", TID, [1, 2, 3], 10, WriteItem(0, 0, 10, 0.0))
+    assert state.dest is not None and book.take_pending(state)
+    other = "e" * 16
+    book.register(other, _dest(), now=0)
+    book.pop_releasable(now=11.0)
+    assert other not in book.early and other in book.closed
+
+
+def _recv(first_block: int = 0, num_tokens: int = 10) -> RecvState:
+    return RecvState("r", TID, ("h", 1), [30, 31, 32], first_block, num_tokens, num_layers=2,
+                     block_size=4, deadline=1e9)
+
+
+def test_recv_completes_only_when_every_layer_covers_every_token():
+    book = RecvBook()
+    book.add(_recv())
+    assert book.landed(TID, 0, 0, 10, 1, 0.0, 0.0) is None
+    assert book.landed(TID, 1, 0, 6, 1, 0.0, 0.0) is None
+    assert book.states["r"].failed_block_ids() == {31, 32}  # layer 1 lacks tokens 6..10
+    done = book.landed(TID, 1, 6, 10, 1, 0.0, 0.0)
+    assert done is not None and done.status is RecvStatus.DONE
+    assert book.landed(TID, 1, 6, 10, 1, 0.0, 0.0) is None  # counted once
+
+
+def test_recv_ignores_d_prefix_and_reports_failed_blocks():
+    state = _recv(first_block=1)
+    state.add(0, 4, 8)
+    state.add(1, 4, 8)
+    assert state.failed_block_ids() == {32}
+    assert not state.is_complete()
+    book = RecvBook()
+    book.add(state)
+    assert book.fail(TID, "gone") is state and book.fail(TID, "again") is None
+    book.finalize(state)
+    assert book.num_reserved == 0
