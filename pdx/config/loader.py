@@ -127,6 +127,7 @@ def to_engine(e: schema.EngineSpec) -> topology.Engine:
         kind=e.kind,
         connector=(e.connector or "pdx") if e.kind == "vllm" else None,
         bootstrap_port=e.bootstrap_port,
+        kv_port=e.kv_port,
         api_key=e.api_key,
         transport=e.transport.name,
         transport_options=tuple(sorted(e.transport.options.items())),

@@ -25,7 +25,7 @@ class ModelSpec(_Strict):
 
 
 class TransportSpec(_Strict):
-    name: str = "auto"  # a transports registry name: auto, tcp, shm, nixl, ucx, loopback
+    name: str = "tcp"  # a transports registry name: tcp, shm, nixl, ucx, loopback
     options: dict[str, object] = Field(default_factory=dict)  # passed to create_transport()
 
 
@@ -48,6 +48,7 @@ class EngineSpec(_Strict):
     kind: Literal["vllm", "sglang"] = "vllm"
     connector: Literal["pdx", "nixl"] | None = None  # vLLM only; default pdx
     bootstrap_port: int | None = Field(default=None, ge=1, le=65535)  # SGLang prefill only
+    kv_port: int | None = Field(default=None, ge=1, le=65535)  # pdx connector control port (P)
     api_key: str | None = None  # sent to the engine as "Authorization: Bearer ..."
     transport: TransportSpec = Field(default_factory=TransportSpec)
     local: LocalLaunch | None = None
@@ -71,12 +72,17 @@ class EngineSpec(_Strict):
                 raise ValueError("pdx launch starts vllm engines only; remove 'local'")
         elif self.bootstrap_port is not None:
             raise ValueError("bootstrap_port applies to sglang engines only")
+        if self.kind == "vllm" and (self.connector or "pdx") == "pdx" and self.role != "decode":
+            if self.kv_port is None:
+                raise ValueError("a pdx-connector engine that prefills needs kv_port (its connector's control port)")
+        elif self.kv_port is not None:
+            raise ValueError("kv_port applies to pdx-connector prefill engines only")
         return self
 
 
 class PolicySpec(_Strict):
-    prefill: Literal["prefix_aware", "round_robin", "least_loaded"] = "prefix_aware"
-    decode: Literal["least_loaded", "round_robin", "session_affinity"] = "least_loaded"
+    prefill: Literal["prefix_aware", "round_robin", "least_loaded", "session_affinity"] = "prefix_aware"
+    decode: Literal["least_loaded", "round_robin", "session_affinity", "prefix_aware"] = "least_loaded"
     session_header: str = "x-session-id"  # requests with this header stick to one engine pair
     disaggregate_min_tokens: int = Field(default=0, ge=0)  # shorter prompts go to D alone (vllm)
     decode_prefix_fraction: float = Field(default=1.1, ge=0)  # D alone if D holds this share (>1: off)

@@ -33,8 +33,9 @@ class Engine:
     kind: Literal["vllm", "sglang"] = "vllm"
     connector: Literal["pdx", "nixl"] | None = None  # vllm engines only
     bootstrap_port: int | None = None  # sglang prefill engines
+    kv_port: int | None = None  # pdx connector's control port (prefill engines)
     api_key: str | None = None
-    transport: str = "auto"
+    transport: str = "tcp"
     transport_options: tuple[tuple[str, object], ...] = ()
     local: LocalLaunch | None = None
 

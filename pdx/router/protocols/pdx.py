@@ -1,0 +1,51 @@
+"""The pdx connector's router protocol (vLLM engines with ``PdxConnector``).
+
+For each request the router mints a fresh transfer id (uuid4 hex) and sends both
+legs **concurrently**:
+
+- **P leg**: the client's body with ``max_tokens: 1`` (and
+  ``max_completion_tokens: 1`` if the client set it), ``min_tokens`` dropped,
+  ``stream: false``, ``stream_options`` dropped, and
+  ``kv_transfer_params: {"pdx_transfer_id": TID, "pdx_role": "prefill"}``.
+- **D leg**: the client's body unchanged (``max_tokens``, ``stream``, ...) plus
+  ``kv_transfer_params: {"pdx_transfer_id": TID, "pdx_role": "decode",
+  "pdx_peer": "HOST:PORT"}`` where ``HOST:PORT`` is P's connector control
+  address (the prefill engine's ``kv_port`` in the topology).
+
+The client gets D's response (streamed as it arrives, or whole). If P fails
+before D's first byte reaches the client, the router aborts D (closes its
+connection) and retries with a new pair and a **new** transfer id; a transfer id
+is never reused. After the first byte, P's outcome is only recorded: D's
+connector handles a failed load (recompute or error, by its config). D may
+report transfer figures in its response's ``kv_transfer_params.pdx_transfer_stats``.
+
+The keys themselves are defined once, in ``pdx.engines.protocol``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pdx.engines import protocol as keys
+
+new_transfer_id = keys.new_transfer_id
+
+
+def prefill_body(body: dict[str, Any], transfer_id: str) -> dict[str, Any]:
+    """The P leg: one token, not streamed, tagged with the transfer id."""
+    out = dict(body)
+    out["max_tokens"] = 1
+    if "max_completion_tokens" in out:
+        out["max_completion_tokens"] = 1
+    out.pop("min_tokens", None)
+    out["stream"] = False
+    out.pop("stream_options", None)
+    out["kv_transfer_params"] = keys.prefill_params(transfer_id)
+    return out
+
+
+def decode_body(body: dict[str, Any], transfer_id: str, prefill_kv_host: str, prefill_kv_port: int) -> dict[str, Any]:
+    """The D leg: the client's request plus where to get the KV from."""
+    out = dict(body)
+    out["kv_transfer_params"] = keys.decode_params(transfer_id, prefill_kv_host, prefill_kv_port)
+    return out

@@ -1,0 +1,69 @@
+"""Membership API: ``GET /workers``, ``POST /workers``, ``DELETE /workers/{id}``.
+
+``POST /workers`` takes one engine entry exactly as in the topology file
+(``{"id", "url", "role", "kind", "connector", "bootstrap_port", "kv_port", ...}``)
+and answers 201 with the worker, 400 for an invalid entry, 409 for a duplicate
+id or url. ``DELETE`` stops routing new requests to the engine at once; open
+requests finish. The engine rejoins only through ``POST``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+from pydantic import ValidationError
+
+from pdx.config import schema
+from pdx.config.loader import to_engine
+from pdx.router.errors import client_error, send_json
+
+
+async def _read_body(receive: Any, limit: int) -> bytes | None:
+    parts, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        size += len(parts[-1])
+        if size > limit:
+            return None
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+async def handle(app: Any, scope: dict, receive: Any, send: Any) -> None:
+    fleet = app.fleet
+    method, path = scope["method"], scope["path"]
+    if path == "/workers" and method == "GET":
+        body = orjson.dumps({"protocol": fleet.protocol, "workers": [s.describe() for s in fleet.states()]})
+        return await send_json(send, 200, body)
+    if path == "/workers" and method == "POST":
+        raw = await _read_body(receive, 1 << 16)
+        if raw is None:
+            return await client_error(send, 413, "worker entry too large")
+        try:
+            spec = schema.EngineSpec.model_validate(orjson.loads(raw))
+        except orjson.JSONDecodeError as exc:
+            return await client_error(send, 400, f"request body is not valid JSON: {exc}")
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+            )
+            return await client_error(send, 400, f"invalid worker: {problems}")
+        engine = to_engine(spec)
+        why = fleet.check_compatible(engine)
+        if why is not None:
+            status = 409 if "already registered" in why else 400
+            return await client_error(send, status, why, code="conflict" if status == 409 else None)
+        state = fleet.add(engine)
+        return await send_json(send, 201, orjson.dumps(state.describe()))
+    if path.startswith("/workers/") and method == "DELETE":
+        engine_id = unquote(path[len("/workers/") :])
+        state = await fleet.remove(engine_id)
+        if state is None:
+            return await client_error(send, 404, f"no worker with id {engine_id!r}", code="not_found")
+        return await send_json(send, 200, orjson.dumps({"removed": engine_id}))
+    return await client_error(send, 405, f"{method} {path} is not supported")

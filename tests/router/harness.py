@@ -1,0 +1,96 @@
+"""Run fake engines and the router in a background event loop, on real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from typing import Any
+
+import uvicorn
+
+from pdx.config import parse_topology
+from pdx.router.app import RouterApp
+from pdx.router.fakes import FakeEngine, Rendezvous
+
+
+def _bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class Harness:
+    """Fakes + router served by uvicorn in one background thread; ``stop()`` ends it all."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self._servers: list[uvicorn.Server] = []
+        self._tasks: list[Any] = []
+
+    def call(self, coro: Any, timeout: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def serve(self, app: Any) -> str:
+        """Serve ``app`` on a fresh loopback port; return its base URL."""
+        sock = _bound_socket()
+        config = uvicorn.Config(app, log_level="error", access_log=False, lifespan="on", http="httptools")
+        server = uvicorn.Server(config)
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._servers.append(server)
+        self._tasks.append(asyncio.run_coroutine_threadsafe(server.serve(sockets=[sock]), self.loop))
+        port = sock.getsockname()[1]
+        deadline = 100
+        while not server.started and deadline:
+            threading.Event().wait(0.02)
+            deadline -= 1
+        assert server.started, "server did not start"
+        return f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.should_exit = True
+        for task in self._tasks:
+            try:
+                task.result(10)
+            except Exception:  # noqa: BLE001 - best effort in teardown
+                pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+def fleet_yaml(engines: list[tuple[FakeEngine, str]], router: str = "", model: str = "tiny") -> str:
+    lines = [f"model: {{name: {model}}}", "engines:"]
+    for i, (fake, url) in enumerate(engines):
+        entry = f"  - {{id: {fake.name}, url: '{url}', role: {fake.role}, kind: {fake.kind}"
+        if fake.kind == "vllm":
+            entry += f", connector: {fake.connector}"
+            if fake.connector == "pdx" and fake.role != "decode":
+                entry += f", kv_port: {5700 + i}"
+        elif fake.role == "prefill":
+            entry += f", bootstrap_port: {8998 + i}"
+        lines.append(entry + "}")
+    lines.append("router:")
+    lines.append("  health: {interval_s: 0.2, timeout_s: 1, unhealthy_after: 1, healthy_after: 1}")
+    lines.append("  retries: {max_retries: 2, backoff_ms: 1}")
+    lines.append("  timeouts: {connect_s: 1, prefill_s: 5, decode_first_byte_s: 5, idle_s: 5}")
+    if router:
+        lines.append(router)
+    return "\n".join(lines) + "\n"
+
+
+def start_fleet(
+    h: Harness, fakes: list[FakeEngine], router: str = "", rendezvous: bool = True
+) -> tuple[str, RouterApp]:
+    """Serve ``fakes`` and a router in front of them; return the router's URL and app."""
+    shared = Rendezvous(timeout_s=2.0) if rendezvous else None
+    urls = []
+    for fake in fakes:
+        fake.rendezvous = shared
+        urls.append(h.serve(fake))
+    topology = parse_topology(fleet_yaml(list(zip(fakes, urls)), router))
+    app = RouterApp(topology)
+    return h.serve(app), app
