@@ -4,7 +4,7 @@ Every test that takes ``kind`` runs once per transport in ``transports.REGISTRY`
 that imports and is available here (restrict with ``PDX_TEST_TRANSPORTS=tcp,shm``).
 The target endpoint lives in a real separate process for every transport except
 ``loopback``; the leak check fails a test that leaves threads, fds, tasks,
-registrations or /dev/shm entries behind, on either side.
+registrations or /dev/shm entries (named ``pdx-<kind>-...``) behind, on either side.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="session")
 def aio() -> Iterator[LoopThread]:
     """A background event loop, as the vLLM connector uses: ``aio.run(coro, timeout)``."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # started once per session by the first spawn; not a leak
     loop = LoopThread("pdx-test-loop")
     yield loop
     loop.stop()
@@ -56,18 +59,20 @@ def _fds() -> set[str]:
     return out
 
 
-def _shm_entries() -> set[str]:
+def _shm_entries(kind: str) -> set[str]:
+    """/dev/shm objects of this transport kind (transports name theirs ``pdx-<kind>-...``)."""
     try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith("pdx")}
+        return {n for n in os.listdir("/dev/shm") if n.startswith(f"pdx-{kind}-")}
     except FileNotFoundError:
         return set()
 
 
 @pytest.fixture(autouse=True)
-def leak_check(aio: LoopThread) -> Iterator[None]:
+def leak_check(aio: LoopThread, request: pytest.FixtureRequest) -> Iterator[None]:
+    kind = request.node.callspec.params.get("kind", "none") if hasattr(request.node, "callspec") else "none"
     threads = set(threading.enumerate())
     fds = _fds()
-    shm = _shm_entries()
+    shm = _shm_entries(kind)
     yield
     deadline = time.monotonic() + 5
     while True:  # threads finishing their last socket call may need a moment to exit
@@ -77,7 +82,7 @@ def leak_check(aio: LoopThread) -> Iterator[None]:
             break
         time.sleep(0.05)
     tasks = aio.run(_other_tasks())
-    new_shm = sorted(_shm_entries() - shm)
+    new_shm = sorted(_shm_entries(kind) - shm)
     assert not extra_threads, f"threads left running: {extra_threads}"
     assert not extra_fds, f"file descriptors left open: {extra_fds}"
     assert not tasks, f"asyncio tasks left running: {tasks}"

@@ -1,0 +1,187 @@
+"""Initiator side of the stream transports: one connection to a target, N streams.
+
+Each stream has a sender thread (frames, with the payload gathered straight from
+the registered memory by ``sendmsg``) and a reader thread (acks, in order; read
+payloads land straight in local memory). A post larger than ``split_bytes`` is
+cut into one part per stream. A dead stream fails every transfer on the
+connection with ``PeerLost``; the reader fails in-flight parts only after the
+sender has stopped, so memory is never touched after its transfer settled.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import socket
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from transports.transfer import ThreadTransfer
+from transports.wire import (
+    ACK,
+    ACK_MAGIC,
+    FRAME,
+    FRAME_MAGIC,
+    MODE_INLINE,
+    OP_READ,
+    OP_WRITE,
+    ProtocolError,
+    recv_exact,
+    recv_views,
+    send_views,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Part:
+    """One frame: the rows of a transfer that travel on one stream."""
+
+    transfer: ThreadTransfer
+    op: int
+    mode: int
+    part: int
+    num_parts: int
+    rows: np.ndarray  # global row index of each wire row
+    table: np.ndarray  # int64 [n, 4] wire table
+    local: list[memoryview]  # local bytes of each wire row
+    notif: bytes | None
+
+
+class Stream:
+    def __init__(self, sock: socket.socket, conn: StreamConnection, index: int) -> None:
+        self.sock = sock
+        self.conn = conn
+        self.queue: queue.SimpleQueue[Part | None] = queue.SimpleQueue()
+        self.inflight: collections.deque[Part] = collections.deque()
+        tag = f"{conn.peer_name}/{index}"
+        self.sender = threading.Thread(target=self._send_loop, name=f"pdx-send-{tag}", daemon=True)
+        self.reader = threading.Thread(target=self._read_loop, name=f"pdx-ack-{tag}", daemon=True)
+        self.sender.start()
+        self.reader.start()
+
+    def _send_loop(self) -> None:
+        try:
+            while True:
+                part = self.queue.get()
+                if part is None:
+                    return
+                self.inflight.append(part)  # before sending: the ack may come back at once
+                head = FRAME.pack(FRAME_MAGIC, part.op, part.mode, 0, part.transfer.transfer_id, part.part,
+                                  part.num_parts, len(part.table), len(part.notif or b""))
+                bufs: list[object] = [head, part.table.tobytes(), part.notif or b""]
+                if part.op == OP_WRITE and part.mode == MODE_INLINE:
+                    bufs.extend(part.local)
+                send_views(self.sock, bufs)
+        except OSError as exc:
+            self.conn.lose(f"sending to {self.conn.peer_name!r} failed: {exc}")
+        finally:
+            self._drain_queue()
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                part = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if part is not None:
+                part.transfer.fail(self.conn.lost_kind, self.conn.lost_reason or "connection closed")
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                head = recv_exact(self.sock, ACK.size)
+                magic, op, _, _, tid, part_index, num_failed, err_len = ACK.unpack(head)
+                if magic != ACK_MAGIC or not self.inflight:
+                    raise ProtocolError("unexpected ack from the target")
+                part = self.inflight[0]
+                if (part.transfer.transfer_id, part.part) != (tid, part_index):
+                    raise ProtocolError("ack out of order")
+                failed = np.frombuffer(recv_exact(self.sock, num_failed * 4), dtype=np.int32)
+                error = recv_exact(self.sock, err_len).decode(errors="replace") if err_len else None
+                if op == OP_READ and part.mode == MODE_INLINE:
+                    is_bad = np.zeros(len(part.local), dtype=bool)
+                    is_bad[failed] = True
+                    recv_views(self.sock, [v for v, b in zip(part.local, is_bad.tolist()) if not b])
+                self.inflight.popleft()
+                part.transfer.part_done(np.unique(part.rows[failed]).tolist() if num_failed else None, error)
+        except (OSError, ProtocolError) as exc:
+            self.conn.lose(f"connection to {self.conn.peer_name!r} lost: {exc}")
+        finally:
+            # fail what is still in flight, once the sender no longer reads that memory
+            self.queue.put(None)
+            self.sender.join()
+            while self.inflight:
+                self.inflight.popleft().transfer.fail(self.conn.lost_kind, self.conn.lost_reason or "connection closed")
+
+
+class StreamConnection:
+    """The initiator's connection to one target endpoint."""
+
+    def __init__(self, peer_name: str, instance: str, mode: int, split_bytes: int) -> None:
+        self.peer_name = peer_name
+        self.instance = instance  # the target transport object's nonce
+        self.mode = mode
+        self.split_bytes = split_bytes
+        self.streams: list[Stream] = []
+        self._lock = threading.Lock()
+        self._next = 0
+        self.lost_reason: str | None = None
+        self.lost_kind = "PeerLost"
+
+    def start(self, socks: list[socket.socket]) -> None:
+        self.streams = [Stream(s, self, i) for i, s in enumerate(socks)]
+
+    @property
+    def is_lost(self) -> bool:
+        return self.lost_reason is not None
+
+    def lose(self, reason: str, kind: str = "PeerLost") -> None:
+        with self._lock:
+            if self.lost_reason is None:
+                self.lost_reason, self.lost_kind = reason, kind
+                logger.info("%s", reason)
+        for s in self.streams:
+            try:
+                s.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self, reason: str) -> None:
+        self.lose(reason, "TransferAborted")
+        for s in self.streams:
+            s.reader.join(10)
+            s.sender.join(10)
+            s.sock.close()
+
+    def submit(self, parts: list[Part]) -> bool:
+        """Queue the parts on the streams; False when the connection is already lost."""
+        with self._lock:
+            if self.lost_reason is not None:
+                return False
+            for p in parts:
+                stream = self.streams[self._next % len(self.streams)]
+                self._next += 1
+                stream.queue.put(p)
+        return True
+
+
+def split(nbytes: np.ndarray, num_parts: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Cut rows into ``num_parts`` runs of about equal bytes: [(rows, start_in_row, length)]."""
+    ends = np.cumsum(nbytes)
+    starts = ends - nbytes
+    total = int(ends[-1])
+    cuts = [total * i // num_parts for i in range(num_parts + 1)]
+    out = []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        if hi <= lo:
+            continue
+        rows = np.flatnonzero((ends > lo) & (starts < hi))
+        first = np.maximum(starts[rows], lo)
+        last = np.minimum(ends[rows], hi)
+        out.append((rows, first - starts[rows], last - first))
+    return out
