@@ -60,7 +60,7 @@ class EngineSpec:
     block_size: int | None = None  # tokens per block; CPU default 128, multiples of 32
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
-    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE (whole GiB only)
     cpu_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND, e.g. "0" or "0-1"
     kv_transfer_config: dict | None = None
     enable_prefix_caching: bool | None = None  # None: vLLM's default
@@ -112,7 +112,7 @@ def build_env(spec: EngineSpec, base: dict[str, str] | None = None) -> dict[str,
     env = dict(os.environ if base is None else base)
     env.update(
         {
-            "VLLM_CPU_KVCACHE_SPACE": f"{spec.kv_cache_gib:g}",
+            "VLLM_CPU_KVCACHE_SPACE": str(int(spec.kv_cache_gib)),
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",

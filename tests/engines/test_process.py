@@ -65,11 +65,9 @@ def test_command_line_is_the_cpu_recipe():
 
 
 def test_environment_is_offline_pinned_and_nixl_aware():
-    spec = EngineSpec(
-        model="/m", port=1, kv_cache_gib=0.5, cpu_bind="1", nixl_side_channel_port=5601
-    )
+    spec = EngineSpec(model="/m", port=1, kv_cache_gib=2, cpu_bind="1", nixl_side_channel_port=5601)
     env = build_env(spec, base={"PATH": "/bin"})
-    assert env["VLLM_CPU_KVCACHE_SPACE"] == "0.5"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
     assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_NO_USAGE_STATS"] == "1"
     assert env["UCX_NET_DEVICES"] == "lo"
