@@ -33,12 +33,15 @@ class StoreChannel:
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.arena: SharedArena | None = None  # the arena of the server this socket talks to
+        self.has_l2 = False  # that server has an L2 tier (calls may spend an L2 budget)
         self._attach_arena = attach_arena
         self._sock: socket.socket | None = None
         self._retry_at = 0.0
 
-    def call(self, msg: dict[str, Any], *, extra_timeout_s: float = 0.0) -> dict[str, Any]:
+    def call(self, msg: dict[str, Any], *, l2_budget_s: float = 0.0) -> dict[str, Any]:
+        """One request/reply within ``timeout_s`` (plus ``l2_budget_s`` if the store has L2)."""
         sock = self._connected()
+        extra_timeout_s = l2_budget_s if self.has_l2 else 0.0
         try:
             sock.settimeout(self.timeout_s + extra_timeout_s)
             sock.sendall(encode_frame(msg))
@@ -87,6 +90,7 @@ class StoreChannel:
                     f"store speaks protocol v{hello.get('version')}, client v{VERSION}"
                 )
             self.arena = self._attach_arena(str(hello["arena"]), int(hello["arena_bytes"]))
+            self.has_l2 = bool(hello.get("has_l2"))
         except (OSError, ProtocolError, KeyError, ValueError) as exc:
             sock.close()
             self._retry_at = time.monotonic() + self.retry_s

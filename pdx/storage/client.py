@@ -100,7 +100,7 @@ class StoreClient:
         msg = {"op": "lookup", "keys": [k.hex() for k in keys], "budget_s": self.l2_budget_s}
         try:
             with self._ctl_lock:
-                reply = self._ctl.call(msg, extra_timeout_s=self.l2_budget_s)
+                reply = self._ctl.call(msg, l2_budget_s=self.l2_budget_s)
         except StorageError as exc:
             self._note_failure(exc)
             return 0
@@ -117,7 +117,7 @@ class StoreClient:
         msg = {"op": "acquire", "keys": [k.hex() for k in keys], "budget_s": self.l2_budget_s}
         with self._ctl_lock:
             try:
-                reply = self._ctl.call(msg, extra_timeout_s=self.l2_budget_s)
+                reply = self._ctl.call(msg, l2_budget_s=self.l2_budget_s)
             except StorageError as exc:
                 self._note_failure(exc)
                 return 0

@@ -7,7 +7,7 @@ batch of keys, so a request costs one round trip however many chunks it names.
 
 Requests (``op`` and fields) and replies:
 
-    hello                                  -> arena, arena_bytes, version
+    hello                                  -> arena, arena_bytes, has_l2, version
     lookup   keys                          -> num_chunks (L1 + L2 leading run), num_l1
     acquire  keys, budget_s                -> lease, chunks [[offset, nbytes, checksum], ...]
     release  lease, copy_s                 -> {}

@@ -147,6 +147,7 @@ class StoreServer:
                 "ok": True,
                 "arena": self.arena.name,
                 "arena_bytes": self.arena.nbytes,
+                "has_l2": self.l2 is not None,
                 "version": VERSION,
             }
         if op == "lookup":

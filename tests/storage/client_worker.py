@@ -28,8 +28,14 @@ def main() -> None:
         else:
             dsts = [np.zeros(CHUNK, np.uint8) for _ in keys]
             num = client.load(keys, dsts)
-            intact = all(np.array_equal(d, make_chunk(k)) for d, k in zip(dsts[:num], keys))
-            print(json.dumps({"num_loaded": num, "intact": intact, "lookup": client.lookup_prefix(keys)}))
+            intact = all(
+                np.array_equal(d, make_chunk(k)) for d, k in zip(dsts[:num], keys, strict=False)
+            )
+            print(
+                json.dumps(
+                    {"num_loaded": num, "intact": intact, "lookup": client.lookup_prefix(keys)}
+                )
+            )
 
 
 if __name__ == "__main__":

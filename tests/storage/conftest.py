@@ -76,7 +76,9 @@ class StoreProc:
             return json.loads(resp.read())
 
     def post(self, path: str, body: dict) -> dict:
-        req = urllib.request.Request(self.http + path, data=json.dumps(body).encode(), method="POST")
+        req = urllib.request.Request(
+            self.http + path, data=json.dumps(body).encode(), method="POST"
+        )
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
 

@@ -1,0 +1,137 @@
+"""Failure contract: a store that is killed, frozen or restarted costs engines a bounded
+wait and misses, never an error; nothing leaks (shm segments, sockets, fds, leases)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import CHUNK, StoreProc, make_chunk, make_keys, pdx_arenas
+
+TIMEOUT_S = 0.5
+BOUND_S = 10 * TIMEOUT_S  # generous bound on one call when the store is away (not a speed test)
+
+
+def timed(fn, *args):
+    start = time.monotonic()
+    result = fn(*args)
+    return result, time.monotonic() - start
+
+
+def test_store_killed_mid_run_clients_get_misses_then_recover(
+    tmp_path, store_factory, client_factory
+):
+    store = store_factory()
+    client = client_factory(store.socket, timeout_s=TIMEOUT_S, retry_s=0.2)
+    keys = make_keys(4, "kill")
+    assert client.save(keys, [make_chunk(k) for k in keys]).result(10) == 4
+
+    store.kill()
+    dsts = [np.zeros(CHUNK, np.uint8) for _ in keys]
+    for _ in range(3):
+        num, took = timed(client.load, keys, dsts)
+        assert num == 0 and took < BOUND_S
+        hits, took = timed(client.lookup_prefix, keys)
+        assert hits == 0 and took < BOUND_S
+    fut = client.save(keys, [make_chunk(k) for k in keys])
+    assert fut.result(timeout=BOUND_S) == 0
+    assert client.stats().num_errors >= 1 and client.stats().num_save_dropped >= 4
+    assert store.arena in pdx_arenas()  # SIGKILL leaves the segment behind...
+
+    again = store_factory(socket_path=store.socket)  # ...a new store on the node sweeps it
+    assert store.arena not in pdx_arenas()
+    time.sleep(0.3)  # past retry_s: the client reconnects and maps the new arena
+    assert client.save(keys, [make_chunk(k) for k in keys]).result(10) == 4
+    assert client.load(keys, dsts) == 4
+    assert all(np.array_equal(d, make_chunk(k)) for d, k in zip(dsts, keys, strict=False))
+    assert again.stats()["num_leases"] == 0
+
+
+def test_frozen_store_costs_a_bounded_wait(store_factory, client_factory):
+    store = store_factory()
+    client = client_factory(store.socket, timeout_s=TIMEOUT_S, retry_s=0.2)
+    keys = make_keys(2, "frozen")
+    assert client.save(keys, [make_chunk(k) for k in keys]).result(10) == 2
+    dsts = [np.zeros(CHUNK, np.uint8) for _ in keys]
+    os.kill(store.proc.pid, signal.SIGSTOP)
+    try:
+        num, took = timed(client.load, keys, dsts)
+        assert num == 0 and took < BOUND_S
+        assert client.save(make_keys(1, "f2"), [np.zeros(CHUNK, np.uint8)]).result(BOUND_S) == 0
+    finally:
+        os.kill(store.proc.pid, signal.SIGCONT)
+    time.sleep(0.3)
+    assert client.load(keys, dsts) == 2
+
+
+def test_clean_shutdown_leaves_no_segment_or_socket(tmp_path):
+    before = pdx_arenas()
+    store = StoreProc(tmp_path)
+    assert store.arena in pdx_arenas()
+    assert store.stop() == 0
+    assert pdx_arenas() - before == set()
+    assert not os.path.exists(store.socket)
+
+
+def test_second_store_on_a_live_socket_refuses_to_start(store, tmp_path):
+    with pytest.raises(RuntimeError, match="already serving"):
+        StoreProc(tmp_path, socket_path=store.socket)
+
+
+def test_dead_client_leases_are_released(store, client_factory):
+    keys = make_keys(2, "dead")
+    client = client_factory(store.socket)
+    assert client.save(keys[:1], [make_chunk(keys[0])]).result(10) == 1
+    code = (
+        "import sys, time\n"
+        "from pdx.storage.channel import StoreChannel\n"
+        "from pdx.storage.arena import SharedArena\n"
+        f"ch = StoreChannel({store.socket!r}, 5.0, 1.0, SharedArena.attach)\n"
+        f"ch.call({{'op': 'acquire', 'keys': [{keys[0].hex()!r}]}})\n"
+        f"ch.call({{'op': 'reserve', 'keys': [{keys[1].hex()!r}], 'sizes': [{CHUNK}]}})\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert store.stats()["num_leases"] == 2
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    deadline = time.monotonic() + 10
+    while store.stats()["num_leases"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = store.stats()
+    assert stats["num_leases"] == 0 and stats["used_bytes"] == CHUNK  # the reserved slot is back
+    assert client.save(keys[1:], [make_chunk(keys[1])]).result(10) == 1  # no longer "busy"
+
+
+def test_clients_leak_no_fds_or_mappings(store):
+    from pdx.storage.client import StoreClient
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def mappings() -> int:
+        with open("/proc/self/maps") as f:
+            return sum("pdx-store-" in line for line in f)
+
+    keys = make_keys(2, "leak")
+    with StoreClient(store.socket) as warm:  # first use imports and starts what it needs
+        warm.save(keys, [make_chunk(k) for k in keys]).result(10)
+    before_fds, before_maps = fds(), mappings()
+    for _ in range(5):
+        with StoreClient(store.socket) as c:
+            dsts = [np.zeros(CHUNK, np.uint8) for _ in keys]
+            assert c.load(keys, dsts) == 2
+            c.save(make_keys(1, f"x{_}"), [np.zeros(CHUNK, np.uint8)]).result(10)
+    assert fds() == before_fds
+    assert mappings() == before_maps == 0
+    assert store.stats()["num_leases"] == 0

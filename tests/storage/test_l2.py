@@ -1,0 +1,157 @@
+"""L2 tiers (local disk, real redis-server): write-through, promotion after an L1 miss,
+and no corrupted chunk ever served."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import CHUNK, make_chunk, make_keys
+
+from pdx.storage.l2.base import HEADER
+
+
+@pytest.fixture(params=["file", pytest.param("redis", marks=pytest.mark.redis)])
+def l2_url(request, tmp_path):
+    if request.param == "file":
+        return f"file://{tmp_path / 'l2'}"
+    return request.getfixturevalue("redis_server").url
+
+
+def save_and_write_through(store, client, keys):
+    target = store.stats()["l2_writes"] + len(keys)
+    assert client.save(keys, [make_chunk(k) for k in keys]).result(10) == len(keys)
+    assert store.wait_stat("l2_writes", target)["l2_writes"] == target
+
+
+def load(client, keys) -> tuple[int, list[np.ndarray]]:
+    dsts = [np.zeros(CHUNK, np.uint8) for _ in keys]
+    return client.load(keys, dsts), dsts
+
+
+def test_l1_clear_then_load_promotes_from_l2(l2_url, store_factory, client_factory):
+    store = store_factory(l2=l2_url)
+    client = client_factory(store.socket)
+    keys = make_keys(6, "promo")
+    save_and_write_through(store, client, keys)
+    assert store.post("/clear", {}) == {"num_chunks": 6}
+    assert store.post("/lookup", {"keys": [k.hex() for k in keys]}) == {
+        "num_chunks": 6,
+        "num_l1": 0,
+    }
+    num, dsts = load(client, keys)
+    assert num == 6
+    assert all(np.array_equal(d, make_chunk(k)) for d, k in zip(dsts, keys, strict=False))
+    stats = store.stats()
+    assert stats["l2_promotions"] == 6 and stats["num_chunks"] == 6 and stats["l2_corrupt"] == 0
+    assert stats["l2_writes"] == 6  # promoted chunks are not written back
+
+
+def test_second_store_reads_chunks_of_the_first_through_l2(l2_url, store_factory, client_factory):
+    node_a, node_b = store_factory(l2=l2_url), store_factory(l2=l2_url)
+    keys = make_keys(4, "share")
+    save_and_write_through(node_a, client_factory(node_a.socket), keys)
+    client_b = client_factory(node_b.socket)
+    assert client_b.lookup_prefix(keys) == 4
+    num, dsts = load(client_b, keys)
+    assert num == 4 and all(
+        np.array_equal(d, make_chunk(k)) for d, k in zip(dsts, keys, strict=False)
+    )
+
+
+def test_clear_with_l2_empties_both_tiers(l2_url, store_factory, client_factory):
+    store = store_factory(l2=l2_url)
+    client = client_factory(store.socket)
+    keys = make_keys(3, "wipe")
+    save_and_write_through(store, client, keys)
+    store.post("/clear", {"l2": True})
+    assert client.lookup_prefix(keys) == 0
+    assert load(client, keys)[0] == 0
+
+
+def corrupt_file(url: str, key: bytes, how: str) -> None:
+    from pathlib import Path
+
+    path = Path(url.removeprefix("file://")) / key.hex()[:2] / f"{key.hex()}.chunk"
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[HEADER.size + 1000] ^= 0xFF
+    elif how == "truncate":
+        data = data[: len(data) // 2]
+    else:  # another key's value under this name
+        other = sorted(path.parent.parent.glob("*/*.chunk"))
+        data = bytearray(next(p for p in other if p != path).read_bytes())
+    path.write_bytes(bytes(data))
+
+
+def corrupt_redis(redis_server, key: bytes, how: str) -> None:
+    r = redis_server.client()
+    name = f"pdx:chunk:{key.hex()}"
+    if how == "flip":
+        byte = r.getrange(name, HEADER.size + 1000, HEADER.size + 1000)
+        r.setrange(name, HEADER.size + 1000, bytes([byte[0] ^ 0xFF]))
+    elif how == "truncate":
+        r.set(name, r.get(name)[: CHUNK // 2])
+    else:
+        other = next(n for n in r.keys("pdx:chunk:*") if n.decode() != name)
+        r.set(name, r.get(other))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "wrong_key"])
+def test_corrupted_l2_value_is_a_miss_never_served(
+    how, l2_url, store_factory, client_factory, request
+):
+    store = store_factory(l2=l2_url)
+    client = client_factory(store.socket)
+    keys = make_keys(4, "corrupt")
+    save_and_write_through(store, client, keys)
+    if l2_url.startswith("file://"):
+        corrupt_file(l2_url, keys[2], how)
+    else:
+        corrupt_redis(request.getfixturevalue("redis_server"), keys[2], how)
+    store.post("/clear", {})
+    num, dsts = load(client, keys)
+    assert num == 2  # chunks 0 and 1; the corrupted third ends the run
+    assert all(np.array_equal(d, make_chunk(k)) for d, k in zip(dsts[:2], keys, strict=False))
+    assert not dsts[2].any()
+    assert store.stats()["l2_corrupt"] == 1
+    assert client.lookup_prefix(keys) == 2  # the bad value was deleted
+
+
+@pytest.mark.redis
+def test_redis_restart_never_serves_stale_or_corrupt_chunks(
+    redis_server, store_factory, client_factory
+):
+    store = store_factory(l2=redis_server.url)
+    client = client_factory(store.socket, l2_budget_s=2.0)
+    keys = make_keys(4, "restart")
+    save_and_write_through(store, client, keys)
+
+    redis_server.stop()  # Redis gone: L1 still serves, L2 misses, nothing raises
+    num, _ = load(client, keys)
+    assert num == 4
+    store.post("/clear", {})
+    assert client.lookup_prefix(keys) == 0
+    assert load(client, keys)[0] == 0
+    more = make_keys(2, "while-down")
+    assert client.save(more, [make_chunk(k) for k in more]).result(10) == 2  # L1 still takes saves
+    stats = store.wait_stat("l2_errors", 1)
+    assert stats["l2_errors"] >= 1
+
+    redis_server.start()  # back, empty (no persistence): misses, then write-through resumes
+    store.post("/clear", {})
+    assert load(client, keys)[0] == 0
+    save_and_write_through(store, client, keys)
+    store.post("/clear", {})
+    num, dsts = load(client, keys)
+    assert num == 4 and all(
+        np.array_equal(d, make_chunk(k)) for d, k in zip(dsts, keys, strict=False)
+    )
+    assert store.stats()["l2_corrupt"] == 0
+
+
+def test_unknown_l2_scheme_is_a_clear_error():
+    from pdx.errors import ConfigError
+    from pdx.storage.l2 import create_l2
+
+    with pytest.raises(ConfigError, match="unknown L2 URL scheme"):
+        create_l2("s3://bucket/x")
