@@ -53,7 +53,7 @@ def test_errors_name_file_line_and_field():
         parse_topology(GOOD + "router:\n  port: 70000\n", "fleet.yaml")
     with pytest.raises(ConfigError, match=r"router.polices: Extra inputs are not permitted"):
         parse_topology(GOOD + "router:\n  polices: {}\n", "fleet.yaml")
-    with pytest.raises(ConfigError, match=r"fleet.yaml:2: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"fleet.yaml:3: not valid YAML"):
         parse_topology("model: {name: tiny}\nengines: [\n", "fleet.yaml")
 
 
