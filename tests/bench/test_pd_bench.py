@@ -1,0 +1,71 @@
+"""``pdx bench pd`` pieces that need no engine: statistics, prompts, table, failure entries."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdx.bench import pd
+
+
+def test_percentile_is_nearest_rank():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert pd.percentile(values, 50) == 3.0
+    assert pd.percentile(values, 99) == 5.0
+    assert pd.percentile([7.0], 99) == 7.0
+
+
+def test_prompts_are_distinct_sized_and_reproducible():
+    prompts = pd.prompts_for(1024, 3, offset=0)
+    assert [len(p) for p in prompts] == [1024] * 3
+    assert len({tuple(p[:32]) for p in prompts}) == 3  # no shared prefix for the cache to hit
+    assert prompts == pd.prompts_for(1024, 3, offset=0)
+    assert prompts[0] != pd.prompts_for(1024, 1, offset=10_000)[0]  # warm-up set differs
+    assert min(min(p) for p in prompts) >= 3  # no special tokens
+
+
+def test_exposed_fraction_uses_only_the_named_transfers():
+    figures = {
+        "a": {"transfer_ms": 10.0, "exposed_ms": 1.0},
+        "b": {"transfer_ms": 30.0, "exposed_ms": 3.0},
+        "warm": {"transfer_ms": 100.0, "exposed_ms": 100.0},
+    }
+    assert pd._exposed_fraction(figures, ["a", "b"]) == 0.1
+    assert pd._exposed_fraction(figures, ["missing"]) is None
+
+
+def test_table_shows_ratios_against_vllm_nixl_and_errors():
+    results = [
+        {"system": "single", "prompt_tokens": 1024, "ttft_ms_p50": 50.0, "ttft_ms_p99": 60.0, "e2e_ms_p50": 100.0},
+        {"system": "vllm-nixl", "prompt_tokens": 1024, "ttft_ms_p50": 100.0, "ttft_ms_p99": 120.0, "e2e_ms_p50": 200.0},
+        {"system": "pdx", "prompt_tokens": 1024, "error": "EngineError: boom"},
+    ]  # fmt: skip
+    table = pd.format_table(results).splitlines()
+    assert "0.50x" in table[1] and "1.00x" in table[2]
+    assert "error: EngineError: boom" in table[3]
+
+
+def test_a_system_that_fails_gets_error_entries(monkeypatch, tmp_path):
+    from pdx.bench import pd_systems
+    from pdx.engines.process import EngineSpec
+    from pdx.errors import EngineError
+
+    stopped = []
+
+    class Broken:
+        def start(self):
+            raise EngineError("PdxConnector failed to load")
+
+        def stop(self):
+            stopped.append(True)
+
+    monkeypatch.setattr(pd_systems, "make_pdx", lambda base, log_dir, transport: Broken())
+    entries = pd.run_system("pdx", EngineSpec(model="/m", port=0), tmp_path, "tcp", [1024, 4096], 1)
+    assert [e["prompt_tokens"] for e in entries] == [1024, 4096]
+    assert all("PdxConnector failed to load" in e["error"] for e in entries)
+    assert stopped == [True]
+
+
+def test_bad_arguments_exit_with_usage(capsys):
+    with pytest.raises(SystemExit):
+        pd.main(["--systems", "single,nope"])
+    assert "unknown systems" in capsys.readouterr().err
