@@ -21,8 +21,8 @@ Called from the engine's threads (scheduler and worker side). The contract:
   must stay unchanged until it is done; a full save queue drops the batch
   (future result 0). Keys already stored or being saved elsewhere are skipped.
 
-Buffers are numpy arrays, CPU torch tensors or any buffer-protocol object; each
-is one chunk's bytes, C-contiguous.
+Keys are ``bytes`` or ``pdx.keys.ChunkKey``. Buffers are numpy arrays, CPU torch
+tensors or any buffer-protocol object; each is one chunk's bytes, C-contiguous.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class StoreClient:
         self._ctl = StoreChannel(self.socket_path, timeout_s, retry_s, self._attach_arena)
         self._ctl_lock = threading.Lock()
         self._saver = StoreChannel(self.socket_path, timeout_s, retry_s, self._attach_arena)
-        self._save_queue: queue.Queue[tuple[list[bytes], list[Any], Future[int]]] = queue.Queue(
+        self._save_queue: queue.Queue[tuple[list[Any], list[Any], Future[int]]] = queue.Queue(
             save_queue
         )
         self._inflight: set[Future[int]] = set()
@@ -93,11 +93,11 @@ class StoreClient:
         self._thread.start()
 
     # -- engine API ----------------------------------------------------------------------
-    def lookup_prefix(self, keys: Sequence[bytes]) -> int:
+    def lookup_prefix(self, keys: Sequence[Any]) -> int:
         """How many leading keys the store holds (L1, then L2). 0 when the store is away."""
         if not keys or self._is_closed:
             return 0
-        msg = {"op": "lookup", "keys": [k.hex() for k in keys], "budget_s": self.l2_budget_s}
+        msg = {"op": "lookup", "keys": _hex_keys(keys), "budget_s": self.l2_budget_s}
         try:
             with self._ctl_lock:
                 reply = self._ctl.call(msg, l2_budget_s=self.l2_budget_s)
@@ -107,14 +107,14 @@ class StoreClient:
         self._note_ok()
         return int(reply["num_chunks"])
 
-    def load(self, keys: Sequence[bytes], dst_views: Sequence[Any]) -> int:
+    def load(self, keys: Sequence[Any], dst_views: Sequence[Any]) -> int:
         """Copy the leading stored chunks into ``dst_views``; returns how many were copied."""
         if len(keys) != len(dst_views):
             raise ValueError(f"{len(keys)} keys but {len(dst_views)} destination buffers")
         if not keys or self._is_closed:
             return 0
         dsts = [_byte_view(d, writable=True) for d in dst_views]
-        msg = {"op": "acquire", "keys": [k.hex() for k in keys], "budget_s": self.l2_budget_s}
+        msg = {"op": "acquire", "keys": _hex_keys(keys), "budget_s": self.l2_budget_s}
         with self._ctl_lock:
             try:
                 reply = self._ctl.call(msg, l2_budget_s=self.l2_budget_s)
@@ -149,7 +149,7 @@ class StoreClient:
         self._add(num_loaded=num, loaded_bytes=nbytes, load_seconds=copy_s)
         return num
 
-    def save(self, keys: Sequence[bytes], src_views: Sequence[Any]) -> Future[int]:
+    def save(self, keys: Sequence[Any], src_views: Sequence[Any]) -> Future[int]:
         """Queue chunks for storing; the future gives how many were stored."""
         if len(keys) != len(src_views):
             raise ValueError(f"{len(keys)} keys but {len(src_views)} source buffers")
@@ -227,8 +227,8 @@ class StoreClient:
                 self._add(num_save_dropped=len(keys) - num)
             fut.set_result(num)
 
-    def _save_now(self, keys: list[bytes], views: list[np.ndarray]) -> int:
-        msg = {"op": "reserve", "keys": [k.hex() for k in keys], "sizes": [v.nbytes for v in views]}
+    def _save_now(self, keys: list[Any], views: list[np.ndarray]) -> int:
+        msg = {"op": "reserve", "keys": _hex_keys(keys), "sizes": [v.nbytes for v in views]}
         reply = self._saver.call(msg)
         self._note_ok()
         if reply["lease"] is None:
@@ -295,6 +295,11 @@ class StoreClient:
         if self._is_down:
             self._is_down = False
             logger.info("store at %s is back", self.socket_path)
+
+
+def _hex_keys(keys: Sequence[Any]) -> list[str]:
+    """Chunk keys as hex: ``bytes`` or ``pdx.keys.ChunkKey`` (its ``digest``)."""
+    return [(k if isinstance(k, bytes) else k.digest).hex() for k in keys]
 
 
 def _byte_view(buf: Any, *, writable: bool) -> np.ndarray:
