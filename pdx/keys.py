@@ -125,7 +125,7 @@ def chunk_keys(
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    h_fn = _hasher(extras.hash_name)
+    empty = _hasher(extras.hash_name)()  # copy() is much cheaper than a constructor under OpenSSL 3
     extra = extras.digest()
     data = _token_bytes(tokens)
     num_tokens = len(data) // 4
@@ -134,7 +134,8 @@ def chunk_keys(
         n = min(chunk_size, num_tokens - start)
         if n < chunk_size and not include_partial:
             break
-        h = h_fn(prev)
+        h = empty.copy()
+        h.update(prev)
         h.update(extra)
         h.update(struct.pack("<I", n))
         h.update(data[start * 4 : (start + n) * 4])
