@@ -158,11 +158,13 @@ class Dispatcher:
                 if _STATS_MARK in first:
                     self.app.record_transfer_stats(first)
                 return
-            last = first
+            if _STATS_MARK in first:
+                self.app.record_transfer_stats_sse(first)
             try:
                 async for chunk in chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    last = chunk
+                    if _STATS_MARK in chunk:
+                        self.app.record_transfer_stats_sse(chunk)
             except UpstreamError as exc:
                 ok = False
                 logger.warning("decode engine %s broke the stream of %s: %s", d.id, ctx.request_id, exc)
@@ -171,8 +173,6 @@ class Dispatcher:
                                               "type": "engine_error", "code": 502}})
                 await send({"type": "http.response.body", "body": b"data: " + err + b"\n\n", "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            if _STATS_MARK in last:
-                self.app.record_transfer_stats_sse(last)
         finally:
             d.end(ok)
 
