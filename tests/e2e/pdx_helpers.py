@@ -1,0 +1,75 @@
+"""Helpers shared by the PdxConnector end-to-end tests: configs, requests, leak checks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from tests.e2e.harness import completion_body
+
+CORRUPT_PREFIX = "bad0"
+TOKEN = "e2e-token"
+
+
+def pdx_kv_configs(control_port: int, transport: str, **extra: Any) -> tuple[dict, dict]:
+    base = {"kv_connector": "PdxConnector", "kv_connector_module_path": "pdx.engines.vllm"}
+    common = {"transport": transport, "auth_token": TOKEN, **extra}
+    prefill = {
+        **base,
+        "kv_role": "kv_producer",
+        "kv_connector_extra_config": {**common, "control_port": control_port},
+    }
+    decode = {
+        **base,
+        "kv_role": "kv_consumer",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {**common, "debug_corrupt_prefix": CORRUPT_PREFIX},
+    }
+    return prefill, decode
+
+
+def run_pdx(pair, prompts, transfer_ids=None) -> list[dict]:
+    import httpx
+
+    from pdx.engines.pd_client import pdx_completion, pdx_legs, post_json
+
+    async def one(client, prompt, tid):
+        if tid is None:
+            return await pdx_completion(
+                client,
+                pair.prefill.url,
+                pair.decode.url,
+                pair.extras["control_port"],
+                completion_body(prompt),
+            )
+        p_body, d_body = pdx_legs(
+            completion_body(prompt), "127.0.0.1", pair.extras["control_port"], tid
+        )
+        _, answer = await asyncio.gather(
+            post_json(client, pair.prefill.url + "/v1/completions", p_body),
+            post_json(client, pair.decode.url + "/v1/completions", d_body),
+        )
+        return answer
+
+    async def run():
+        async with httpx.AsyncClient() as client:
+            tids = transfer_ids or [None] * len(prompts)
+            return [await one(client, p, t) for p, t in zip(prompts, tids, strict=True)]
+
+    return asyncio.run(run())
+
+
+def kv_usage(engine) -> float:
+    return engine.scrape_metrics().sum("vllm:kv_cache_usage_perc")
+
+
+def wait_blocks_free(pair, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if kv_usage(pair.prefill) == 0 and kv_usage(pair.decode) == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError(
+        f"KV blocks still held: P {kv_usage(pair.prefill)}, D {kv_usage(pair.decode)}"
+    )
