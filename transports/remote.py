@@ -23,6 +23,7 @@ import hashlib
 import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from collections.abc import Coroutine
@@ -86,15 +87,20 @@ class LoopThread:
 class Endpoint:
     """The commands, executed next to the transport (in the child, or in-process)."""
 
-    def __init__(self, kind: str, options: dict[str, Any], loop: LoopThread) -> None:
-        from transports import create_transport
-
+    def __init__(self, loop: LoopThread) -> None:
         self.loop = loop
-        self._threads = set(threading.enumerate())
-        self._fds = _open_fds()
-        self.transport = loop.run(_create(create_transport, kind, options))
+        self.transport: Any = None
         self.foreign: dict[int, np.ndarray] = {}  # region id -> memory this endpoint owns
         self.peers: dict[str, Any] = {}
+        self.posted: list[Any] = []
+
+    def open(self, kind: str, options: dict[str, Any]) -> None:
+        """Create a fresh transport (after ``close`` of the previous one: processes are reused)."""
+        from transports import create_transport
+
+        self._threads = set(threading.enumerate())
+        self._fds = _open_fds()
+        self.transport = self.loop.run(_create(create_transport, kind, options))
 
     def allocate(self, nbytes: int) -> int:
         return self.transport.allocate(nbytes).region_id
@@ -149,12 +155,23 @@ class Endpoint:
 
         return self.loop.run(go(), timeout + 5)
 
+    def post_write_nowait(self, peer: str, table: np.ndarray, notif: bytes | None = None) -> None:
+        """Post and return at once (the transfer keeps running; used to kill an initiator mid-transfer)."""
+        from transports.base import SegmentPairs
+
+        async def go() -> None:
+            self.posted.append(await self.transport.post_write(self.peers[peer], SegmentPairs(table), notif))
+
+        self.loop.run(go())
+
     def name(self) -> str:
         return self.transport.name
 
     def close(self) -> dict[str, Any]:
         self.loop.run(self.transport.aclose())
         self.foreign.clear()
+        self.posted.clear()
+        self.peers.clear()
         deadline = time.monotonic() + 5
         while True:  # threads finishing their last socket call may need a moment to exit
             threads = [t.name for t in threading.enumerate() if t not in self._threads and t.is_alive()]
@@ -201,8 +218,9 @@ async def _other_tasks() -> int:
 def _child_main(conn: Any, kind: str, options: dict[str, Any]) -> None:
     logging.basicConfig(level=os.environ.get("PDX_LOG_LEVEL", "WARNING"))
     loop = LoopThread("pdx-endpoint-loop")
+    endpoint = Endpoint(loop)
     try:
-        endpoint = Endpoint(kind, options, loop)
+        endpoint.open(kind, options)
     except Exception as exc:  # report start-up failure to the parent
         conn.send(("err", type(exc).__name__, str(exc)))
         return
@@ -220,7 +238,8 @@ def _child_main(conn: Any, kind: str, options: dict[str, Any]) -> None:
         except Exception as exc:
             conn.send(("err", type(exc).__name__, str(exc)))
     try:
-        loop.run(endpoint.transport.aclose(), 10)
+        if endpoint.transport is not None:
+            loop.run(endpoint.transport.aclose(), 10)
     finally:
         loop.stop()
 
@@ -245,7 +264,12 @@ class RemoteEndpoint:
             process.kill()
             process.join()
             raise RemoteError("TimeoutError", f"{kind} endpoint process did not start in {timeout}s")
-        reply = parent.recv()
+        try:
+            reply = parent.recv()
+        except EOFError:
+            process.join(5)
+            parent.close()
+            raise RemoteError("EOFError", f"{kind} endpoint process exited during start-up") from None
         if reply[0] != "ok":
             process.join(5)
             raise RemoteError(reply[1], reply[2])
@@ -266,6 +290,10 @@ class RemoteEndpoint:
     def kill(self) -> None:
         self.process.kill()
         self.process.join(10)
+
+    def pause(self) -> None:
+        """Freeze the process (SIGSTOP): its transfers stay in flight until it is killed."""
+        os.kill(self.pid, signal.SIGSTOP)
 
     def stop(self) -> None:
         """End the process (gracefully if it still runs) and free the pipe; idempotent."""
@@ -290,7 +318,8 @@ class LocalEndpoint:
 
     def __init__(self, kind: str, loop: LoopThread, **options: Any) -> None:
         self.kind = kind
-        self.endpoint = Endpoint(kind, options, loop)
+        self.endpoint = Endpoint(loop)
+        self.endpoint.open(kind, options)
         self.pid = os.getpid()
 
     def call(self, cmd: str, *args: Any, timeout: float = 120.0, **kwargs: Any) -> Any:
@@ -304,6 +333,9 @@ class LocalEndpoint:
 
     def kill(self) -> None:
         self.endpoint.loop.run(self.endpoint.transport.aclose())
+
+    def pause(self) -> None:
+        """Nothing to freeze in-process: loopback transfers complete when posted."""
 
     def stop(self) -> None:
         self.endpoint.loop.run(self.endpoint.transport.aclose())

@@ -49,6 +49,49 @@ def aio() -> Iterator[LoopThread]:
     loop.stop()
 
 
+class ProcessPool:
+    """Idle endpoint processes, reused across tests (each test gets a fresh transport in one)."""
+
+    def __init__(self) -> None:
+        self.idle: list[RemoteEndpoint] = []
+        self.owned: dict[int, set[str]] = {}  # id(endpoint) -> fds its spawn opened (pipes, sentinel)
+
+    def take(self, kind: str, **options: object) -> RemoteEndpoint:
+        while self.idle:
+            ep = self.idle.pop()
+            if ep.process is not None and ep.process.is_alive():
+                ep.call("open", kind, options)
+                ep.kind = kind
+                return ep
+            ep.stop()
+        before = _fds()
+        ep = RemoteEndpoint.start(kind, **options)
+        self.owned[id(ep)] = _fds() - before
+        return ep
+
+    def give_back(self, ep: RemoteEndpoint) -> None:
+        if len(self.idle) < 2 and ep.process is not None and ep.process.is_alive():
+            self.idle.append(ep)
+        else:
+            ep.stop()
+
+    def fds(self) -> set[str]:
+        """fds ("N->target") this pool keeps open on purpose (pipes and sentinels of idle processes)."""
+        return {fd for ep in self.idle for fd in self.owned.get(id(ep), set())}
+
+    def stop(self) -> None:
+        for ep in self.idle:
+            ep.stop()
+        self.idle.clear()
+
+
+@pytest.fixture(scope="session")
+def process_pool() -> Iterator[ProcessPool]:
+    pool = ProcessPool()
+    yield pool
+    pool.stop()
+
+
 def _fds() -> set[str]:
     out = set()
     for fd in os.listdir("/proc/self/fd"):
@@ -68,7 +111,7 @@ def _shm_entries(kind: str) -> set[str]:
 
 
 @pytest.fixture(autouse=True)
-def leak_check(aio: LoopThread, request: pytest.FixtureRequest) -> Iterator[None]:
+def leak_check(aio: LoopThread, process_pool: ProcessPool, request: pytest.FixtureRequest) -> Iterator[None]:
     kind = request.node.callspec.params.get("kind", "none") if hasattr(request.node, "callspec") else "none"
     threads = set(threading.enumerate())
     fds = _fds()
@@ -77,7 +120,8 @@ def leak_check(aio: LoopThread, request: pytest.FixtureRequest) -> Iterator[None
     deadline = time.monotonic() + 5
     while True:  # threads finishing their last socket call may need a moment to exit
         extra_threads = [t.name for t in threading.enumerate() if t not in threads and t.is_alive()]
-        extra_fds = sorted(_fds() - fds)
+        kept = process_pool.fds()
+        extra_fds = sorted(_fds() - fds - kept)
         if (not extra_threads and not extra_fds) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
@@ -99,9 +143,10 @@ async def _other_tasks() -> list[str]:
 class Endpoints:
     """Starts target endpoints for a test and checks each for leaks at the end."""
 
-    def __init__(self, kind: str, aio: LoopThread) -> None:
+    def __init__(self, kind: str, aio: LoopThread, pool: ProcessPool) -> None:
         self.kind = kind
         self.aio = aio
+        self.pool = pool
         self.started: list[RemoteEndpoint | LocalEndpoint] = []
 
     def start(self, **options: object) -> RemoteEndpoint | LocalEndpoint:
@@ -109,17 +154,24 @@ class Endpoints:
         if self.kind in IN_PROCESS:
             ep = LocalEndpoint(self.kind, self.aio, **options)
         else:
-            ep = RemoteEndpoint.start(self.kind, **options)
+            ep = self.pool.take(self.kind, **options)
         self.started.append(ep)
         return ep
 
     def finish(self) -> None:
         reports = []
         for ep in self.started:
-            is_alive = isinstance(ep, LocalEndpoint) or (ep.process is not None and ep.process.is_alive())
-            if is_alive:
+            if isinstance(ep, LocalEndpoint):
                 reports.append(ep.close())
-            ep.stop()
+            elif ep.process is not None and ep.process.is_alive():
+                try:
+                    reports.append(ep.close())
+                except Exception:
+                    ep.stop()
+                    raise
+                self.pool.give_back(ep)
+            else:
+                ep.stop()
         for report in reports:
             assert report["regions"] == 0, f"target kept {report['regions']} registered regions after aclose"
             assert report["tasks"] == 0, f"target left {report['tasks']} asyncio tasks"
@@ -128,8 +180,8 @@ class Endpoints:
 
 
 @pytest.fixture
-def endpoints(kind: str, aio: LoopThread) -> Iterator[Endpoints]:
-    eps = Endpoints(kind, aio)
+def endpoints(kind: str, aio: LoopThread, process_pool: ProcessPool) -> Iterator[Endpoints]:
+    eps = Endpoints(kind, aio, process_pool)
     try:
         yield eps
     finally:
