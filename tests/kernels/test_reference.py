@@ -59,15 +59,21 @@ def test_gather_then_scatter_reproduces_blocks_bit_for_bit(index, dtype, block_s
             )
 
 
+@pytest.mark.parametrize("slot_order", ["blocks", "shuffled"])  # page path, element-wise path
 @pytest.mark.parametrize("index", range(5), ids=_layout_ids(tiny_layouts()))
-def test_gather_reads_each_engines_memory_order(index):
+def test_gather_reads_each_engines_memory_order(index, slot_order):
     """Values placed by the documented per-engine formula come back as K/V [token, head, dim]."""
     layout = tiny_layouts("float32", 16)[index]
     caches = new_caches(layout, NUM_BLOCKS)
     num_tokens = 2 * layout.block_size + 5  # a partial last block
-    t = np.arange(num_tokens)
-    b = np.asarray(BLOCK_IDS)[t // layout.block_size]
-    n = t % layout.block_size
+    if slot_order == "blocks":
+        slots = kernels.slot_mapping_from_blocks(BLOCK_IDS, layout.block_size, num_tokens)
+    else:
+        slots = torch.randperm(
+            NUM_BLOCKS * layout.block_size, generator=torch.Generator().manual_seed(1)
+        )[:num_tokens]
+    b = (slots // layout.block_size).numpy()
+    n = (slots % layout.block_size).numpy()
     H, D = layout.num_kv_heads, layout.head_dim
     expected = torch.randn(layout.num_components, layout.num_layers, num_tokens, H, D)
     tt, hh, dd = np.meshgrid(np.arange(num_tokens), np.arange(H), np.arange(D), indexing="ij")
@@ -77,7 +83,6 @@ def test_gather_reads_each_engines_memory_order(index):
             buf, off = element_offsets(layout, c, b[tt], n[tt], hh, dd)
             buffers[buf][torch.from_numpy(off.reshape(-1))] = expected[c, layer].reshape(-1)
 
-    slots = kernels.slot_mapping_from_blocks(BLOCK_IDS, layout.block_size, num_tokens)
     got = kernels.gather(layout, caches, slots)
     assert torch.equal(got, expected.flatten(-2))
 
@@ -116,3 +121,32 @@ def test_bad_inputs_raise_clear_errors():
         kernels.gather_layer(layout, caches[0], slots, head_range=(2, 6))
     with pytest.raises(ValueError, match="must be"):
         kernels.gather_layer(layout, torch.zeros(4, 3, 16, 16, dtype=torch.float16), slots)
+
+
+@pytest.mark.parametrize("slot_order", ["blocks", "shuffled"])
+@pytest.mark.parametrize("index", range(4), ids=_layout_ids(tiny_layouts())[:4])
+def test_scatter_leaves_other_tokens_and_heads_alone(index, slot_order):
+    """A partial last block and a head subset: everything else in the blocks keeps its bytes."""
+    layout = tiny_layouts("float16", 16)[index]
+    (cache,) = new_caches(layout, NUM_BLOCKS)[:1]
+    fill_random_bits(layout, cache, seed=3)
+    before = [flat(x).clone() for x in layer_tensors(layout, cache)]
+    num_tokens = layout.block_size + 3
+    if slot_order == "blocks":
+        slots = kernels.slot_mapping_from_blocks([4, 8], layout.block_size, num_tokens)
+    else:
+        slots = torch.randperm(
+            NUM_BLOCKS * layout.block_size, generator=torch.Generator().manual_seed(2)
+        )[:num_tokens]
+    heads = (1, 3)
+    chunk = torch.randn(2, num_tokens, 2 * layout.head_dim).to(torch.float16)
+    kernels.scatter_layer(layout, cache, chunk, slots, head_range=heads)
+
+    D = layout.head_dim
+    tt, hh, dd = np.meshgrid(np.arange(num_tokens), np.arange(*heads), np.arange(D), indexing="ij")
+    b, n = (slots // layout.block_size).numpy(), (slots % layout.block_size).numpy()
+    for c in range(2):
+        buf, off = element_offsets(layout, c, b[tt], n[tt], hh, dd)
+        before[buf][torch.from_numpy(off.reshape(-1))] = chunk[c].unflatten(-1, (2, D)).reshape(-1)
+    for want, x in zip(before, layer_tensors(layout, cache), strict=True):
+        assert bits_equal(flat(x), want)

@@ -1,0 +1,136 @@
+"""``pdx bench kernels``: GB/s of paged-KV gather/scatter per layout and chunk size.
+
+Each point is compared with a plain ``copy_`` of the same number of bytes between two
+contiguous tensors on the same device, measured in the same run (``ratio`` = kernel /
+copy). On CUDA tensors the Triton kernels run; on CPU the torch reference. Also times
+chunk-key hashing of 128K tokens.
+
+    pdx bench kernels [--quick] [--json FILE] [--device cpu|cuda] [--layers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pdx import layout as L
+
+
+def _layouts(num_layers: int) -> list[L.PagedKVLayout]:
+    # Llama-3-8B-like per-rank shapes (8 KV heads x 128); MLA like DeepSeek (512 + 64).
+    return [
+        L.vllm_flash(num_layers, 8, 128, 16, "bfloat16", order="HND"),
+        L.vllm_flash(num_layers, 8, 128, 16, "bfloat16", order="NHD"),
+        L.vllm_cpu(num_layers, 8, 128, 128, "bfloat16"),
+        L.sglang_mha(num_layers, 8, 128, 16, "bfloat16"),
+        L.sglang_mla(num_layers, 512, 64, 64, "bfloat16"),
+    ]
+
+
+def _time(fn: Callable[[], Any], sync: Callable[[], None], min_seconds: float, max_iters: int) -> float:
+    """Median seconds per call after one warm-up call."""
+    fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_iters and (len(times) < 3 or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _bench_layout(
+    layout: L.PagedKVLayout, chunk_tokens: int, device: str, min_seconds: float, max_iters: int
+) -> list[dict[str, Any]]:
+    import torch
+
+    import kernels
+    from kernels.views import alloc_layer_cache
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    num_blocks = 2 * -(-chunk_tokens // layout.block_size)  # the request's blocks are scattered in a pool twice its size
+    caches = [alloc_layer_cache(layout, num_blocks, device, fill="randn") for _ in range(layout.num_layers)]
+    gen = torch.Generator().manual_seed(0)
+    block_ids = torch.randperm(num_blocks, generator=gen)[: num_blocks // 2].to(device)
+    slots = kernels.slot_mapping_from_blocks(block_ids, layout.block_size, chunk_tokens, device=device)
+    chunk = kernels.gather(layout, caches, slots)
+    nbytes = chunk.numel() * chunk.element_size()
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255, generator=None)
+    b = torch.empty_like(a)
+    copy_s = _time(lambda: b.copy_(a), sync, min_seconds, max_iters)
+    gather_s = _time(lambda: kernels.gather(layout, caches, slots), sync, min_seconds, max_iters)
+    scatter_s = _time(lambda: kernels.scatter(layout, caches, chunk, slots), sync, min_seconds, max_iters)
+    copy_gbps = nbytes / copy_s / 1e9
+    return [
+        {
+            "layout": layout.kind.value,
+            "op": op,
+            "chunk_tokens": chunk_tokens,
+            "gbps": round(nbytes / s / 1e9, 3),
+            "copy_gbps": round(copy_gbps, 3),
+            "ratio": round(copy_s / s, 3),
+            "nbytes": nbytes,
+        }
+        for op, s in (("gather", gather_s), ("scatter", scatter_s))
+    ]
+
+
+def _bench_keys() -> dict[str, float]:
+    import numpy as np
+
+    from pdx.keys import KeyExtras, chunk_keys
+
+    tokens = np.random.default_rng(0).integers(0, 150_000, 131_072)
+    as_list = tokens.tolist()
+    out = {}
+    for hash_name in ("sha256", "blake3"):
+        extras = KeyExtras("bench-model", "bfloat16", "0" * 16, (0, 8), hash_name)
+        try:
+            chunk_keys(tokens[:256], extras)
+        except ValueError:
+            continue  # blake3 not installed
+        out[f"{hash_name}_array_ms"] = round(_time(lambda e=extras: chunk_keys(tokens, e), lambda: None, 0.3, 50) * 1e3, 3)
+        out[f"{hash_name}_list_ms"] = round(_time(lambda e=extras: chunk_keys(as_list, e), lambda: None, 0.3, 50) * 1e3, 3)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pdx bench kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two chunk sizes, short timing (under a minute)")
+    parser.add_argument("--json", metavar="FILE", help='write {"points": [...]} to FILE')
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--layers", type=int, default=4, help="layers per layout (default 4)")
+    args = parser.parse_args(argv)
+
+    import torch
+    from tqdm import tqdm
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = [256, 2048] if args.quick else [256, 1024, 4096, 16384]
+    min_seconds, max_iters = (0.15, 10) if args.quick else (1.0, 200)
+    layouts = _layouts(args.layers)
+    points: list[dict[str, Any]] = []
+    with tqdm(total=len(layouts) * len(sizes), desc="bench kernels", file=sys.stderr) as bar:
+        for layout in layouts:
+            for size in sizes:
+                points += _bench_layout(layout, size, device, min_seconds, max_iters)
+                bar.update(1)
+    keys = _bench_keys()
+
+    print(f"device={device} layers={args.layers} dtype=bfloat16 (copy = plain copy_ of the same bytes, same run)")
+    print(f"{'layout':<11} {'op':<8} {'tokens':>7} {'MiB':>8} {'GB/s':>8} {'copy GB/s':>10} {'ratio':>6}")
+    for p in points:
+        mib = p["nbytes"] / 2**20
+        print(f"{p['layout']:<11} {p['op']:<8} {p['chunk_tokens']:>7} {mib:>8.1f} {p['gbps']:>8.2f} {p['copy_gbps']:>10.2f} {p['ratio']:>6.2f}")
+    print("chunk keys, 128K tokens: " + ", ".join(f"{k}={v}" for k, v in keys.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"points": points, "device": device, "keys_128k": keys}, f, indent=1)
+    return 0
