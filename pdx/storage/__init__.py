@@ -1,0 +1,17 @@
+"""The shared storage tier: KV chunks keyed by chunk key, shared by every engine on a node.
+
+    cli.py        ``pdx store``: flags, env overrides, run until SIGTERM
+    server.py     the store server: ops, leases, write-through and promotion
+    http_api.py   operator HTTP API and /metrics
+    protocol.py   hot-path wire format (length-prefixed JSON over a unix socket)
+    arena.py      the L1 POSIX shared-memory arena
+    allocator.py  slab allocator over the arena
+    index.py      chunk key -> slot, LRU eviction, pins, read leases
+    client.py     ``StoreClient``, used inside engine processes
+    channel.py    one client connection (timeouts, reconnect back-off)
+    l2/           L2 adapters behind one interface (``create_l2(url)``)
+    metrics.py    counters and their Prometheus rendering
+    bench.py      L1 save/load GB/s against memcpy
+
+See docs/storage.md.
+"""
