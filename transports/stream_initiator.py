@@ -106,7 +106,7 @@ class Stream:
                 if op == OP_READ and part.mode == MODE_INLINE:
                     is_bad = np.zeros(len(part.local), dtype=bool)
                     is_bad[failed] = True
-                    recv_views(self.sock, [v for v, b in zip(part.local, is_bad.tolist()) if not b])
+                    recv_views(self.sock, [v for v, b in zip(part.local, is_bad.tolist(), strict=True) if not b])
                 self.inflight.popleft()
                 part.transfer.part_done(np.unique(part.rows[failed]).tolist() if num_failed else None, error)
         except (OSError, ProtocolError) as exc:
@@ -177,7 +177,7 @@ def split(nbytes: np.ndarray, num_parts: int) -> list[tuple[np.ndarray, np.ndarr
     total = int(ends[-1])
     cuts = [total * i // num_parts for i in range(num_parts + 1)]
     out = []
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
         if hi <= lo:
             continue
         rows = np.flatnonzero((ends > lo) & (starts < hi))

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from transports.base import Notification, NotificationBox
+from transports.base import Notification
 from transports.pins import RegionPins
 from transports.wire import (
     ACK,
@@ -56,7 +56,7 @@ class StreamServer:
         name: str,
         instance: str,
         pins: RegionPins,
-        notifications: NotificationBox,
+        deliver: Callable[[Notification], None],
         allow_cma: bool,
     ) -> None:
         self._listener = listener
@@ -64,7 +64,7 @@ class StreamServer:
         self.name = name
         self.instance = instance
         self.pins = pins
-        self.notifications = notifications
+        self.deliver = deliver  # hands a notification to the transport's box
         self.allow_cma = allow_cma
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
@@ -161,7 +161,7 @@ class StreamServer:
                         error = "cross-memory copy failed (initiator memory gone?)"
             elif op == OP_WRITE:
                 views: list[memoryview] = []
-                for i, (r, o, n) in enumerate(zip(rids.tolist(), offs.tolist(), sizes.tolist())):
+                for i, (r, o, n) in enumerate(zip(rids.tolist(), offs.tolist(), sizes.tolist(), strict=True)):
                     if bad[i]:
                         recv_views(sock, views)
                         views = []
@@ -171,7 +171,7 @@ class StreamServer:
                 recv_views(sock, views)
             else:
                 payload = [regions[r][2][o : o + n] for i, (r, o, n) in
-                           enumerate(zip(rids.tolist(), offs.tolist(), sizes.tolist())) if not bad[i]]
+                           enumerate(zip(rids.tolist(), offs.tolist(), sizes.tolist(), strict=True)) if not bad[i]]
             if op == OP_WRITE:  # bytes are in place: notify, then ack
                 self._land(session, peer_name, tid, num_parts, bool(bad.any()), notif)
                 self._ack(sock, op, tid, part, bad, error, payload)
@@ -211,7 +211,7 @@ class StreamServer:
                 del self._parts[key]
                 is_failed, notif = entry[1], entry[2]
         if notif is not None and not is_failed:
-            self.notifications.push(Notification(peer_name, notif))
+            self.deliver(Notification(peer_name, notif))
 
 
 def _shutdown(sock: socket.socket) -> None:

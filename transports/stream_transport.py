@@ -19,7 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from transports.base import LOCAL_OFFSET, LOCAL_REGION, NBYTES, REMOTE_OFFSET, REMOTE_REGION, MemoryRegion, Peer, SegmentPairs, Transfer, Transport
+from transports.base import (
+    LOCAL_OFFSET,
+    LOCAL_REGION,
+    NBYTES,
+    REMOTE_OFFSET,
+    REMOTE_REGION,
+    MemoryRegion,
+    Notification,
+    Peer,
+    SegmentPairs,
+    Transfer,
+    Transport,
+)
 from transports.descriptor import Descriptor, decode_descriptor, encode_descriptor
 from transports.errors import ConnectError, DescriptorError, PeerLost, SegmentError
 from transports.pins import RegionPins
@@ -56,8 +68,11 @@ class StreamTransport(Transport):
         self._peers: dict[str, Peer] = {}
         listener, self._address = self._listen()
         self._server = StreamServer(
-            listener, self._wake_listener, self.name, self._instance, self._pins, self.notifications, self.allow_cma
+            listener, self._wake_listener, self.name, self._instance, self._pins, self._deliver, self.allow_cma
         )
+
+    def _deliver(self, note: Notification) -> None:
+        self.notifications.push(note)  # looked up at delivery: ``auto`` shares its box with its media
 
     # -- medium hooks ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -184,7 +199,7 @@ class StreamTransport(Transport):
             local_off = t[rows, LOCAL_OFFSET] + start
             wire[:, 3] = base[rows] + local_off
             views = [] if conn.mode == MODE_CMA else [
-                regions[r][2][o : o + n] for r, o, n in zip(t[rows, LOCAL_REGION].tolist(), local_off.tolist(), length.tolist())
+                regions[r][2][o : o + n] for r, o, n in zip(t[rows, LOCAL_REGION].tolist(), local_off.tolist(), length.tolist(), strict=True)
             ]
             parts.append(Part(transfer, op, conn.mode, index, len(cuts), rows, wire, views, notif if index == 0 else None))
         if not conn.submit(parts):

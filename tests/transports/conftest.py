@@ -1,7 +1,8 @@
 """Fixtures of the transport contract suite.
 
 Every test that takes ``kind`` runs once per transport in ``transports.REGISTRY``
-that imports and is available here (restrict with ``PDX_TEST_TRANSPORTS=tcp,shm``).
+that imports and is available here, and once for ``auto`` (restrict with
+``PDX_TEST_TRANSPORTS=tcp,shm``).
 The target endpoint lives in a real separate process for every transport except
 ``loopback``; the leak check fails a test that leaves threads, fds, tasks,
 registrations or /dev/shm entries (named ``pdx-<kind>-...``) behind, on either side.
@@ -24,7 +25,7 @@ MARKS = {"nixl": pytest.mark.nixl, "ucx": pytest.mark.ucx, "cuda_ipc": pytest.ma
 
 
 def transport_kinds() -> list[str]:
-    kinds = transports.available_transports()
+    kinds = [*transports.available_transports(), "auto"]
     wanted = os.environ.get("PDX_TEST_TRANSPORTS")
     if wanted:
         names = [w.strip() for w in wanted.split(",") if w.strip()]

@@ -59,7 +59,7 @@ def test_write_lands_every_byte(kind, aio, initiator, target, seg, count, unalig
     assert report.ok and report.num_segments == count and report.nbytes == seg * count
     assert target.call("wait_notification", 10) == (initiator.name, b"done")
     expected = np.zeros(dst_size, dtype=np.uint8)
-    for s, d in zip(src_off.tolist(), dst_off.tolist()):
+    for s, d in zip(src_off.tolist(), dst_off.tolist(), strict=True):
         expected[d : d + seg] = src.buffer[s : s + seg]
     assert target.call("digest", rid) == digest(expected), "target bytes differ from what was written"
 
@@ -85,7 +85,7 @@ def test_mixed_sizes_in_one_post(kind, aio, initiator, target):
 
     assert aio.run(go()).ok
     expected = np.zeros(total, dtype=np.uint8)
-    for s, d, n in zip(src_off.tolist(), dst_off.tolist(), sizes.tolist()):
+    for s, d, n in zip(src_off.tolist(), dst_off.tolist(), sizes.tolist(), strict=True):
         expected[d : d + n] = src.buffer[s : s + n]
     assert target.call("digest", rid) == digest(expected)
 

@@ -73,7 +73,7 @@ def test_killed_initiator_leaves_target_usable(kind, aio, initiator, endpoints):
     src = doomed.call("allocate", 64 * MiB)
     doomed.call("connect", descriptor)
     table = SegmentPairs.strided(src, dst.region_id, 4 * MiB, 16).table
-    for i in range(8):
+    for _i in range(8):
         doomed.call("post_write_nowait", initiator.name, table, b"x")
     doomed.kill()
 
