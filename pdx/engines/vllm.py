@@ -24,7 +24,8 @@ Worker side (``PdxWorker``)
 
 The router's side of the contract is ``pdx.engines.protocol``; config keys are
 ``pdx.engines.connector_config``; docs/connector.md has the whole picture.
-Only models with a single KV cache group (all layers full attention) are supported.
+Only models with a single KV cache group (all layers full attention) and engines
+with one worker (TP = PP = 1) are supported.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
         if len(groups) > 1:
             raise ConfigError(
                 f"PdxConnector supports models with one KV cache group, this one has {len(groups)}"
+            )
+        par = vllm_config.parallel_config
+        if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
+            raise ConfigError(
+                "PdxConnector supports one worker per engine (tensor and pipeline parallel size 1), "
+                f"got tp={par.tensor_parallel_size} pp={par.pipeline_parallel_size}"
             )
         block_size = vllm_config.cache_config.block_size
         self.scheduler: PdxScheduler | None = None
