@@ -130,14 +130,14 @@ def start_system(system: str, procs: Procs, fakes: dict[str, int], work: Path) -
         from pdx.models.tiny import build_tiny_model
 
         model_dir = build_tiny_model()
-        cmd = [shutil.which("sglang-router") or "sglang-router", "launch", "--host", "127.0.0.1", "--port", str(port),
+        cmd = [which("sglang-router") or "sglang-router", "launch", "--host", "127.0.0.1", "--port", str(port),
                "--pd-disaggregation", "--prefill", f"http://127.0.0.1:{fakes['p-sglang']}", "8998",
                "--decode", f"http://127.0.0.1:{fakes['d-sglang']}", "--policy", "round_robin",
                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
                "--model-path", str(model_dir), "--log-level", "warn"]  # fmt: skip
         proc = procs.start(system, cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     elif system == "vllm-router":
-        cmd = [shutil.which("vllm-router") or "vllm-router", "--host", "127.0.0.1", "--port", str(port),
+        cmd = [which("vllm-router") or "vllm-router", "--host", "127.0.0.1", "--port", str(port),
                "--vllm-pd-disaggregation", "--prefill", f"http://127.0.0.1:{fakes['p-nixl']}",
                "--decode", f"http://127.0.0.1:{fakes['d-nixl']}", "--policy", "round_robin",
                "--worker-startup-check-interval", "1", "--prometheus-port", str(free_port())]  # fmt: skip
@@ -148,10 +148,16 @@ def start_system(system: str, procs: Procs, fakes: dict[str, int], work: Path) -
     return url, proc
 
 
+def which(name: str) -> str | None:
+    """An executable on PATH or beside this interpreter (the venv's bin directory)."""
+    beside = Path(sys.executable).parent / name
+    return shutil.which(name) or (str(beside) if beside.exists() else None)
+
+
 def available_systems(full: bool) -> list[str]:
     systems = ["direct", "pdx"] + (["pdx-nixl"] if full else [])
     for rust in ("sglang-router", "vllm-router"):
-        if shutil.which(rust):
+        if which(rust):
             systems.append(rust)
         else:
             logger.warning("%s is not installed (pip install -e .[dev]); skipping it", rust)
@@ -159,10 +165,12 @@ def available_systems(full: bool) -> list[str]:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"{'system':<14} {'mode':<7} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50':>7} {'+p99':>7}")
+    print(f"{'system':<14} {'mode':<7} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50':>7} {'+p99':>7}"
+          f" {'cpu us/req':>10}")
     for r in results:
         print(f"{r['system']:<14} {r['mode']:<7} {r['concurrency']:>4} {r['rps']:>8.0f} {r['latency_ms_p50']:>8.2f} "
-              f"{r['latency_ms_p99']:>8.2f} {r['added_p50_ms']:>7.2f} {r['added_p99_ms']:>7.2f}")
+              f"{r['latency_ms_p99']:>8.2f} {r['added_p50_ms']:>7.2f} {r['added_p99_ms']:>7.2f}"
+              f" {r['router_cpu_us_per_req']:>10.0f}")
     for mode in ("plain", "stream"):
         for conc in sorted({r["concurrency"] for r in results}):
             rows = {r["system"]: r for r in results if r["mode"] == mode and r["concurrency"] == conc}
@@ -172,8 +180,34 @@ def print_table(results: list[dict]) -> None:
             best = max(rust, key=lambda r: r["rps"])
             pdx = rows["pdx"]
             print(f"{mode} c={conc}: pdx/{best['system']} req/s x{pdx['rps'] / best['rps']:.2f}, "
+                  f"router CPU/req x{pdx['router_cpu_us_per_req'] / best['router_cpu_us_per_req']:.2f}, "
                   f"added p50 {pdx['added_p50_ms']:.2f} vs {best['added_p50_ms']:.2f} ms, "
                   f"added p99 {pdx['added_p99_ms']:.2f} vs {best['added_p99_ms']:.2f} ms")
+
+
+def cpu_seconds(proc: subprocess.Popen | None) -> float:
+    """User + system CPU seconds the process has used so far (0 for none)."""
+    if proc is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def aggregate(system: str, mode: str, conc: int, rounds: list[dict], cpu_s: float) -> dict:
+    """One result row from interleaved rounds: total req/s, median of per-round percentiles."""
+    num = sum(r["num_requests"] for r in rounds)
+    duration = sum(r["duration"] for r in rounds)
+    p50s = sorted(r["latency_ms_p50"] for r in rounds)
+    p99s = sorted(r["latency_ms_p99"] for r in rounds)
+    return {
+        "system": system, "mode": mode, "concurrency": conc, "rps": num / duration,
+        "latency_ms_p50": p50s[len(p50s) // 2], "latency_ms_p99": p99s[len(p99s) // 2],
+        "router_cpu_us_per_req": (cpu_s / num * 1e6) if num else float("nan"),
+        "num_errors": sum(r["num_errors"] for r in rounds), "num_rounds": len(rounds),
+    }  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
@@ -182,12 +216,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", help="write results to this file")
     parser.add_argument("--concurrency", type=int, nargs="*", help="override the concurrency levels")
     parser.add_argument("--systems", nargs="*", help="subset of systems to run")
-    parser.add_argument("--duration", type=float, help="seconds of measured load per point")
+    parser.add_argument("--duration", type=float, help="seconds of measured load per round")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per point (default 3, quick 3)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     concurrencies = args.concurrency or ([32] if args.quick else [1, 8, 32, 64])
-    duration = args.duration or (5.0 if args.quick else 10.0)
-    warmup = 1.0 if args.quick else 2.0
+    duration = args.duration or (3.0 if args.quick else 5.0)
+    rounds = args.rounds or 3
+    warmup = 0.5
     systems = args.systems or available_systems(full=not args.quick)
     if "direct" not in systems:
         systems.insert(0, "direct")
@@ -202,24 +238,32 @@ def main(argv: list[str]) -> int:
                  for name, port in fakes.items()]  # fmt: skip
         fake_proc = procs.start("fakes", [sys.executable, "-m", "pdx.router.fake_server", *specs, "--num-chunks", "64"])
         wait_until_serving(f"http://127.0.0.1:{fakes['d-pdx']}", fake_proc, "fakes")
+        running: dict[str, tuple[str, subprocess.Popen | None]] = {}
         for system in systems:
             try:
-                url, proc = start_system(system, procs, fakes, work)
+                running[system] = start_system(system, procs, fakes, work)
             except (RuntimeError, OSError) as exc:
-                logger.warning("skipping %s: %s (log in %s)", system, exc, work)
-                continue
-            for mode in ("plain", "stream"):
-                for conc in concurrencies:
-                    r = run_load(url, mode, conc, duration, warmup)
-                    if r["num_errors"]:
-                        logger.warning("%s %s c=%d: %d errors", system, mode, conc, r["num_errors"])
-                    results.append({"system": system, "mode": mode, "concurrency": conc, "rps": r["rps"],
-                                    "latency_ms_p50": r["latency_ms_p50"], "latency_ms_p99": r["latency_ms_p99"],
-                                    "num_errors": r["num_errors"]})  # fmt: skip
-                    print(f"  {system:<14} {mode:<6} c={conc:<3} {r['rps']:8.0f} req/s  "
-                          f"p50 {r['latency_ms_p50']:.2f} ms  p99 {r['latency_ms_p99']:.2f} ms", flush=True)
-            if proc is not None:
-                procs.stop(proc)
+                logger.warning("skipping %s: %s (logs in %s)", system, exc, work)
+        # Interleave systems round by round: the machine's load drifts, all systems see the same drift.
+        for mode in ("plain", "stream"):
+            for conc in concurrencies:
+                per_system: dict[str, list[dict]] = {s: [] for s in running}
+                cpu: dict[str, float] = dict.fromkeys(running, 0.0)
+                for _ in range(rounds):
+                    for system, (url, proc) in running.items():
+                        before = cpu_seconds(proc)
+                        r = run_load(url, mode, conc, duration, warmup)
+                        cpu[system] += cpu_seconds(proc) - before  # includes the warm-up's requests
+                        r["duration"] = duration
+                        per_system[system].append(r)
+                for system, rs in per_system.items():
+                    row = aggregate(system, mode, conc, rs, cpu[system] * duration / (duration + warmup))
+                    if row["num_errors"]:
+                        logger.warning("%s %s c=%d: %d errors", system, mode, conc, row["num_errors"])
+                    results.append(row)
+                    print(f"  {system:<14} {mode:<6} c={conc:<3} {row['rps']:8.0f} req/s  "
+                          f"p50 {row['latency_ms_p50']:.2f} ms  p99 {row['latency_ms_p99']:.2f} ms  "
+                          f"router CPU {row['router_cpu_us_per_req']:.0f} us/req", flush=True)
     finally:
         procs.stop_all()
     base = {(r["mode"], r["concurrency"]): r for r in results if r["system"] == "direct"}

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -33,12 +33,16 @@ logger = logging.getLogger(__name__)
 GENERATE_ROUTES = {"/v1/completions": "prompt", "/v1/chat/completions": "messages", "/generate": None}
 
 
+WATCH_AFTER_S = 0.02  # a client disconnect is noticed this late at most
+
+
 class _Finished:
-    __slots__ = ("is_done", "is_disconnected")
+    __slots__ = ("is_done", "is_disconnected", "watcher")
 
     def __init__(self) -> None:
         self.is_done = False
         self.is_disconnected = False
+        self.watcher: asyncio.Task | None = None
 
 
 class RouterApp:
@@ -172,7 +176,7 @@ class RouterApp:
             route=path,
             body=body,
             is_stream=body.get("stream") is True,
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=request_id or os.urandom(16).hex(),
             client_auth=client_auth,
             keys=prefix_keys(units, chunk_size, self.topology.model),
             num_tokens=num_prompt_tokens(units),
@@ -182,7 +186,10 @@ class RouterApp:
         # a client disconnect cancels this task, which aborts both legs
         finished = _Finished()
         task = asyncio.current_task()
-        watcher = asyncio.ensure_future(self._watch_disconnect(receive, task, finished))
+        # most requests end within WATCH_AFTER_S: watch for a disconnect only after that
+        watch = asyncio.get_running_loop().call_later(
+            WATCH_AFTER_S, self._start_watch, receive, task, finished
+        )
 
         async def tracked_send(msg: dict) -> None:
             if not msg.get("more_body") and msg["type"] == "http.response.body":
@@ -198,9 +205,15 @@ class RouterApp:
             logger.info("request %s: client disconnected; both legs aborted", ctx.request_id)
             return
         finally:
-            watcher.cancel()
+            watch.cancel()
+            if finished.watcher is not None:
+                finished.watcher.cancel()
         self.metrics.requests[(path, status)] += 1
         self.metrics.latency.observe(time.perf_counter() - t0)
+
+    def _start_watch(self, receive: Any, task: asyncio.Task | None, finished: _Finished) -> None:
+        if not finished.is_done:
+            finished.watcher = asyncio.ensure_future(self._watch_disconnect(receive, task, finished))
 
     async def _watch_disconnect(self, receive: Any, task: asyncio.Task | None, finished: _Finished) -> None:
         while True:

@@ -3,7 +3,8 @@
 Why not httpx: the router makes two upstream calls per request and must cost no
 more CPU than a Rust router; httpx spends several hundred microseconds per call.
 This client is an ``asyncio.Protocol`` with ``httptools`` parsing, one write per
-request, pooled connections (LIFO), and timeouts via ``call_later`` (no tasks).
+request, pooled connections (LIFO), and timeouts as deadlines that one sweeper
+per pool checks every ``SWEEP_S`` (no timer or task per request).
 
     response = await pool.request(b"POST", b"/v1/completions", body, extra_headers)
     data = await response.read()            # whole body; connection goes back to the pool
@@ -26,6 +27,7 @@ import httptools
 logger = logging.getLogger(__name__)
 
 _PAUSE_BYTES = 1 << 20  # stop reading a streaming response this far ahead of the consumer
+SWEEP_S = 0.1  # timeout resolution
 
 
 class UpstreamError(Exception):
@@ -40,7 +42,7 @@ class UpstreamError(Exception):
 class _Conn(asyncio.Protocol):
     __slots__ = (
         "pool", "transport", "parser", "status", "headers", "chunks", "nbytes", "is_done",
-        "is_closed", "keep_alive", "error", "waiter", "is_paused", "received_any", "timer",
+        "is_closed", "keep_alive", "error", "waiter", "is_paused", "received_any", "deadline",
     )  # fmt: skip
 
     def __init__(self, pool: EnginePool) -> None:
@@ -48,7 +50,7 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.is_closed = False
         self.waiter: asyncio.Future | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop.time() by which the awaited event must happen; 0: none
         self.reset()
 
     def reset(self) -> None:
@@ -123,14 +125,16 @@ class _Conn(asyncio.Protocol):
         """Wait for the next parser event (headers, body, end) or failure."""
         if self.error is not None:
             raise self.error
-        loop = self.pool.loop
-        self.waiter = loop.create_future()
-        self.timer = loop.call_later(timeout, self._on_timeout)
+        pool = self.pool
+        self.waiter = pool.loop.create_future()
+        self.deadline = pool.loop.time() + timeout
+        if pool._sweeper is None:
+            pool._start_sweeper()
         try:
             await self.waiter
         finally:
-            self.timer.cancel()
             self.waiter = None
+            self.deadline = 0.0
         if self.error is not None:
             raise self.error
 
@@ -223,7 +227,18 @@ class EnginePool:
         self._idle: list[_Conn] = []
         self._open: set[_Conn] = set()
         self._waiters: deque[asyncio.Future] = deque()
+        self._sweeper: asyncio.Task | None = None
         self.is_closed = False
+
+    def _start_sweeper(self) -> None:
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while not self.is_closed:
+            await asyncio.sleep(SWEEP_S)
+            now = self.loop.time()
+            for conn in [c for c in self._open if c.deadline and c.deadline <= now]:
+                conn._on_timeout()
 
     async def _acquire(self) -> tuple[_Conn, bool]:
         while True:
@@ -315,6 +330,9 @@ class EnginePool:
 
     async def aclose(self) -> None:
         self.is_closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self._open) + self._idle:
             conn.close()
         self._idle.clear()
