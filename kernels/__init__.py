@@ -8,7 +8,7 @@ documented in ``kernels.reference``; the layout is any object shaped like
 
     gather_layer(layout, layer_cache, slot_mapping, head_range=None)  -> [C, T, H*D]
     scatter_layer(layout, layer_cache, chunk, slot_mapping, head_range=None)
-    gather(layout, caches, slot_mapping, head_range=None, layers=None) -> [C, L, T, H*D]
+    gather(layout, caches, slot_mapping, head_range=None, layers=None, out=None) -> [C, L, T, H*D]
     scatter(layout, caches, chunk, slot_mapping, head_range=None, layers=None)
     slot_mapping_from_blocks(block_ids, block_size, num_tokens=None)
     reshard(parts, head_range, head_dim)
@@ -87,9 +87,10 @@ def gather(
     head_range: Any = None,
     layers: Any = None,
     backend: str | None = None,
+    out: Any = None,
 ) -> Any:
     return select_backend(caches[0], backend).gather(
-        layout, caches, slot_mapping, head_range, layers
+        layout, caches, slot_mapping, head_range, layers, out
     )
 
 

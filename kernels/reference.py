@@ -82,6 +82,7 @@ def gather_layer(
     blocks = block_ids_of(slots, n)
     tables = page_tables(layout, layer_cache) if blocks is not None else None
     if tables is not None:  # whole pages, then one dense reorder
+        assert blocks is not None
         compact = compact_cache(layout, [t.index_select(0, blocks) for t in tables])
         for c, view in enumerate(kv_views(layout, compact)):
             tokens = out[c].unflatten(-1, (hi - lo, layout.head_dim))
@@ -138,16 +139,18 @@ def gather(
     slot_mapping: Any,
     head_range: tuple[int, int] | None = None,
     layers: Sequence[int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every (or the listed) layer -> ``[C, num_layers, num_tokens, H_sel * D]``."""
     layers = range(len(caches)) if layers is None else layers
     lo, hi = local_heads(layout, head_range)
     first = kv_views(layout, caches[layers[0]])[0]
     slots = _slots(slot_mapping, first.device)
-    out = torch.empty(
-        layout.num_components, len(layers), slots.numel(), (hi - lo) * layout.head_dim,
-        dtype=first.dtype, device=first.device,
-    )  # fmt: skip
+    shape = (layout.num_components, len(layers), slots.numel(), (hi - lo) * layout.head_dim)
+    if out is None:
+        out = torch.empty(shape, dtype=first.dtype, device=first.device)
+    elif tuple(out.shape) != shape or out.dtype != first.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {first.dtype} tensor of shape {list(shape)}")
     for i, layer in enumerate(layers):
         gather_layer(layout, caches[layer], slots, head_range, out=out[:, i])
     return out

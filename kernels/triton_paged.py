@@ -151,15 +151,17 @@ def gather(
     slot_mapping: Any,
     head_range: Any = None,
     layers: Sequence[int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     layers = range(len(caches)) if layers is None else layers
     lo, hi = local_heads(layout, head_range)
     first = kv_views(layout, caches[layers[0]])[0]
     slots = _slots(slot_mapping, first.device).contiguous()
-    out = torch.empty(
-        layout.num_components, len(layers), slots.numel(), (hi - lo) * layout.head_dim,
-        dtype=first.dtype, device=first.device,
-    )  # fmt: skip
+    shape = (layout.num_components, len(layers), slots.numel(), (hi - lo) * layout.head_dim)
+    if out is None:
+        out = torch.empty(shape, dtype=first.dtype, device=first.device)
+    elif tuple(out.shape) != shape or out.dtype != first.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {first.dtype} tensor of shape {list(shape)}")
     for i, layer in enumerate(layers):
         gather_layer(layout, caches[layer], slots, head_range, out=out[:, i])
     return out
