@@ -25,6 +25,7 @@ from transports.wire import (
     ACK_MAGIC,
     FRAME,
     FRAME_MAGIC,
+    MAX_HELLO,
     MODE_CMA,
     OP_READ,
     OP_WRITE,
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
 SCRATCH_BYTES = 1 << 20
+MAX_ROWS = 1 << 22  # rows per frame; a larger count is not a pdx peer
 
 
 class StreamServer:
@@ -142,7 +144,7 @@ class StreamServer:
 
     def _serve_frame(self, sock: socket.socket, session: str, peer_name: str, pid: int, scratch: memoryview) -> None:
         magic, op, mode, _, tid, part, num_parts, num_rows, notif_len = FRAME.unpack(recv_exact(sock, FRAME.size))
-        if magic != FRAME_MAGIC or op not in (OP_WRITE, OP_READ):
+        if magic != FRAME_MAGIC or op not in (OP_WRITE, OP_READ) or num_rows > MAX_ROWS or notif_len > MAX_HELLO:
             raise ProtocolError("bad frame header")
         table = np.frombuffer(recv_exact(sock, num_rows * TABLE_COLUMNS * 8), dtype=np.int64).reshape(-1, TABLE_COLUMNS)
         notif = recv_exact(sock, notif_len) if notif_len else None
