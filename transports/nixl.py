@@ -436,7 +436,7 @@ def _lookup(ids: np.ndarray, table: dict[int, tuple[int, str]]) -> tuple[np.ndar
 def _group_rows(l_dev: np.ndarray, r_dev: np.ndarray) -> list[tuple[tuple[str, str], np.ndarray]]:
     if (l_dev == l_dev[0]).all() and (r_dev == r_dev[0]).all():
         return [((l_dev[0], r_dev[0]), np.arange(len(l_dev)))]
-    keys = np.array([f"{a}|{b}" for a, b in zip(l_dev, r_dev)], dtype=object)
+    keys = np.array([f"{a}|{b}" for a, b in zip(l_dev, r_dev, strict=True)], dtype=object)
     out = []
     for key in dict.fromkeys(keys.tolist()):
         a, _, b = key.partition("|")

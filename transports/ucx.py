@@ -1,0 +1,383 @@
+"""UCX through ``ucxx`` (async tag API): a one-sided write emulated with tagged messages.
+
+ucxx's Python API has no RMA, so a write is a short exchange on the initiator's
+endpoint to the target's listener (all int64 frames)::
+
+    initiator                                         target
+    [WRITE, xfer_id, n, notif_len] + table[n, 3] ->   check each (region, offset, nbytes) row
+                                                  <-  status[n] (uint8; 0 = accepted)
+    each accepted segment, in order              ->   received straight into the registered region
+                                                  <-  [DONE, xfer_id, num_failed, 0]
+
+The target pushes the notification before its final frame, and only when every
+segment landed. Rows the target rejects (a region released since the descriptor
+was taken) are the report's failed segments; a broken connection fails every
+segment not yet acknowledged with ``PeerLost``.
+
+Every ucxx call of the process runs on one private event loop thread (ucxx binds
+its context to one loop), so transports work whatever loop, or none, the caller
+uses. A connection is used by one exchange at a time; a timed-out or aborted
+exchange drops the connection and the next post reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from transports._peer_wire import decode_descriptor, encode_descriptor
+from transports.base import (
+    LOCAL_OFFSET,
+    LOCAL_REGION,
+    NBYTES,
+    REMOTE_OFFSET,
+    REMOTE_REGION,
+    MemoryRegion,
+    Notification,
+    Peer,
+    SegmentPairs,
+    Transfer,
+    TransferReport,
+    TransferStatus,
+    Transport,
+)
+from transports.errors import (
+    ConnectError,
+    PeerLost,
+    TransferAborted,
+    TransferError,
+    TransferTimeout,
+    TransportUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+HELLO, WRITE, DONE = 1, 2, 3
+CONNECT_TIMEOUT = 10.0
+
+
+def _view(addr: int, nbytes: int) -> np.ndarray:
+    return np.frombuffer((ctypes.c_uint8 * nbytes).from_address(addr), dtype=np.uint8)
+
+
+class _Runtime:
+    """The process's ucxx event loop thread."""
+
+    _instance: _Runtime | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="pdx-ucxx", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def get(cls) -> _Runtime:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+
+class _Conn:
+    """Initiator side of one peer: an endpoint used by one exchange at a time."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.ep: Any = None
+        self.lock: asyncio.Lock | None = None  # created on the runtime loop
+        self.next_id = 0
+
+    async def ensure(self, hello: bytes) -> Any:
+        import ucxx
+
+        if self.ep is None or self.ep.closed:
+            ep = await asyncio.wait_for(ucxx.create_endpoint(self.host, self.port), CONNECT_TIMEOUT)
+            await ep.send(np.array([HELLO, len(hello), 0, 0], dtype=np.int64))
+            await ep.send(np.frombuffer(hello, dtype=np.uint8))
+            self.ep = ep
+        return self.ep
+
+    def drop(self) -> None:
+        ep, self.ep = self.ep, None
+        if ep is not None:
+            try:
+                ep.abort()
+            except Exception:
+                logger.debug("ucxx endpoint abort failed", exc_info=True)
+
+
+class UcxTransfer(Transfer):
+    def __init__(self, transport: UcxTransport, peer: Peer, pairs: SegmentPairs, future: Future[Any]) -> None:
+        self.num_segments = len(pairs)
+        self.nbytes = pairs.nbytes
+        self._transport = transport
+        self._peer = peer
+        self._future = future
+        self._t0 = time.perf_counter()
+        self._report: TransferReport | None = None
+        self._kind: type[TransferError] = TransferError
+
+    def poll(self) -> TransferStatus:
+        if self._report is None and self._future.done():
+            self._collect()
+        return TransferStatus.PENDING if self._report is None else self._report.status
+
+    async def wait(self, timeout: float | None = None) -> TransferReport:
+        if self._report is None:
+            timeout = self._transport.timeout if timeout is None else timeout
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._future)), timeout)
+            except asyncio.TimeoutError:
+                self._fail(TransferStatus.FAILED, TransferTimeout,
+                           f"ucx write to {self._peer.name} did not complete within {timeout}s")
+            except BaseException:
+                pass  # collected below
+            if self._report is None:
+                self._collect()
+        report = self._report
+        assert report is not None
+        if report.ok:
+            return report
+        raise self._kind(report.error or "transfer failed", report)
+
+    def abort(self) -> None:
+        self._fail(TransferStatus.ABORTED, TransferAborted, "aborted by the initiator")
+
+    def _fail(self, status: TransferStatus, kind: type[TransferError], error: str) -> None:
+        if self._report is not None:
+            return
+        self._future.cancel()
+        conn = self._peer.state
+        self._transport._runtime.loop.call_soon_threadsafe(conn.drop)  # the stream is mid-exchange
+        self._set(status, tuple(range(self.num_segments)), error, kind)
+
+    def _collect(self) -> None:
+        try:
+            failed = self._future.result()
+        except asyncio.CancelledError:
+            self._set(TransferStatus.ABORTED, tuple(range(self.num_segments)), "aborted", TransferAborted)
+            return
+        except Exception as exc:
+            self._set(TransferStatus.FAILED, tuple(range(self.num_segments)),
+                      f"connection to {self._peer.name} broke: {type(exc).__name__}: {exc}", PeerLost)
+            return
+        if failed:
+            self._set(TransferStatus.FAILED, tuple(failed),
+                      f"{len(failed)} segment(s) rejected by {self._peer.name}: region released or out of range",
+                      TransferError)
+        else:
+            self._set(TransferStatus.DONE, (), None, TransferError)
+
+    def _set(self, status: TransferStatus, failed: tuple[int, ...], error: str | None,
+             kind: type[TransferError]) -> None:
+        self._report = TransferReport(status, self.num_segments, self.nbytes, failed, error,
+                                      time.perf_counter() - self._t0)
+        self._kind = kind
+        self._transport._inflight.discard(self)
+
+
+class UcxTransport(Transport):
+    """ucxx endpoint. Options: ``host`` to listen on (default 127.0.0.1), ``timeout`` (default
+    seconds for ``wait``)."""
+
+    kind = "ucx"
+    supports_read = False
+    devices = ("cpu",)
+
+    @classmethod
+    def is_available(cls) -> bool:
+        try:
+            import ucxx  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def __init__(self, name: str | None = None, *, host: str = "127.0.0.1", timeout: float = 60.0) -> None:
+        super().__init__(name)
+        try:
+            import ucxx  # noqa: F401
+        except ImportError as exc:
+            raise TransportUnavailable(f"ucxx is not installed ({exc}); pip install ucxx-cu12") from exc
+        self.host = host
+        self.timeout = timeout
+        self._runtime = _Runtime.get()
+        self._peers: dict[str, Peer] = {}
+        self._inflight: set[UcxTransfer] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._listener = self._call(self._listen())
+
+    def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return self._runtime.submit(coro).result(CONNECT_TIMEOUT + 5)
+
+    async def _listen(self) -> Any:
+        import ucxx
+
+        return ucxx.create_listener(self._serve, 0)
+
+    # -- target side (runs on the runtime loop) -------------------------------------------
+    async def _serve(self, ep: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            frame = np.zeros(4, dtype=np.int64)
+            await ep.recv(frame)
+            if frame[0] != HELLO or not 0 < frame[1] <= 4096:
+                logger.warning("ucx %s: bad hello from a peer; closing it", self.name)
+                return
+            name = np.zeros(int(frame[1]), dtype=np.uint8)
+            await ep.recv(name)
+            sender = name.tobytes().decode("utf-8", "replace")
+            while not self._closed:
+                await ep.recv(frame)
+                if frame[0] != WRITE or frame[2] < 0:
+                    logger.warning("ucx %s: bad frame %s from %s; closing it", self.name, frame, sender)
+                    return
+                await self._serve_write(ep, sender, int(frame[1]), int(frame[2]), int(frame[3]))
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # peer went away: nothing to report on this side
+            logger.debug("ucx %s: connection closed: %s", self.name, exc)
+        finally:
+            self._handlers.discard(task)
+            try:
+                ep.abort()
+            except Exception:
+                pass
+
+    async def _serve_write(self, ep: Any, sender: str, xfer_id: int, num: int, notif_len: int) -> None:
+        table = np.zeros((num, 3), dtype=np.int64)  # region, offset, nbytes
+        if num:
+            await ep.recv(table)
+        notif = None
+        if notif_len >= 0:
+            buf = np.zeros(notif_len, dtype=np.uint8)
+            if notif_len:
+                await ep.recv(buf)
+            notif = buf.tobytes()
+        status = np.ones(num, dtype=np.uint8)
+        views: list[np.ndarray] = []
+        for i, (rid, off, n) in enumerate(table.tolist()):
+            region = self.regions.get(rid)
+            if region is not None and n > 0 and off >= 0 and off + n <= region.nbytes:
+                status[i] = 0
+                views.append(_view(region.addr + off, n))
+        if num:
+            await ep.send(status)
+        for view in views:
+            await ep.recv(view)
+        num_failed = int(status.sum())
+        if notif is not None and num_failed == 0:
+            self.notifications.push(Notification(sender, notif))
+        await ep.send(np.array([DONE, xfer_id, num_failed, 0], dtype=np.int64))
+
+    # -- descriptors and peers ------------------------------------------------------------
+    def descriptor(self) -> bytes:
+        self._check_open()
+        rows = [(r.region_id, r.nbytes, r.addr, r.device) for r in self.regions.values()]
+        return encode_descriptor(self.kind, self.name, rows,
+                                 extra={"host": self.host, "port": int(self._listener.port)})
+
+    async def connect(self, descriptor: bytes) -> Peer:
+        self._check_open()
+        desc = decode_descriptor(descriptor, self.kind)
+        host, port = desc.extra.get("host"), desc.extra.get("port")
+        if not isinstance(host, str) or not isinstance(port, int):
+            from transports.errors import DescriptorError
+
+            raise DescriptorError(f"ucx descriptor of {desc.name} has no listener address")
+        old = self._peers.get(desc.name)
+        conn = old.state if old is not None and (old.state.host, old.state.port) == (host, port) else _Conn(host, port)
+        try:
+            await asyncio.wrap_future(self._runtime.submit(conn.ensure(self.name.encode())))
+        except Exception as exc:
+            raise ConnectError(f"cannot connect to ucx peer {desc.name} at {host}:{port}: {exc}") from exc
+        peer = Peer(desc.name, desc.regions, state=conn)
+        self._peers[desc.name] = peer
+        return peer
+
+    async def disconnect(self, peer: Peer) -> None:
+        if self._peers.pop(peer.name, None) is None:
+            return
+        for tr in list(self._inflight):
+            if tr._peer is peer:
+                tr._fail(TransferStatus.FAILED, PeerLost, f"peer {peer.name} was disconnected")
+        self._runtime.loop.call_soon_threadsafe(peer.state.drop)
+
+    # -- transfers ------------------------------------------------------------------------
+    async def post_write(self, peer: Peer, pairs: SegmentPairs, notif: bytes | None = None) -> Transfer:
+        self._validate(peer, pairs)
+        if self._peers.get(peer.name) is not peer:
+            from transports.errors import TransportClosed
+
+            raise TransportClosed(f"peer {peer.name} is not connected to {self.name}; connect again")
+        t = pairs.table
+        local_addr = np.array([self.regions[int(r)].addr for r in t[:, LOCAL_REGION]], dtype=np.int64) \
+            if len(t) else np.zeros(0, dtype=np.int64)
+        sources = [_view(int(a) + int(o), int(n)) for a, o, n in zip(local_addr, t[:, LOCAL_OFFSET], t[:, NBYTES],
+                                                                     strict=True)]
+        table = np.ascontiguousarray(t[:, [REMOTE_REGION, REMOTE_OFFSET, NBYTES]])
+        future = self._runtime.submit(self._exchange(peer.state, table, sources, notif))
+        transfer = UcxTransfer(self, peer, pairs, future)
+        self._inflight.add(transfer)
+        return transfer
+
+    async def _exchange(self, conn: _Conn, table: np.ndarray, sources: list[np.ndarray],
+                        notif: bytes | None) -> list[int]:
+        """Run one write exchange on the runtime loop; returns the failed row indices."""
+        if conn.lock is None:
+            conn.lock = asyncio.Lock()
+        async with conn.lock:
+            ep = await conn.ensure(self.name.encode())
+            try:
+                conn.next_id += 1
+                num = len(table)
+                notif_len = -1 if notif is None else len(notif)
+                await ep.send(np.array([WRITE, conn.next_id, num, notif_len], dtype=np.int64))
+                if num:
+                    await ep.send(table)
+                if notif:
+                    await ep.send(np.frombuffer(notif, dtype=np.uint8))
+                status = np.zeros(num, dtype=np.uint8)
+                if num:
+                    await ep.recv(status)
+                for i in np.flatnonzero(status == 0).tolist():
+                    await ep.send(sources[i])
+                done = np.zeros(4, dtype=np.int64)
+                await ep.recv(done)
+                if done[0] != DONE or done[1] != conn.next_id:
+                    raise ConnectionError(f"unexpected reply {done.tolist()}")
+            except BaseException:
+                conn.drop()
+                raise
+            return np.flatnonzero(status).tolist()
+
+    # -- lifetime -------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        for tr in list(self._inflight):
+            tr._fail(TransferStatus.ABORTED, TransferAborted, "transport closed")
+        for peer in list(self._peers.values()):
+            await self.disconnect(peer)
+        await super().aclose()
+        await asyncio.wrap_future(self._runtime.submit(self._shutdown()))
+
+    async def _shutdown(self) -> None:
+        self._listener.close()
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=5)
