@@ -40,7 +40,6 @@ from transports.base import (
     NBYTES,
     REMOTE_OFFSET,
     REMOTE_REGION,
-    MemoryRegion,
     Notification,
     Peer,
     SegmentPairs,
