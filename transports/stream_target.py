@@ -132,7 +132,7 @@ class StreamServer:
             scratch = memoryview(bytearray(SCRATCH_BYTES))
             while True:
                 self._serve_frame(sock, session, peer_name, pid, scratch)
-        except (OSError, ProtocolError, KeyError, ValueError) as exc:
+        except (OSError, ProtocolError, KeyError, ValueError, TypeError) as exc:
             if not self._closing:
                 logger.debug("stream from %s ended: %s", session or "?", exc)
         finally:

@@ -36,7 +36,7 @@ from transports.descriptor import Descriptor, decode_descriptor, encode_descript
 from transports.errors import ConnectError, DescriptorError, PeerLost, SegmentError
 from transports.pins import RegionPins
 from transports.stream_initiator import Part, StreamConnection, split
-from transports.stream_target import StreamServer
+from transports.stream_target import MAX_ROWS, StreamServer
 from transports.transfer import ThreadTransfer
 from transports.wire import MAX_HELLO, MODE_CMA, MODE_INLINE, OP_READ, OP_WRITE
 
@@ -181,6 +181,8 @@ class StreamTransport(Transport):
         if notif is not None and len(notif) > MAX_HELLO:
             raise SegmentError(f"notification of {len(notif)} bytes is too large (max {MAX_HELLO})")
         t = pairs.table
+        if len(t) > MAX_ROWS:
+            raise SegmentError(f"{len(t)} segments in one post; post at most {MAX_ROWS}")
         bad, pinned, regions = self._pins.acquire(t[:, LOCAL_REGION], t[:, LOCAL_OFFSET], t[:, NBYTES])
         if bad.any():
             self._pins.unpin(pinned)
