@@ -40,6 +40,13 @@ class SharedArena:
         """Create a new segment named ``pdx-store-<pid>-<random>`` of ``nbytes`` bytes."""
         name = f"{ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         path = os.path.join(SHM_DIR, name)
+        shm = os.statvfs(SHM_DIR)
+        if nbytes > shm.f_bavail * shm.f_frsize:
+            # tmpfs pages are allocated on first write; a full /dev/shm would SIGBUS engines
+            raise OSError(
+                f"{SHM_DIR} has {shm.f_bavail * shm.f_frsize / 1e9:.2f} GB free, less than the "
+                f"{nbytes / 1e9:.2f} GB arena; lower --capacity-gb or enlarge {SHM_DIR}"
+            )
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(fd, nbytes)
@@ -80,9 +87,7 @@ class SharedArena:
             try:
                 mm.close()
             except BufferError:  # a view is still alive somewhere; the mapping goes with it
-                logger.warning(
-                    "arena %s still has live views; leaving the mapping to GC", self.name
-                )
+                logger.debug("arena %s still has live views; unmapped when they go", self.name)
         if self._is_owner:
             self._is_owner = False
             try:

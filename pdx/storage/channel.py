@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from pdx.errors import StorageError, StoreUnavailable
 from pdx.storage.arena import SharedArena
 from pdx.storage.protocol import VERSION, ProtocolError, encode_frame, recv_frame
@@ -33,6 +35,7 @@ class StoreChannel:
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.arena: SharedArena | None = None  # the arena of the server this socket talks to
+        self.array: np.ndarray | None = None  # [arena bytes] uint8; holds the mapping while set
         self.has_l2 = False  # that server has an L2 tier (calls may spend an L2 budget)
         self._attach_arena = attach_arena
         self._sock: socket.socket | None = None
@@ -66,9 +69,16 @@ class StoreChannel:
             self._fail()
 
     def close(self) -> None:
+        """Close the socket (the arena stays mapped until ``detach`` or a reconnect)."""
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+
+    def detach(self) -> None:
+        """Close the socket and drop this channel's hold on the arena mapping."""
+        self.close()
+        self.arena = None
+        self.array = None
 
     def _fail(self) -> None:
         self.close()
@@ -90,6 +100,7 @@ class StoreChannel:
                     f"store speaks protocol v{hello.get('version')}, client v{VERSION}"
                 )
             self.arena = self._attach_arena(str(hello["arena"]), int(hello["arena_bytes"]))
+            self.array = self.arena.array
             self.has_l2 = bool(hello.get("has_l2"))
         except (OSError, ProtocolError, KeyError, ValueError) as exc:
             sock.close()

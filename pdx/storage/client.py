@@ -124,8 +124,8 @@ class StoreClient:
             self._note_ok()
             if reply["lease"] is None:
                 return 0
-            arena = self._ctl.arena
-            assert arena is not None and arena.array is not None
+            arena = self._ctl.array  # [arena bytes] uint8
+            assert arena is not None
             num, nbytes, start = 0, 0, time.perf_counter()
             try:
                 for (offset, size, want), dst in zip(reply["chunks"], dsts, strict=False):
@@ -134,7 +134,7 @@ class StoreClient:
                             "stored chunk has %d bytes, destination %d: stopping", size, dst.nbytes
                         )
                         break
-                    np.copyto(dst, arena.array[offset : offset + size])
+                    np.copyto(dst, arena[offset : offset + size])
                     if self.verify_loads and checksum(dst) != want:
                         self._add(num_corrupt=1)
                         logger.error(
@@ -195,8 +195,8 @@ class StoreClient:
                 break
             fut.set_result(0)
         with self._ctl_lock:
-            self._ctl.close()
-        self._saver.close()
+            self._ctl.detach()
+        self._saver.detach()
         with self._arena_lock:
             if self._arena is not None:
                 self._arena.close()
@@ -233,15 +233,15 @@ class StoreClient:
         self._note_ok()
         if reply["lease"] is None:
             return 0
-        arena = self._saver.arena
-        assert arena is not None and arena.array is not None
+        arena = self._saver.array  # [arena bytes] uint8
+        assert arena is not None
         checksums: list[int | None] = []
         nbytes, start = 0, time.perf_counter()
         try:
             for offset, src in zip(reply["offsets"], views, strict=True):
                 if offset is None:
                     continue
-                dst = arena.array[offset : offset + src.nbytes]
+                dst = arena[offset : offset + src.nbytes]
                 np.copyto(dst, src)
                 checksums.append(checksum(dst))
                 nbytes += src.nbytes

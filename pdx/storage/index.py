@@ -37,7 +37,7 @@ class ReserveStatus(enum.Enum):
 class Entry:
     __slots__ = (
         "key", "offset", "nbytes", "checksum", "state", "num_readers",
-        "is_pinned", "is_removed", "last_used", "is_from_l2",
+        "is_pinned", "is_removed", "last_used", "is_from_l2", "num_reads",
     )  # fmt: skip
 
     def __init__(self, key: bytes, offset: int, nbytes: int):
@@ -51,6 +51,7 @@ class Entry:
         self.is_removed = False  # dropped from the index, slot freed at last release
         self.last_used = 0
         self.is_from_l2 = False  # promoted from L2: no write-through needed
+        self.num_reads = 0  # acquires by engines (write-through reads not counted)
 
     @property
     def is_evictable(self) -> bool:
@@ -90,6 +91,7 @@ class ChunkIndex:
             return None
         entry.num_readers += 1
         if touch:
+            entry.num_reads += 1
             self._touch(entry)
         return entry
 

@@ -210,13 +210,14 @@ class StoreServer:
         try:
             for key in keys:
                 entry = self.index.acquire(key)
-                if entry is not None:
-                    self.counters.hits_l1 += 1
-                elif self.l2 is not None and loop.time() < deadline:
+                if entry is None and self.l2 is not None and loop.time() < deadline:
                     entry = await self._promoted(key, deadline)
-                    self.counters.hits_l2 += entry is not None
                 if entry is None:
                     break
+                if entry.is_from_l2 and entry.num_reads == 1:  # first read since promotion
+                    self.counters.hits_l2 += 1
+                else:
+                    self.counters.hits_l1 += 1
                 entries.append(entry)
         except BaseException:
             for entry in entries:

@@ -124,9 +124,11 @@ def store_factory(tmp_path: Path) -> Iterator:
         return proc
 
     yield start
-    for proc in procs:
+    for proc in procs:  # every store still running must shut down cleanly and leave nothing
         if proc.proc.poll() is None:
-            proc.stop()
+            assert proc.stop() == 0, proc.log_path.read_text()
+            assert proc.arena not in pdx_arenas()
+            assert not os.path.exists(proc.socket)
 
 
 @pytest.fixture

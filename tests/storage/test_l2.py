@@ -43,6 +43,7 @@ def test_l1_clear_then_load_promotes_from_l2(l2_url, store_factory, client_facto
     assert all(np.array_equal(d, make_chunk(k)) for d, k in zip(dsts, keys, strict=False))
     stats = store.stats()
     assert stats["l2_promotions"] == 6 and stats["num_chunks"] == 6 and stats["l2_corrupt"] == 0
+    assert stats["hits_l2"] == 6 and stats["hits_l1"] == 0
     assert stats["l2_writes"] == 6  # promoted chunks are not written back
 
 
@@ -155,3 +156,31 @@ def test_unknown_l2_scheme_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="unknown L2 URL scheme"):
         create_l2("s3://bucket/x")
+
+
+@pytest.mark.redis
+def test_slow_l2_never_blocks_saves_and_drops_are_counted(
+    redis_server, store_factory, client_factory
+):
+    import os
+    import signal
+
+    store = store_factory(l2=redis_server.url, extra=["--l2-queue", "2", "--l2-workers", "1"])
+    client = client_factory(store.socket)
+    keys = make_keys(12, "slow-l2")
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)  # Redis hangs: write-through stalls
+    try:
+        for i in range(0, 12, 3):
+            assert (
+                client.save(keys[i : i + 3], [make_chunk(k) for k in keys[i : i + 3]]).result(10)
+                == 3
+            )
+        stats = store.stats()
+        assert stats["num_chunks"] == 12  # L1 took every chunk
+        assert stats["l2_write_dropped"] >= 12 - 2 - 1  # queue of 2, one in flight
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    num, dsts = load(client, keys)
+    assert num == 12 and all(
+        np.array_equal(d, make_chunk(k)) for d, k in zip(dsts, keys, strict=True)
+    )
