@@ -235,21 +235,24 @@ def _plan_tokens(
 ) -> np.ndarray:
     s_tok, s_head, run = _token_atoms(src)
     d_tok, d_head, _ = _token_atoms(dst)
-    t = np.arange(num_tokens, dtype=np.int64)
-    s_base = src_ids[t // src.block_size] * src.block_stride_nbytes + (t % src.block_size) * s_tok
-    d_base = dst_ids[t // dst.block_size] * dst.block_stride_nbytes + (t % dst.block_size) * d_tok
-    contiguous_heads = s_head == run and d_head == run  # token-major: the head slice is one run
-    if contiguous_heads:
-        s_off = s_base + (lo - src.head_start) * s_head
-        d_off = d_base + (lo - dst.head_start) * d_head
+    if s_head == run and d_head == run:  # token-major: a token's head slice is one run
+        t = np.arange(num_tokens, dtype=np.int64)
+        h = np.full(num_tokens, lo, dtype=np.int64)
         nbytes = (hi - lo) * run
-    else:
-        h = np.arange(lo, hi, dtype=np.int64)
-        s_off = (s_base[:, None] + (h - src.head_start)[None, :] * s_head).reshape(-1)
-        d_off = (d_base[:, None] + (h - dst.head_start)[None, :] * d_head).reshape(-1)
-        order = np.argsort(s_off, kind="stable")  # source memory order, so runs merge
-        s_off, d_off = s_off[order], d_off[order]
+    else:  # head-major: atoms in source memory order (block, head, token) so runs merge
+        n = src.block_size
+        grid = (-(-num_tokens // n), hi - lo, n)
+        t = np.broadcast_to(
+            np.arange(grid[0] * n, dtype=np.int64).reshape(grid[0], 1, n), grid
+        ).reshape(-1)
+        h = np.broadcast_to(np.arange(lo, hi, dtype=np.int64).reshape(1, -1, 1), grid).reshape(-1)
+        keep = t < num_tokens
+        t, h = t[keep], h[keep]
         nbytes = run
+    s_off = src_ids[t // src.block_size] * src.block_stride_nbytes + (t % src.block_size) * s_tok
+    s_off += (h - src.head_start) * s_head
+    d_off = dst_ids[t // dst.block_size] * dst.block_stride_nbytes + (t % dst.block_size) * d_tok
+    d_off += (h - dst.head_start) * d_head
     return _rows(src.num_buffers, s_off, d_off, nbytes, src, dst)
 
 
