@@ -134,7 +134,7 @@ def check_compatible(src: PagedKVLayout, dst: PagedKVLayout) -> tuple[int, int]:
     """
     mismatches = [
         f"{name} {getattr(src, name)!r} != {getattr(dst, name)!r}"
-        for name in ("kind", "dtype", "head_dim", "total_kv_heads", "cpu_isa")
+        for name in ("kind", "dtype", "num_layers", "head_dim", "total_kv_heads", "cpu_isa")
         if getattr(src, name) != getattr(dst, name)
     ]
     if mismatches:

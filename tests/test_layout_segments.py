@@ -131,6 +131,7 @@ def test_incompatible_layouts_fail_up_front():
         (hnd, _make("vllm_nhd", 16), "kind"),
         (hnd, _make("vllm_hnd", 16, dtype="float16"), "dtype"),
         (hnd, replace(hnd, head_dim=16), "head_dim"),
+        (hnd, replace(hnd, num_layers=3), "num_layers"),
         (_make("vllm_cpu", 32), _make("vllm_cpu", 64), "transposed"),
         (_make("vllm_hnd", 16, 2, 0), _make("vllm_hnd", 16, 2, 1), "do not overlap"),
     ]
