@@ -146,7 +146,8 @@ def test_unreachable_engine_is_a_502_then_503_once_health_checks_notice(harness)
     app.fleet.get("d0").pool.port = 1  # nothing listens there
     app.fleet.get("d0").pool.is_closed = False
     r = C.post(url + "/v1/completions", json={"prompt": "hi"})
-    assert r.status_code == 502 and "d0" in r.json()["error"]["message"]
+    # 502 naming the engine, or 503 if a health check already took it out of rotation
+    assert (r.status_code, "d0" in r.json()["error"]["message"]) in {(502, True), (503, False)}
     deadline = time.monotonic() + 5
     while C.get(url + "/ready").status_code != 503 and time.monotonic() < deadline:
         time.sleep(0.05)
