@@ -116,7 +116,6 @@ def to_engine(e: schema.EngineSpec) -> topology.Engine:
             kv_cache_gib=e.local.kv_cache_gib,
             side_channel_port=e.local.side_channel_port,
             max_num_seqs=e.local.max_num_seqs,
-            enforce_eager=e.local.enforce_eager,
             env=tuple(sorted(e.local.env.items())),
             extra_args=tuple(e.local.extra_args),
         )

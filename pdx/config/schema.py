@@ -36,7 +36,6 @@ class LocalLaunch(_Strict):
     kv_cache_gib: float = Field(default=1.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE
     side_channel_port: int | None = Field(default=None, ge=1, le=65535)  # VLLM_NIXL_SIDE_CHANNEL_PORT
     max_num_seqs: int = Field(default=16, gt=0)
-    enforce_eager: bool = True
     env: dict[str, str] = Field(default_factory=dict)  # extra environment for the engine
     extra_args: list[str] = Field(default_factory=list)  # extra api_server arguments
 

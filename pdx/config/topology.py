@@ -20,7 +20,6 @@ class LocalLaunch:
     kv_cache_gib: float
     side_channel_port: int | None
     max_num_seqs: int
-    enforce_eager: bool
     env: tuple[tuple[str, str], ...]
     extra_args: tuple[str, ...]
 
