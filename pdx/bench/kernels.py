@@ -5,7 +5,7 @@ contiguous tensors on the same device, measured in the same run (``ratio`` = ker
 copy). Times are the best of several calls, after a warm-up, for kernel and copy alike. On CUDA tensors the Triton kernels run; on CPU the torch reference. Also times
 chunk-key hashing of 128K tokens.
 
-    pdx bench kernels [--quick] [--json FILE] [--device cpu|cuda] [--layers N]
+    pdx bench kernels [--quick] [--json FILE] [--device cpu|cuda] [--layers N] [--sizes 256,2048]
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ def _time(
         sync()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
 
 
 def _bench_layout(
@@ -89,16 +93,16 @@ def _bench_layout(
             "layout": layout.kind.value,
             "op": op,
             "chunk_tokens": chunk_tokens,
-            "gbps": round(nbytes / s / 1e9, 3),
-            "copy_gbps": round(copy_gbps, 3),
-            "ratio": round(copy_s / s, 3),
+            "gbps": _sig(nbytes / s / 1e9),
+            "copy_gbps": _sig(copy_gbps),
+            "ratio": _sig(copy_s / s),
             "nbytes": nbytes,
         }
         for op, s in (("gather", gather_s), ("scatter", scatter_s))
     ]
 
 
-def _bench_keys() -> dict[str, float]:
+def _bench_keys(samples: int) -> dict[str, float]:
     import numpy as np
 
     from pdx.keys import KeyExtras, chunk_keys
@@ -117,7 +121,7 @@ def _bench_keys() -> dict[str, float]:
             def run(toks: Any = toks, extras: KeyExtras = extras) -> None:
                 chunk_keys(toks, extras)
 
-            times = [_time(run, lambda: None, 0.0, 1) for _ in range(20)]
+            times = [_time(run, lambda: None, 0.0, 1) for _ in range(samples)]
             out[f"{hash_name}_{kind}_ms_best"] = round(min(times) * 1e3, 3)
             out[f"{hash_name}_{kind}_ms_median"] = round(statistics.median(times) * 1e3, 3)
     return out
@@ -131,6 +135,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", metavar="FILE", help='write {"points": [...]} to FILE')
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--layers", type=int, default=4, help="layers per layout (default 4)")
+    parser.add_argument(
+        "--sizes", help="comma-separated chunk sizes in tokens (default by --quick)"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -138,6 +145,8 @@ def main(argv: list[str]) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sizes = [256, 2048] if args.quick else [256, 1024, 4096, 16384]
+    if args.sizes:
+        sizes = [int(x) for x in args.sizes.split(",")]
     min_seconds, max_iters = (0.15, 10) if args.quick else (1.0, 200)
     layouts = _layouts(args.layers)
     points: list[dict[str, Any]] = []
@@ -146,7 +155,7 @@ def main(argv: list[str]) -> int:
             for size in sizes:
                 points += _bench_layout(layout, size, device, min_seconds, max_iters)
                 bar.update(1)
-    keys = _bench_keys()
+    keys = _bench_keys(5 if args.quick else 20)
 
     print(
         f"device={device} layers={args.layers} dtype=bfloat16 (copy = plain copy_ of the same bytes, same run)"
