@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+import transports
 from transports.base import SegmentPairs
 from transports.errors import ConnectError, DescriptorError, SegmentError, TransferError
 from transports.remote import digest, pattern
@@ -39,7 +40,7 @@ def _transfer_works(aio, initiator, target, peer_descriptor=None) -> None:
         lambda d: d[: len(d) // 2],
         lambda d: json.dumps({**json.loads(d), "kind": "no-such-transport"}).encode(),
         lambda d: json.dumps({**json.loads(d), "regions": [{"region_id": -1, "nbytes": 0}]}).encode(),
-        lambda d: json.dumps({**json.loads(d), "pdx": 99}).encode(),
+        lambda d: json.dumps({**json.loads(d), ("pdx" if b'"pdx"' in d else "version"): 99}).encode(),
     ],
     ids=["garbage", "truncated", "wrong-kind", "bad-region", "wrong-version"],
 )
@@ -47,6 +48,21 @@ def test_malformed_descriptor_is_rejected(kind, aio, initiator, target, mangle):
     bad = mangle(target.call("descriptor"))
     with pytest.raises(DescriptorError):
         aio.run(initiator.connect(bad))
+    _transfer_works(aio, initiator, target)
+
+
+def test_descriptor_of_another_transport_is_rejected(kind, aio, initiator, target):
+    other_kind = "tcp" if kind != "tcp" else "loopback"
+
+    async def other_descriptor():
+        other = transports.create_transport(other_kind)
+        try:
+            return other.descriptor()
+        finally:
+            await other.aclose()
+
+    with pytest.raises(DescriptorError, match=other_kind):
+        aio.run(initiator.connect(aio.run(other_descriptor())))
     _transfer_works(aio, initiator, target)
 
 
