@@ -6,20 +6,29 @@
     client.save(new_keys, src_views)            # background: reserve -> copy -> commit
     client.close()
 
+Zero-copy variants for a connector that gathers/scatters paged KV itself:
+
+    with client.read_views(keys) as views:      # read-only arena views, leased
+        scatter(views[i], ...)                  # len(views) = leading chunks stored
+    with client.write_views(keys, sizes) as views:
+        gather(..., views[i])                   # None = skip (stored, in flight, no room)
+                                                # committed with checksums at block end
+
 Called from the engine's threads (scheduler and worker side). The contract:
 
 - Nothing the store does raises into the engine. A store that is slow or gone makes
   ``lookup_prefix``/``load`` return 0 (a miss) within ``timeout_s`` (plus
-  ``l2_budget_s`` when L2 is consulted) and ``save`` drop the chunks; the client logs
-  once and counts (``stats()``). It reconnects by itself every ``retry_s``.
+  ``l2_budget_s`` when the store has L2), views come back empty/None and ``save``
+  drops the chunks; the client logs once and counts (``stats()``). It reconnects by
+  itself every ``retry_s``.
 - Bad arguments (mismatched lengths, a GPU or non-contiguous buffer, a read-only
   destination) raise ``ValueError``: they are bugs in the caller.
-- ``load`` copies under a read lease: the chunks cannot be evicted or overwritten
-  while being copied. A chunk whose size differs from its destination ends the
-  run (a layout mismatch is a miss, not a partial copy).
+- Reads happen under a read lease: the chunks cannot be evicted or overwritten while
+  being copied (or inside a ``read_views`` block; views must not outlive it). A chunk
+  whose size differs from its destination ends the run of ``load``.
 - ``save`` returns a ``Future[int]`` (chunks stored) at once. The source buffers
-  must stay unchanged until it is done; a full save queue drops the batch
-  (future result 0). Keys already stored or being saved elsewhere are skipped.
+  must stay unchanged until it is done; a full save queue drops the batch (future
+  result 0). Keys already stored or being saved elsewhere are skipped.
 
 Keys are ``bytes`` or ``pdx.keys.ChunkKey``. Buffers are numpy arrays, CPU torch
 tensors or any buffer-protocol object; each is one chunk's bytes, C-contiguous.
@@ -29,12 +38,12 @@ from __future__ import annotations
 
 import logging
 import queue
-import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +51,7 @@ import numpy as np
 
 from pdx.errors import StorageError
 from pdx.storage.arena import SharedArena
+from pdx.storage.buffers import byte_view, hex_keys
 from pdx.storage.channel import StoreChannel
 from pdx.storage.checksum import checksum
 
@@ -50,15 +60,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ClientStats:
-    num_loaded: int  # chunks copied out of the store
+    num_loaded: int  # chunks read out of the store
     num_saved: int  # chunks committed into the store
     num_save_dropped: int  # chunks not saved: queue full, store down or full
     num_errors: int  # calls that failed because the store was slow or gone
     num_corrupt: int  # loaded chunks that failed verification (verify_loads)
     loaded_bytes: int
     saved_bytes: int
-    load_seconds: float  # time spent copying out of the arena
-    save_seconds: float  # time spent copying into the arena (and checksumming)
+    load_seconds: float  # time spent reading out of the arena
+    save_seconds: float  # time spent writing into the arena (and checksumming)
 
 
 class StoreClient:
@@ -79,11 +89,10 @@ class StoreClient:
         self._arena: SharedArena | None = None
         self._arena_lock = threading.Lock()
         self._ctl = StoreChannel(self.socket_path, timeout_s, retry_s, self._attach_arena)
-        self._ctl_lock = threading.Lock()
+        self._ctl_lock = threading.Lock()  # one request at a time on the caller's socket
         self._saver = StoreChannel(self.socket_path, timeout_s, retry_s, self._attach_arena)
-        self._save_queue: queue.Queue[tuple[list[Any], list[Any], Future[int]]] = queue.Queue(
-            save_queue
-        )
+        self._save_queue: queue.Queue[tuple[list[Any], list[np.ndarray], Future[int]]]
+        self._save_queue = queue.Queue(save_queue)
         self._inflight: set[Future[int]] = set()
         self._stats: dict[str, float] = dict.fromkeys(ClientStats.__dataclass_fields__, 0)
         self._stats_lock = threading.Lock()
@@ -92,68 +101,79 @@ class StoreClient:
         self._thread = threading.Thread(target=self._save_loop, name="pdx-store-saver", daemon=True)
         self._thread.start()
 
-    # -- engine API ----------------------------------------------------------------------
+    # -- reads -----------------------------------------------------------------------------
     def lookup_prefix(self, keys: Sequence[Any]) -> int:
         """How many leading keys the store holds (L1, then L2). 0 when the store is away."""
         if not keys or self._is_closed:
             return 0
-        msg = {"op": "lookup", "keys": _hex_keys(keys), "budget_s": self.l2_budget_s}
-        try:
-            with self._ctl_lock:
-                reply = self._ctl.call(msg, l2_budget_s=self.l2_budget_s)
-        except StorageError as exc:
-            self._note_failure(exc)
-            return 0
-        self._note_ok()
-        return int(reply["num_chunks"])
+        msg = {"op": "lookup", "keys": hex_keys(keys), "budget_s": self.l2_budget_s}
+        with self._ctl_lock:
+            reply = self._call(self._ctl, msg, l2=True)
+        return 0 if reply is None else int(reply["num_chunks"])
 
     def load(self, keys: Sequence[Any], dst_views: Sequence[Any]) -> int:
         """Copy the leading stored chunks into ``dst_views``; returns how many were copied."""
         if len(keys) != len(dst_views):
             raise ValueError(f"{len(keys)} keys but {len(dst_views)} destination buffers")
-        if not keys or self._is_closed:
-            return 0
-        dsts = [_byte_view(d, writable=True) for d in dst_views]
-        msg = {"op": "acquire", "keys": _hex_keys(keys), "budget_s": self.l2_budget_s}
-        with self._ctl_lock:
-            try:
-                reply = self._ctl.call(msg, l2_budget_s=self.l2_budget_s)
-            except StorageError as exc:
-                self._note_failure(exc)
-                return 0
-            self._note_ok()
-            if reply["lease"] is None:
-                return 0
-            arena = self._ctl.array  # [arena bytes] uint8
-            assert arena is not None
-            num, nbytes, start = 0, 0, time.perf_counter()
-            try:
-                for (offset, size, want), dst in zip(reply["chunks"], dsts, strict=False):
-                    if dst.nbytes != size:
-                        logger.warning(
-                            "stored chunk has %d bytes, destination %d: stopping", size, dst.nbytes
-                        )
-                        break
-                    np.copyto(dst, arena[offset : offset + size])
-                    if self.verify_loads and checksum(dst) != want:
-                        self._add(num_corrupt=1)
-                        logger.error(
-                            "chunk %d of a load failed its checksum; treating it as a miss", num
-                        )
-                        break
-                    num += 1
-                    nbytes += size
-            finally:
-                copy_s = time.perf_counter() - start
-                self._ctl.send({"op": "release", "lease": reply["lease"], "copy_s": copy_s})
-        self._add(num_loaded=num, loaded_bytes=nbytes, load_seconds=copy_s)
+        dsts = [byte_view(d, writable=True) for d in dst_views]
+        num = 0
+        with self._leased(keys) as (views, checksums):
+            for src, want, dst in zip(views, checksums, dsts, strict=False):
+                if dst.nbytes != src.nbytes:
+                    logger.warning(
+                        "stored chunk has %d bytes, destination %d", src.nbytes, dst.nbytes
+                    )
+                    break
+                np.copyto(dst, src)
+                if self.verify_loads and checksum(dst) != want:
+                    self._add(num_corrupt=1)
+                    logger.error(
+                        "chunk %d of a load failed its checksum; treating it as a miss", num
+                    )
+                    break
+                num += 1
         return num
 
+    @contextmanager
+    def read_views(self, keys: Sequence[Any]) -> Iterator[list[np.ndarray]]:
+        """Read-only uint8 views of the leading stored chunks, leased for the block."""
+        with self._leased(keys) as (views, _):
+            yield views
+
+    @contextmanager
+    def _leased(self, keys: Sequence[Any]) -> Iterator[tuple[list[np.ndarray], list[int]]]:
+        if not keys or self._is_closed:
+            yield [], []
+            return
+        msg = {"op": "acquire", "keys": hex_keys(keys), "budget_s": self.l2_budget_s}
+        with self._ctl_lock:
+            reply = self._call(self._ctl, msg, l2=True)
+            arena = self._ctl.array  # [arena bytes] uint8
+        if reply is None or reply["lease"] is None or arena is None:
+            yield [], []
+            return
+        views, checksums = [], []
+        for offset, nbytes, want in reply["chunks"]:
+            view = arena[offset : offset + nbytes]
+            view.flags.writeable = False
+            views.append(view)
+            checksums.append(want)
+        start = time.perf_counter()
+        try:
+            yield views, checksums
+        finally:
+            copy_s = time.perf_counter() - start
+            with self._ctl_lock:
+                self._ctl.send({"op": "release", "lease": reply["lease"], "copy_s": copy_s})
+            nbytes = sum(v.nbytes for v in views)
+            self._add(num_loaded=len(views), loaded_bytes=nbytes, load_seconds=copy_s)
+
+    # -- writes ----------------------------------------------------------------------------
     def save(self, keys: Sequence[Any], src_views: Sequence[Any]) -> Future[int]:
         """Queue chunks for storing; the future gives how many were stored."""
         if len(keys) != len(src_views):
             raise ValueError(f"{len(keys)} keys but {len(src_views)} source buffers")
-        views = [_byte_view(s, writable=False) for s in src_views]
+        views = [byte_view(s, writable=False) for s in src_views]
         fut: Future[int] = Future()
         if not keys:
             fut.set_result(0)
@@ -170,6 +190,33 @@ class StoreClient:
             self._inflight.add(fut)
         fut.add_done_callback(self._forget)
         return fut
+
+    @contextmanager
+    def write_views(
+        self, keys: Sequence[Any], sizes: Sequence[int]
+    ) -> Iterator[list[np.ndarray | None]]:
+        """Writable uint8 views of new slots (None = skip); committed at the end of the block.
+
+        Fill every non-None view inside the block. On normal exit each is checksummed and
+        committed; if the block raises, the slots are freed and nothing is stored.
+        """
+        if len(keys) != len(sizes):
+            raise ValueError(f"{len(keys)} keys but {len(sizes)} sizes")
+        with self._ctl_lock:
+            lease, views = self._reserve(self._ctl, keys, sizes)
+        start = time.perf_counter()
+        try:
+            yield views
+        except BaseException:
+            if lease is not None:
+                with self._ctl_lock:
+                    self._ctl.send({"op": "abort", "lease": lease})
+            raise
+        num = 0
+        if lease is not None:
+            with self._ctl_lock:
+                num = self._commit(self._ctl, lease, views, start)
+        self._add(num_save_dropped=len(keys) - num)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait for queued saves; True if all finished in time."""
@@ -208,57 +255,70 @@ class StoreClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- saver thread --------------------------------------------------------------------
+    # -- saver thread ----------------------------------------------------------------------
     def _save_loop(self) -> None:
         while not self._is_closed:
             try:
-                keys, views, fut = self._save_queue.get(timeout=0.1)
+                keys, srcs, fut = self._save_queue.get(timeout=0.1)
             except queue.Empty:
                 continue
+            num = 0
             try:
-                num = self._save_now(keys, views)
-            except StorageError as exc:
-                self._note_failure(exc)
-                num = 0
+                lease, views = self._reserve(self._saver, keys, [s.nbytes for s in srcs])
+                start = time.perf_counter()
+                if lease is not None:
+                    for src, view in zip(srcs, views, strict=True):
+                        if view is not None:
+                            np.copyto(view, src)
+                    num = self._commit(self._saver, lease, views, start)
             except Exception:
                 logger.exception("saving %d chunks failed; dropping them", len(keys))
-                num = 0
-            if num < len(keys):
-                self._add(num_save_dropped=len(keys) - num)
+            self._add(num_save_dropped=len(keys) - num)
             fut.set_result(num)
 
-    def _save_now(self, keys: list[Any], views: list[np.ndarray]) -> int:
-        msg = {"op": "reserve", "keys": _hex_keys(keys), "sizes": [v.nbytes for v in views]}
-        reply = self._saver.call(msg)
-        self._note_ok()
-        if reply["lease"] is None:
-            return 0
-        arena = self._saver.array  # [arena bytes] uint8
-        assert arena is not None
-        checksums: list[int | None] = []
-        nbytes, start = 0, time.perf_counter()
-        try:
-            for offset, src in zip(reply["offsets"], views, strict=True):
-                if offset is None:
-                    continue
-                dst = arena[offset : offset + src.nbytes]
-                np.copyto(dst, src)
-                checksums.append(checksum(dst))
-                nbytes += src.nbytes
-        except BaseException:
-            self._saver.send({"op": "abort", "lease": reply["lease"]})
-            raise
+    def _reserve(
+        self, channel: StoreChannel, keys: Sequence[Any], sizes: Sequence[int]
+    ) -> tuple[int | None, list[np.ndarray | None]]:
+        msg = {"op": "reserve", "keys": hex_keys(keys), "sizes": [int(s) for s in sizes]}
+        reply = self._call(channel, msg)
+        arena = channel.array  # [arena bytes] uint8
+        if reply is None or reply["lease"] is None or arena is None:
+            return None, [None] * len(keys)
+        views = [
+            None if offset is None else arena[offset : offset + size]
+            for offset, size in zip(reply["offsets"], sizes, strict=True)
+        ]
+        return reply["lease"], views
+
+    def _commit(
+        self, channel: StoreChannel, lease: int, views: list[np.ndarray | None], start: float
+    ) -> int:
+        filled = [v for v in views if v is not None]
+        checksums = [checksum(v) for v in filled]
         copy_s = time.perf_counter() - start
-        done = self._saver.call(
-            {"op": "commit", "lease": reply["lease"], "checksums": checksums, "copy_s": copy_s}
-        )
-        num = int(done["num_committed"])
-        self._add(
-            num_saved=num, saved_bytes=nbytes if num == len(checksums) else 0, save_seconds=copy_s
-        )
+        msg = {"op": "commit", "lease": lease, "checksums": checksums, "copy_s": copy_s}
+        reply = self._call(channel, msg)
+        num = 0 if reply is None else int(reply["num_committed"])
+        nbytes = sum(v.nbytes for v in filled) if num == len(filled) else 0
+        self._add(num_saved=num, saved_bytes=nbytes, save_seconds=copy_s)
         return num
 
-    # -- helpers -------------------------------------------------------------------------
+    # -- helpers ---------------------------------------------------------------------------
+    def _call(
+        self, channel: StoreChannel, msg: dict[str, Any], *, l2: bool = False
+    ) -> dict[str, Any] | None:
+        """One request; None (logged once, counted) if the store failed or refused it.
+
+        Callers hold ``_ctl_lock`` for ``_ctl``; ``_saver`` belongs to the saver thread.
+        """
+        try:
+            reply = channel.call(msg, l2_budget_s=self.l2_budget_s if l2 else 0.0)
+        except StorageError as exc:
+            self._note_failure(exc)
+            return None
+        self._note_ok()
+        return reply
+
     def _attach_arena(self, name: str, nbytes: int) -> SharedArena:
         with self._arena_lock:
             if self._arena is not None and self._arena.name == name and self._arena.is_open:
@@ -295,25 +355,3 @@ class StoreClient:
         if self._is_down:
             self._is_down = False
             logger.info("store at %s is back", self.socket_path)
-
-
-def _hex_keys(keys: Sequence[Any]) -> list[str]:
-    """Chunk keys as hex: ``bytes`` or ``pdx.keys.ChunkKey`` (its ``digest``)."""
-    return [(k if isinstance(k, bytes) else k.digest).hex() for k in keys]
-
-
-def _byte_view(buf: Any, *, writable: bool) -> np.ndarray:
-    """A flat uint8 numpy view of one chunk buffer (no copy)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(buf, torch.Tensor):
-        if buf.device.type != "cpu":
-            raise ValueError(f"chunk buffers must be in host memory, got a {buf.device} tensor")
-        if not buf.is_contiguous():
-            raise ValueError("chunk buffers must be contiguous")
-        buf = buf.detach().reshape(-1).view(torch.uint8).numpy()
-    arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, dtype=np.uint8)
-    if not arr.flags.c_contiguous:
-        raise ValueError("chunk buffers must be C-contiguous")
-    if writable and not arr.flags.writeable:
-        raise ValueError("destination buffer is read-only")
-    return arr.reshape(-1).view(np.uint8)

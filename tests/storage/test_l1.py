@@ -87,3 +87,35 @@ def test_typed_arrays_and_torch_tensors_round_trip(store, client_factory):
     dst = torch.zeros_like(src)
     assert client.load(t_keys, [dst]) == 1
     assert torch.equal(dst, src)
+
+
+def test_zero_copy_views_round_trip_and_abort(store, client_factory):
+    client = client_factory(store.socket)
+    keys = make_keys(3, "views")
+    with client.write_views(keys[:2], [CHUNK, CHUNK]) as views:
+        assert all(v is not None and v.nbytes == CHUNK for v in views)
+        for view, key in zip(views, keys, strict=False):
+            view[:] = make_chunk(key)
+    with pytest.raises(RuntimeError, match="gather failed"):
+        with client.write_views(keys[2:], [CHUNK]) as views:
+            raise RuntimeError("gather failed")
+    assert client.lookup_prefix(keys) == 2  # the aborted chunk was not stored
+    assert store.stats()["used_bytes"] == 2 * CHUNK  # and its slot is free again
+    with client.write_views(keys[:1], [CHUNK]) as views:
+        assert views == [None]  # already stored: nothing to write
+
+    with client.read_views(keys) as views:
+        assert len(views) == 2
+        assert all(np.array_equal(v, make_chunk(k)) for v, k in zip(views, keys, strict=False))
+        assert not views[0].flags.writeable
+        assert store.stats()["num_leases"] == 1
+    assert _leases_end(store)  # release is sent without waiting for a reply
+
+
+def _leases_end(store) -> bool:
+    import time
+
+    deadline = time.monotonic() + 10
+    while store.stats()["num_leases"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return store.stats()["num_leases"] == 0
