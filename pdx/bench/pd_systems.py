@@ -145,7 +145,7 @@ def make_pdx(base: EngineSpec, log_dir: Path, transport: str) -> System:
     extra = {"transport": transport, "auth_token": token}
     prefill_kv = {**kv, "kv_role": "kv_producer",
                   "kv_connector_extra_config": {**extra, "control_port": control_port}}  # fmt: skip
-    decode_kv = {**kv, "kv_role": "kv_consumer",
+    decode_kv = {**kv, "kv_role": "kv_consumer", "kv_load_failure_policy": "recompute",
                  "kv_connector_extra_config": {**extra, "stats_path": str(stats_path)}}  # fmt: skip
     # NIXL/UCX transports also need a side channel; harmless for the others.
     prefill = VllmEngine(

@@ -68,6 +68,7 @@ class EngineSpec:
     extra_args: tuple[str, ...] = ()
     extra_env: tuple[tuple[str, str], ...] = ()
     name: str = "vllm"  # for logs and errors
+    repin_threads: bool = True  # with cpu_bind: pin every thread to it once ready (see pin_threads)
 
     @property
     def url(self) -> str:
@@ -130,6 +131,31 @@ def build_env(spec: EngineSpec, base: dict[str, str] | None = None) -> dict[str,
     return env
 
 
+def parse_cpu_list(text: str) -> set[int]:
+    """``"0"``, ``"0-3"``, ``"0,2-3"`` -> a set of CPU ids."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def group_thread_ids(pgid: int) -> list[int]:
+    """Every thread of every process in process group ``pgid`` (Linux /proc)."""
+    tids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat.rpartition(")")[2].split()[3]) != pgid:  # field 5: pgrp
+                continue
+            tids += [int(t.name) for t in (entry / "task").iterdir()]
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return tids
+
+
 def _get(url: str, timeout: float) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback)
@@ -187,6 +213,8 @@ class VllmEngine:
             try:
                 if _get(self.url + "/health", timeout=2.0)[0] == 200:
                     logger.info("%s ready at %s", self.spec.name, self.url)
+                    if self.spec.cpu_bind is not None and self.spec.repin_threads:
+                        self.pin_threads(parse_cpu_list(self.spec.cpu_bind))
                     return
             except OSError:
                 pass
@@ -206,6 +234,25 @@ class VllmEngine:
             self.stop()
             raise
         return self
+
+    def pin_threads(self, cpus: set[int]) -> int:
+        """Pin every thread of the engine's processes to ``cpus``; returns how many.
+
+        vLLM's CPU NixlConnector worker moves its main thread to the last core of
+        each NUMA node (to keep a core for KV transfer). With two engines on a small
+        box both land on the same core, beside the other engine's compute, so each
+        engine is re-pinned to its own cores once ready.
+        """
+        assert self._proc is not None
+        num_pinned = 0
+        for tid in group_thread_ids(self._proc.pid):
+            try:
+                os.sched_setaffinity(tid, cpus)
+                num_pinned += 1
+            except OSError:
+                continue  # the thread exited meanwhile
+        logger.info("%s: pinned %d threads to cpus %s", self.spec.name, num_pinned, sorted(cpus))
+        return num_pinned
 
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

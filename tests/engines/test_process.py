@@ -132,3 +132,38 @@ def test_stop_ends_the_whole_process_group(tmp_path, monkeypatch):
         time.sleep(0.1)
     else:
         pytest.fail(f"child {child} of the engine outlived stop()")
+
+
+def test_pin_threads_pins_every_thread_of_the_engine(tmp_path, monkeypatch):
+    import os
+    import time
+
+    import pdx.engines.process as process
+
+    script = (
+        "import os, threading, time\n"
+        "os.sched_setaffinity(0, set(range(os.cpu_count())))\n"
+        "threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n"
+        f"open({str(tmp_path / 'up')!r}, 'w')\n"
+        "time.sleep(600)\n"
+    )
+    monkeypatch.setattr(process, "build_command", lambda spec: [sys.executable, "-c", script])
+    engine = VllmEngine(EngineSpec(model="/m", port=free_port()), log_path=tmp_path / "e.log")
+    engine.launch()
+    try:
+        while not (tmp_path / "up").exists():
+            assert engine.is_alive()
+            time.sleep(0.05)
+        assert engine.pin_threads({0}) >= 2
+        tids = [int(t) for t in os.listdir(f"/proc/{engine.pid}/task")]
+        assert len(tids) >= 2
+        assert all(os.sched_getaffinity(tid) == {0} for tid in tids)
+    finally:
+        engine.stop(grace_s=2)
+
+
+def test_parse_cpu_list():
+    from pdx.engines.process import parse_cpu_list
+
+    assert parse_cpu_list("0") == {0}
+    assert parse_cpu_list("0-2,5") == {0, 1, 2, 5}
