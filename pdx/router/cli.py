@@ -16,6 +16,7 @@ def serve(topology, host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
     from pdx.router.app import RouterApp
+    from pdx.router.server import CoalescingHttpToolsProtocol
 
     cfg = topology.router
     gc.collect()
@@ -32,7 +33,7 @@ def serve(topology, host: str | None = None, port: int | None = None) -> None:
         host=host or cfg.host,
         port=cfg.port if port is None else port,
         loop=loop,
-        http="httptools",
+        http=CoalescingHttpToolsProtocol,
         log_level=cfg.log_level,
         access_log=False,
         proxy_headers=False,

@@ -12,6 +12,7 @@ import uvicorn
 from pdx.config import parse_topology
 from pdx.router.app import RouterApp
 from pdx.router.fakes import FakeEngine, Rendezvous
+from pdx.router.server import CoalescingHttpToolsProtocol
 
 
 def _bound_socket() -> socket.socket:
@@ -37,7 +38,7 @@ class Harness:
     def serve(self, app: Any) -> str:
         """Serve ``app`` on a fresh loopback port; return its base URL."""
         sock = _bound_socket()
-        config = uvicorn.Config(app, log_level="error", access_log=False, lifespan="on", http="httptools")
+        config = uvicorn.Config(app, log_level="error", access_log=False, lifespan="on", http=CoalescingHttpToolsProtocol)
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._servers.append(server)
