@@ -209,13 +209,14 @@ class ControlClient:
         self.is_closed = False
 
     async def connect(self, timeout: float = 5.0) -> None:
-        self._reader, self._writer = await asyncio.wait_for(
+        reader, writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port, limit=MAX_LINE), timeout
         )
-        self._writer.write(encode(Hello(token=self._token, engine=self._engine)))
-        await self._writer.drain()
+        self._reader, self._writer = reader, writer
+        writer.write(encode(Hello(token=self._token, engine=self._engine)))
+        await writer.drain()
         try:
-            first = _to_decode.validate_json(await asyncio.wait_for(self._reader.readuntil(b"\n"), timeout))
+            first = _to_decode.validate_json(await asyncio.wait_for(reader.readuntil(b"\n"), timeout))
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise ControlError(
                 f"prefill control server {self.host}:{self.port} closed the connection: "
