@@ -1,18 +1,15 @@
-"""Whole-page moves: the fast CPU path when a request's tokens fill its blocks in order.
+"""Whole-block moves: the fast CPU path when a request's tokens fill its blocks in order.
 
-Gathering token by token through strided views is an element-wise index (slow on
-CPU). When ``slot_mapping`` is ``block_ids[t // N] * N + t % N`` (the normal case),
-the reference instead copies whole pages with ``index_select`` (contiguous runs) and
-then reorders one compact buffer densely. Imports torch; only kernel modules import it.
+Gathering token by token through strided views is an element-wise index with two
+index tensors (slow on CPU). When ``slot_mapping`` is ``block_ids[t // N] * N + t % N``
+(the normal case), ``index_select`` / ``index_copy_`` along the block dimension of the
+same strided views move whole blocks at once (several times faster). Imports torch;
+only kernel modules import it.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-
-from kernels.views import _kind
 
 
 def block_ids_of(slots: torch.Tensor, block_size: int) -> torch.Tensor | None:
@@ -29,52 +26,23 @@ def block_ids_of(slots: torch.Tensor, block_size: int) -> torch.Tensor | None:
     return blocks if torch.equal(expected, slots) else None
 
 
-def page_tables(layout: Any, layer_cache: Any) -> list[torch.Tensor] | None:
-    """Per backing tensor, a ``[num_blocks, page_elems]`` view in memory order; None if pages are not dense."""
-    kind = _kind(layout)
-    n, h, d = layout.block_size, layout.num_kv_heads, layout.head_dim
-    if kind in ("vllm_hnd", "vllm_cpu", "vllm_nhd"):
-        phys = layer_cache.transpose(1, 2) if kind == "vllm_nhd" else layer_cache  # memory order
-        if not phys[0].is_contiguous():
-            return None
-        return [
-            torch.as_strided(
-                phys, (phys.shape[0], phys[0].numel()), (phys.stride(0), 1), phys.storage_offset()
-            )
-        ]
-    pools = list(layer_cache) if kind == "sglang_mha" else [layer_cache]
-    if not all(p.is_contiguous() for p in pools):
-        return None
-    width = n * (h if kind == "sglang_mha" else 1) * d
-    return [p[: (p.shape[0] // n) * n].view(-1, width) for p in pools]
-
-
-def compact_cache(layout: Any, pages: list[torch.Tensor]) -> Any:
-    """A layer cache of the same kind over ``[num_pages, page_elems]`` tables."""
-    kind = _kind(layout)
-    n, h, d = layout.block_size, layout.num_kv_heads, layout.head_dim
-    num_pages = pages[0].shape[0]
-    if kind in ("vllm_hnd", "vllm_cpu"):
-        return pages[0].view(num_pages, h, n, 2 * d)
-    if kind == "vllm_nhd":
-        return pages[0].view(num_pages, n, h, 2 * d).transpose(1, 2)
-    if kind == "sglang_mha":
-        return tuple(p.view(num_pages * n, h, d) for p in pages)
-    return pages[0].view(num_pages * n, 1, d)
-
-
-def copy_tokens(dst: torch.Tensor, src: torch.Tensor, num_tokens: int, to_pages: bool) -> None:
-    """Between a dense ``[T, h, D]`` token tensor and a ``[num_pages, N, h, D]`` page view."""
-    tokens, pages = (src, dst) if to_pages else (dst, src)
-    n = pages.shape[1]
+def gather_blocks(view: torch.Tensor, blocks: torch.Tensor, tokens: torch.Tensor) -> None:
+    """``tokens[T, h, D]`` <- the first T tokens of ``view[blocks]`` (``view``: ``[B, N, h, D]``, strided)."""
+    n, num_tokens = view.shape[1], tokens.shape[0]
     full, rem = divmod(num_tokens, n)
-    pairs = []
     if full:
-        pairs.append((tokens[: full * n].unflatten(0, (full, n)), pages[:full]))
+        torch.index_select(
+            view, 0, blocks[:full], out=tokens[: full * n].view(full, n, *tokens.shape[1:])
+        )
     if rem:
-        pairs.append((tokens[full * n : num_tokens], pages[full, :rem]))
-    for tok, page in pairs:
-        if to_pages:
-            page.copy_(tok)
-        else:
-            tok.copy_(page)
+        tokens[full * n :].copy_(view[int(blocks[full]), :rem])
+
+
+def scatter_blocks(view: torch.Tensor, blocks: torch.Tensor, tokens: torch.Tensor) -> None:
+    """The first T tokens of ``view[blocks]`` <- ``tokens[T, h, D]``, in place."""
+    n, num_tokens = view.shape[1], tokens.shape[0]
+    full, rem = divmod(num_tokens, n)
+    if full:
+        view.index_copy_(0, blocks[:full], tokens[: full * n].unflatten(0, (full, n)))
+    if rem:
+        view[int(blocks[full]), :rem].copy_(tokens[full * n :])

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kernels.pages import block_ids_of, compact_cache, copy_tokens, page_tables
+from kernels.pages import block_ids_of, gather_blocks, scatter_blocks
 from kernels.views import kv_views
 
 
@@ -80,13 +80,11 @@ def gather_layer(
             device=views[0].device,
         )
     blocks = block_ids_of(slots, n)
-    tables = page_tables(layout, layer_cache) if blocks is not None else None
-    if tables is not None:  # whole pages, then one dense reorder
-        assert blocks is not None
-        compact = compact_cache(layout, [t.index_select(0, blocks) for t in tables])
-        for c, view in enumerate(kv_views(layout, compact)):
-            tokens = out[c].unflatten(-1, (hi - lo, layout.head_dim))
-            copy_tokens(tokens, view[:, :, lo:hi], slots.numel(), to_pages=False)
+    if blocks is not None:  # whole blocks at a time
+        for c, view in enumerate(views):
+            gather_blocks(
+                view[:, :, lo:hi], blocks, out[c].unflatten(-1, (hi - lo, layout.head_dim))
+            )
         return out
     b, off = slots // n, slots % n
     for c, view in enumerate(views):
@@ -112,21 +110,11 @@ def scatter_layer(
         raise ValueError(f"chunk dtype {chunk.dtype} differs from the cache's {views[0].dtype}")
     n = layout.block_size
     blocks = block_ids_of(slots, n)
-    tables = page_tables(layout, layer_cache) if blocks is not None else None
-    if tables is not None:  # read-modify-write whole pages
-        assert blocks is not None
-        overwrites_all = slots.numel() % n == 0 and (lo, hi) == (0, layout.num_kv_heads)
-        pages = [
-            torch.empty(len(blocks), t.shape[1], dtype=t.dtype, device=t.device)
-            if overwrites_all
-            else t.index_select(0, blocks)
-            for t in tables
-        ]
-        for c, view in enumerate(kv_views(layout, compact_cache(layout, pages))):
-            tokens = chunk[c].unflatten(-1, (hi - lo, layout.head_dim))
-            copy_tokens(view[:, :, lo:hi], tokens, slots.numel(), to_pages=True)
-        for table, page in zip(tables, pages, strict=True):
-            table.index_copy_(0, blocks, page)
+    if blocks is not None:  # whole blocks at a time
+        for c, view in enumerate(views):
+            scatter_blocks(
+                view[:, :, lo:hi], blocks, chunk[c].unflatten(-1, (hi - lo, layout.head_dim))
+            )
         return
     b, off = slots // n, slots % n
     for c, view in enumerate(views):
