@@ -1,7 +1,8 @@
 """The shared storage tier: KV chunks keyed by chunk key, shared by every engine on a node.
 
     cli.py        ``pdx store``: flags, env overrides, run until SIGTERM
-    server.py     the store server: ops, leases, write-through and promotion
+    server.py     the store server: connections, ops, leases
+    tier.py       write-through to L2 and promotion from it (thread pools, bounded queue)
     http_api.py   operator HTTP API and /metrics
     protocol.py   hot-path wire format (length-prefixed JSON over a unix socket)
     arena.py      the L1 POSIX shared-memory arena
@@ -9,6 +10,7 @@
     index.py      chunk key -> slot, LRU eviction, pins, read leases
     client.py     ``StoreClient``, used inside engine processes
     channel.py    one client connection (timeouts, reconnect back-off)
+    buffers.py    keys and chunk buffers as the client handles them
     l2/           L2 adapters behind one interface (``create_l2(url)``)
     metrics.py    counters and their Prometheus rendering
     bench.py      L1 save/load GB/s against memcpy

@@ -4,29 +4,25 @@ One asyncio loop serves engines on a unix socket (``protocol.py``) and operators
 over HTTP (``http_api.py``). Chunk bytes never pass through this process on the L1
 path: engines copy them straight into or out of the shared arena at the offsets
 handed out here, under leases that keep those slots from being evicted or reused.
-L2 reads and writes run in worker threads.
+Write-through to L2 and promotion from it live in ``tier.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import os
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
-
-from pdx.errors import ChunkCorrupt, StoreUnavailable
 from pdx.storage.allocator import SlabAllocator
 from pdx.storage.arena import SharedArena, sweep_stale_arenas
 from pdx.storage.config import StoreConfig
 from pdx.storage.index import ChunkIndex, Entry, ReserveStatus
 from pdx.storage.metrics import StoreCounters
 from pdx.storage.protocol import VERSION, ProtocolError, encode_frame, parse_keys, read_frame
+from pdx.storage.tier import L2Tier
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +48,12 @@ class StoreServer:
         self.counters = StoreCounters()
         self.arena: SharedArena | None = None
         self.index: ChunkIndex | None = None
-        self.l2: Any = None
+        self.tier: L2Tier | None = None  # write-through and promotion, when --l2 is set
         self.http_port: int | None = None
         self._leases: dict[int, Lease] = {}
         self._lease_ids = itertools.count(1)
-        self._promoting: dict[bytes, asyncio.Task[bool]] = {}
-        self._l2_queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=config.l2_queue)
         self._tasks: list[asyncio.Task[Any]] = []
         self._servers: list[asyncio.Server] = []
-        self._write_pool: ThreadPoolExecutor | None = None
-        self._read_pool: ThreadPoolExecutor | None = None
         self._conn_writers: set[asyncio.StreamWriter] = set()
 
     # -- life cycle ----------------------------------------------------------------------
@@ -77,12 +69,9 @@ class StoreServer:
         if cfg.l2_url:
             from pdx.storage.l2 import create_l2
 
-            self.l2 = create_l2(cfg.l2_url)
-            self._write_pool = ThreadPoolExecutor(cfg.l2_workers, thread_name_prefix="pdx-l2-write")
-            self._read_pool = ThreadPoolExecutor(4, thread_name_prefix="pdx-l2-read")
-            self._tasks += [
-                asyncio.create_task(self._write_through()) for _ in range(cfg.l2_workers)
-            ]
+            l2 = create_l2(cfg.l2_url)
+            self.tier = L2Tier(l2, self.index, self.arena, self.counters,
+                               queue_size=cfg.l2_queue, num_writers=cfg.l2_workers)  # fmt: skip
         self._tasks.append(asyncio.create_task(self._sweep_leases()))
         self._servers.append(await asyncio.start_unix_server(self._on_client, path=cfg.socket_path))
         if cfg.http_port >= 0:
@@ -96,20 +85,16 @@ class StoreServer:
             srv.close()
         for writer in list(self._conn_writers):
             writer.close()
-        for task in self._tasks + list(self._promoting.values()):
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._promoting.values(), return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self._servers.clear()
-        for pool in (self._write_pool, self._read_pool):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-        self._write_pool = self._read_pool = None
+        if self.tier is not None:
+            await self.tier.aclose()
+            self.tier = None
         for lease_id in list(self._leases):
             self._end_lease(lease_id)
-        if self.l2 is not None:
-            self.l2.close()
-            self.l2 = None
         if self.arena is not None:
             self.arena.close()
         try:
@@ -147,7 +132,7 @@ class StoreServer:
                 "ok": True,
                 "arena": self.arena.name,
                 "arena_bytes": self.arena.nbytes,
-                "has_l2": self.l2 is not None,
+                "has_l2": self.tier is not None,
                 "version": VERSION,
             }
         if op == "lookup":
@@ -187,16 +172,8 @@ class StoreServer:
         assert self.index is not None
         num_l1 = self.index.lookup_prefix(keys)
         num = num_l1
-        if self.l2 is not None and num_l1 < len(keys):
-            rest = keys[num_l1:]
-            try:
-                num += await asyncio.wait_for(
-                    self._in_read_pool(self.l2.contains_prefix, rest), budget_s
-                )
-            except (StoreUnavailable, asyncio.TimeoutError) as exc:
-                self._l2_failed("lookup", exc)
-            for key in keys[num_l1:num]:
-                self._start_promotion(key)
+        if self.tier is not None and num_l1 < len(keys):
+            num += await self.tier.contains_prefix(keys[num_l1:], budget_s)
         self.counters.lookup_chunks += len(keys)
         self.counters.lookup_hits += num
         return {"num_chunks": num, "num_l1": num_l1}
@@ -210,8 +187,8 @@ class StoreServer:
         try:
             for key in keys:
                 entry = self.index.acquire(key)
-                if entry is None and self.l2 is not None and loop.time() < deadline:
-                    entry = await self._promoted(key, deadline)
+                if entry is None and self.tier is not None and loop.time() < deadline:
+                    entry = await self.tier.promoted(key, deadline)
                 if entry is None:
                     break
                 if entry.is_from_l2 and entry.num_reads == 1:  # first read since promotion
@@ -267,19 +244,16 @@ class StoreServer:
                 continue
             num += 1
             nbytes += entry.nbytes
-            if self.l2 is not None:
-                try:
-                    self._l2_queue.put_nowait(entry.key)
-                except asyncio.QueueFull:
-                    self.counters.l2_write_dropped += 1
+            if self.tier is not None:
+                self.tier.enqueue_write(entry.key)
         self.counters.record_copy("save", nbytes, copy_s)
         return num
 
     async def clear(self, include_l2: bool) -> int:
         assert self.index is not None
         num = self.index.clear()
-        if include_l2 and self.l2 is not None:
-            await self._in_read_pool(self.l2.clear)
+        if include_l2 and self.tier is not None:
+            await self.tier.clear()
         return num
 
     def stats(self) -> dict[str, Any]:
@@ -294,7 +268,7 @@ class StoreServer:
             "num_chunks": self.index.num_chunks,
             "num_pinned": self.index.num_pinned,
             "num_leases": len(self._leases),
-            "l2_queue_depth": self._l2_queue.qsize(),
+            "l2_queue_depth": 0 if self.tier is None else self.tier.queue_depth,
             "l2_url": self.config.l2_url,
             "arena": self.arena.name,
         }
@@ -332,89 +306,6 @@ class StoreServer:
                 )
                 self.counters.leases_expired += 1
                 self._end_lease(lease.id)
-
-    # -- L2 ------------------------------------------------------------------------------
-    async def _in_read_pool(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._read_pool, fn, *args)
-
-    def _l2_failed(self, what: str, exc: BaseException) -> None:
-        self.counters.l2_errors += 1
-        if self.counters.l2_errors == 1 or self.counters.l2_errors % 1000 == 0:
-            logger.warning(
-                "L2 %s failed (%d failures so far): %s", what, self.counters.l2_errors, exc
-            )
-
-    def _start_promotion(self, key: bytes) -> asyncio.Task[bool]:
-        task = self._promoting.get(key)
-        if task is None:
-            task = asyncio.create_task(self._promote(key))
-            self._promoting[key] = task
-            task.add_done_callback(functools.partial(self._end_promotion, key))
-        return task
-
-    def _end_promotion(self, key: bytes, _task: asyncio.Task[bool]) -> None:
-        self._promoting.pop(key, None)
-
-    async def _promoted(self, key: bytes, deadline: float) -> Entry | None:
-        """Promote key from L2 (or join a promotion in flight) and read-acquire it."""
-        assert self.index is not None
-        task = self._start_promotion(key)
-        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
-        except asyncio.TimeoutError:
-            return None
-        return self.index.acquire(key)
-
-    async def _promote(self, key: bytes) -> bool:
-        assert self.index is not None and self.arena is not None
-        try:
-            value = await self._in_read_pool(self.l2.get, key)
-        except ChunkCorrupt as exc:
-            self.counters.l2_corrupt += 1
-            logger.warning("%s; serving a miss", exc)
-            return False
-        except StoreUnavailable as exc:
-            self._l2_failed("read", exc)
-            return False
-        if value is None:
-            return False
-        status, entry = self.index.reserve(key, len(value.payload))
-        if entry is None:
-            return status is ReserveStatus.EXISTS
-        assert self.arena.array is not None
-        dst = self.arena.array[entry.offset : entry.offset + entry.nbytes]  # [nbytes] uint8
-        try:
-            await self._in_read_pool(np.copyto, dst, np.frombuffer(value.payload, dtype=np.uint8))
-        except BaseException:
-            self.index.abort(entry)
-            raise
-        entry.is_from_l2 = True
-        self.counters.l2_promotions += self.index.commit(entry, value.checksum)
-        return True
-
-    async def _write_through(self) -> None:
-        assert self.index is not None and self.arena is not None and self.arena.array is not None
-        arena = self.arena.array  # [capacity] uint8
-        loop = asyncio.get_running_loop()
-        while True:
-            key = await self._l2_queue.get()
-            entry = self.index.acquire(key, touch=False)
-            if entry is None:
-                continue
-            try:
-                if entry.is_from_l2:
-                    continue
-                view = memoryview(arena[entry.offset : entry.offset + entry.nbytes])  # type: ignore[arg-type]
-                await loop.run_in_executor(self._write_pool, self.l2.put, key, view, entry.checksum)
-                view.release()
-                self.counters.l2_writes += 1
-            except StoreUnavailable as exc:
-                self._l2_failed("write", exc)
-            except OSError as exc:
-                self._l2_failed("write", exc)
-            finally:
-                self.index.release(entry)
 
 
 def _budget(msg: dict[str, Any], config: StoreConfig) -> float:
