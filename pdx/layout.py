@@ -293,3 +293,59 @@ def sglang_mla(
     return PagedKVLayout(
         LayoutKind.SGLANG_MLA, num_layers, 1, kv_lora_rank + qk_rope_head_dim, page_size, dtype
     )
+
+
+def from_vllm_tensor(
+    kv_cache: Any,
+    num_layers: int,
+    *,
+    is_cpu: bool,
+    total_kv_heads: int = 0,
+    tp_size: int = 1,
+    tp_rank: int = 0,
+    isa: str = "vec",
+) -> PagedKVLayout:
+    """The layout of one layer tensor vLLM passes to ``register_kv_caches`` (logical ``[B, H, N, 2D]``).
+
+    The memory order (HND or NHD) and any block padding are read from the strides;
+    ``total_kv_heads`` defaults to the local head count times ``tp_size``.
+    """
+    if len(kv_cache.shape) != 4 or kv_cache.shape[3] % 2:
+        raise LayoutError(
+            f"a vLLM layer KV tensor is [num_blocks, H, N, 2*head_dim], got {tuple(kv_cache.shape)}"
+        )
+    _, num_kv_heads, block_size, content = (int(x) for x in kv_cache.shape)
+    stride = kv_cache.stride()
+    dtype = dtype_name(kv_cache.dtype)
+    total = total_kv_heads or num_kv_heads * tp_size
+    head_start, held = tp_head_range(total, tp_size, tp_rank)
+    if held != num_kv_heads:
+        raise LayoutError(
+            f"the tensor holds {num_kv_heads} KV heads but TP rank {tp_rank}/{tp_size} of {total} holds {held}"
+        )
+    c = content
+    is_hnd = (
+        stride[3] == 1 and stride[2] == c and (stride[1] == block_size * c or num_kv_heads == 1)
+    )
+    is_nhd = (
+        stride[3] == 1 and stride[1] == c and (stride[2] == num_kv_heads * c or block_size == 1)
+    )
+    if not (is_hnd or is_nhd):
+        raise LayoutError(
+            f"vLLM KV tensor strides {tuple(stride)} are neither HND nor NHD with dense blocks"
+        )
+    kind = LayoutKind.VLLM_HND if is_hnd else LayoutKind.VLLM_NHD
+    if is_cpu:
+        if kind is not LayoutKind.VLLM_HND:
+            raise LayoutError("the vLLM CPU backend only uses the HND (LBHNC) layout")
+        kind = LayoutKind.VLLM_CPU
+    layout = PagedKVLayout(
+        kind, num_layers, num_kv_heads, content // 2, block_size, dtype,
+        head_start=head_start, total_kv_heads=total, cpu_isa=isa if is_cpu else "",
+    )  # fmt: skip
+    block_stride = int(stride[0]) * DTYPE_SIZES[dtype]
+    if block_stride != layout.page_nbytes:
+        from dataclasses import replace
+
+        layout = replace(layout, block_stride=block_stride)
+    return layout

@@ -11,6 +11,7 @@ pytestmark = pytest.mark.slow  # importing vLLM takes seconds
 
 import kernels  # noqa: E402
 from pdx import layout as L  # noqa: E402
+from pdx.errors import LayoutError  # noqa: E402
 from pdx.segments import layer_block_segments  # noqa: E402
 
 NUM_LAYERS, NUM_BLOCKS, H, N, D = 2, 6, 4, 16, 8
@@ -92,3 +93,20 @@ def test_vllm_cpu_layout_matches_cpu_attention_cache_writes(dtype):
         layer_block_segments(layout, 0, [3, 4, 0]),
         [[3 * layout.page_nbytes, 2 * layout.page_nbytes], [0, layout.page_nbytes]],
     )
+
+
+@pytest.mark.parametrize("order", ["LBHNC", "LBNHC"])
+def test_layout_read_from_vllm_tensor(order):
+    _, page, views = _vllm_views(order)
+    layout = L.from_vllm_tensor(
+        views[0], NUM_LAYERS, is_cpu=False, total_kv_heads=2 * H, tp_size=2, tp_rank=1
+    )
+    assert layout == L.vllm_flash(
+        NUM_LAYERS, 2 * H, D, N, "bfloat16", order=order, tp_size=2, tp_rank=1
+    )
+    cpu = L.from_vllm_tensor(torch.zeros(3, H, 32, 2 * D, dtype=torch.float32), 2, is_cpu=True)
+    assert cpu == L.vllm_cpu(2, H, D, 32, "float32")
+    with pytest.raises(LayoutError, match="only uses the HND"):
+        L.from_vllm_tensor(torch.zeros(3, N, H, 2 * D).transpose(1, 2), 2, is_cpu=True)
+    with pytest.raises(LayoutError, match="neither HND nor NHD"):
+        L.from_vllm_tensor(torch.zeros(3, 2 * D, N, H).permute(0, 3, 2, 1), 2, is_cpu=False)
