@@ -10,6 +10,7 @@ registers attached segments with a resource tracker that unlinks them when the
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -26,20 +27,26 @@ ARENA_PREFIX = "pdx-store-"
 class SharedArena:
     """A mapped shared-memory segment. ``array`` is a uint8 numpy view over all of it."""
 
-    __slots__ = ("name", "nbytes", "array", "_mmap", "_is_owner")
+    __slots__ = ("name", "nbytes", "array", "_mmap", "_is_owner", "_lock_fd")
 
-    def __init__(self, name: str, nbytes: int, mm: mmap.mmap, is_owner: bool):
+    def __init__(self, name: str, nbytes: int, mm: mmap.mmap, is_owner: bool, lock_fd: int = -1):
         self.name = name
         self.nbytes = nbytes
         self._mmap: mmap.mmap | None = mm
         self._is_owner = is_owner
+        self._lock_fd = lock_fd  # creator only: holds flock(LOCK_EX) while the store lives
         self.array: np.ndarray | None = np.frombuffer(mm, dtype=np.uint8)  # [nbytes]
 
     @classmethod
     def create(cls, nbytes: int, *, prefault: bool = False) -> SharedArena:
-        """Create a new segment named ``pdx-store-<pid>-<random>`` of ``nbytes`` bytes."""
+        """Create a new segment named ``pdx-store-<pid>-<random>`` of ``nbytes`` bytes.
+
+        The creator holds an exclusive flock on it for its lifetime; that lock, not the
+        pid, tells ``sweep_stale_arenas`` the owner is alive (pids are per namespace).
+        """
         name = f"{ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         path = os.path.join(SHM_DIR, name)
+        tmp_path = os.path.join(SHM_DIR, f".{name}.tmp")  # not swept: locked before it is named
         shm = os.statvfs(SHM_DIR)
         if nbytes > shm.f_bavail * shm.f_frsize:
             # tmpfs pages are allocated on first write; a full /dev/shm would SIGBUS engines
@@ -47,18 +54,19 @@ class SharedArena:
                 f"{SHM_DIR} has {shm.f_bavail * shm.f_frsize / 1e9:.2f} GB free, less than the "
                 f"{nbytes / 1e9:.2f} GB arena; lower --capacity-gb or enlarge {SHM_DIR}"
             )
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        fd = os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, nbytes)
             flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if prefault else 0)
             mm = mmap.mmap(fd, nbytes, flags=flags)
+            os.rename(tmp_path, path)
         except BaseException:
-            os.unlink(path)
-            raise
-        finally:
             os.close(fd)
+            os.unlink(tmp_path)
+            raise
         logger.info("created arena %s (%.2f GB)", path, nbytes / 1e9)
-        return cls(name, nbytes, mm, is_owner=True)
+        return cls(name, nbytes, mm, is_owner=True, lock_fd=fd)
 
     @classmethod
     def attach(cls, name: str, nbytes: int) -> SharedArena:
@@ -94,6 +102,9 @@ class SharedArena:
                 os.unlink(os.path.join(SHM_DIR, self.name))
             except FileNotFoundError:
                 pass
+        lock_fd, self._lock_fd = self._lock_fd, -1
+        if lock_fd >= 0:
+            os.close(lock_fd)
 
     def __del__(self) -> None:
         try:
@@ -106,8 +117,8 @@ class SharedArena:
 def sweep_stale_arenas() -> list[str]:
     """Unlink arenas left by store servers that died without cleaning up (SIGKILL).
 
-    An arena belongs to the pid in its name; it is stale when that process is gone.
-    Returns the names removed.
+    An arena is stale when nobody holds its flock (the kernel drops it when the owner
+    dies, in any pid namespace sharing this /dev/shm). Returns the names removed.
     """
     removed: list[str] = []
     try:
@@ -117,24 +128,19 @@ def sweep_stale_arenas() -> list[str]:
     for name in names:
         if not name.startswith(ARENA_PREFIX):
             continue
-        pid_text = name[len(ARENA_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit() or _is_alive(int(pid_text)):
+        path = os.path.join(SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
             continue
         try:
-            os.unlink(os.path.join(SHM_DIR, name))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
             removed.append(name)
-        except OSError:
+        except OSError:  # locked: its store is alive (or not ours to remove)
             pass
+        finally:
+            os.close(fd)
     if removed:
         logger.info("removed %d stale arena(s): %s", len(removed), ", ".join(removed))
     return removed
-
-
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

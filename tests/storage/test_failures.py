@@ -135,3 +135,23 @@ def test_clients_leak_no_fds_or_mappings(store):
     assert fds() == before_fds
     assert mappings() == before_maps == 0
     assert store.stats()["num_leases"] == 0
+
+
+def test_leases_held_past_the_ttl_are_ended_by_the_store(store_factory):
+    from pdx.errors import StorageError
+    from pdx.storage.arena import SharedArena
+    from pdx.storage.channel import StoreChannel
+
+    store = store_factory(extra=["--lease-ttl-s", "1"])
+    keys = make_keys(2, "ttl")
+    ch = StoreChannel(store.socket, 5.0, 1.0, SharedArena.attach)
+    try:
+        reserved = ch.call({"op": "reserve", "keys": [keys[0].hex()], "sizes": [CHUNK]})
+        assert reserved["offsets"][0] is not None
+        assert store.wait_stat("leases_expired", 1)["leases_expired"] == 1
+        with pytest.raises(StorageError, match="no open write lease"):
+            ch.call({"op": "commit", "lease": reserved["lease"], "checksums": [0]})
+        stats = store.stats()
+        assert stats["num_leases"] == 0 and stats["used_bytes"] == 0  # the slot came back
+    finally:
+        ch.detach()
