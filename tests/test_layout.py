@@ -94,3 +94,12 @@ def test_fingerprint_is_the_same_in_another_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""})  # fmt: skip
     assert out.stdout.strip() == L.vllm_cpu(2, 4, 64, 32, "bfloat16").fingerprint("m")
+
+
+def test_planning_and_keys_do_not_import_torch():
+    code = (
+        "import sys, pdx.layout, pdx.segments, pdx.keys, kernels\n"
+        "print([m for m in ('torch', 'triton', 'vllm') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
