@@ -41,7 +41,6 @@ class _RouterThread:
         config = uvicorn.Config(RouterApp(topology), host=r.host, port=r.port, log_level="error",
                                 access_log=False, http="httptools")  # fmt: skip
         self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
 
     def __enter__(self) -> _RouterThread:

@@ -106,7 +106,7 @@ async def run_load(url: str, body: bytes, concurrency: int, duration: float, war
     run = _Run(build_request(url, body), concurrency, warmup, duration)
     transports = []
     for _ in range(concurrency):
-        transport, _ = await loop.create_connection(lambda: _Client(run), parts.hostname, parts.port)
+        transport, _ = await loop.create_connection(lambda: _Client(run), parts.hostname or "127.0.0.1", parts.port or 80)
         transports.append(transport)
     try:
         await asyncio.wait_for(run.done, warmup + duration + 30)

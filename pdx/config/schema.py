@@ -33,7 +33,7 @@ class LocalLaunch(_Strict):
     """Present on an engine that ``pdx launch`` starts on this machine."""
 
     cpu: int | None = None  # VLLM_CPU_OMP_THREADS_BIND (a core id or list, e.g. "0" or "0-1")
-    kv_cache_gib: float = Field(default=1.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE
+    kv_cache_gib: int = Field(default=1, gt=0)  # VLLM_CPU_KVCACHE_SPACE (whole GiB)
     side_channel_port: int | None = Field(default=None, ge=1, le=65535)  # VLLM_NIXL_SIDE_CHANNEL_PORT
     max_num_seqs: int = Field(default=16, gt=0)
     env: dict[str, str] = Field(default_factory=dict)  # extra environment for the engine

@@ -17,7 +17,7 @@ Protocol = Literal["pdx", "nixl", "sglang"]
 @dataclass(frozen=True)
 class LocalLaunch:
     cpu: int | None
-    kv_cache_gib: float
+    kv_cache_gib: int
     side_channel_port: int | None
     max_num_seqs: int
     env: tuple[tuple[str, str], ...]

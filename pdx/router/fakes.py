@@ -173,7 +173,7 @@ class FakeEngine:
             self.tokens_by_source["external_kv_transfer"] += 4
         elif self.connector == "pdx" and "pdx_transfer_id" in kv:
             role = kv.get("pdx_role")
-            if self.rendezvous is not None and not await self.rendezvous.meet(kv["pdx_transfer_id"], role):
+            if self.rendezvous is not None and not await self.rendezvous.meet(kv["pdx_transfer_id"], str(role)):
                 return await _reply(send, 500, b'{"error":{"message":"KV transfer timed out","code":500}}')
             if role == "decode":
                 self.tokens_by_source["external_kv_transfer"] += 4

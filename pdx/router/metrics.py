@@ -42,7 +42,7 @@ class Histogram:
     def render(self, name: str) -> list[str]:
         lines = [f"# TYPE {name} histogram"]
         cumulative = 0
-        for bound, count in zip(BUCKETS, self.counts):
+        for bound, count in zip(BUCKETS, self.counts, strict=False):
             cumulative += count
             lines.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
         lines.append(f'{name}_bucket{{le="+Inf"}} {self.num}')

@@ -31,6 +31,13 @@ class Harness:
         self._thread.start()
         self._servers: list[uvicorn.Server] = []
         self._tasks: list[Any] = []
+        self._by_url: dict[str, tuple[uvicorn.Server, Any]] = {}
+
+    def shutdown(self, url: str) -> None:
+        """Stop the server at ``url``: its port refuses connections from now on."""
+        server, task = self._by_url.pop(url)
+        server.should_exit = True
+        task.result(10)
 
     def call(self, coro: Any, timeout: float = 10.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -40,10 +47,10 @@ class Harness:
         sock = _bound_socket()
         config = uvicorn.Config(app, log_level="error", access_log=False, lifespan="on", http=CoalescingHttpToolsProtocol)
         server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._servers.append(server)
         self._tasks.append(asyncio.run_coroutine_threadsafe(server.serve(sockets=[sock]), self.loop))
         port = sock.getsockname()[1]
+        self._by_url[f"http://127.0.0.1:{port}"] = (server, self._tasks[-1])
         deadline = 100
         while not server.started and deadline:
             threading.Event().wait(0.02)
@@ -92,6 +99,6 @@ def start_fleet(
     for fake in fakes:
         fake.rendezvous = shared
         urls.append(h.serve(fake))
-    topology = parse_topology(fleet_yaml(list(zip(fakes, urls)), router))
+    topology = parse_topology(fleet_yaml(list(zip(fakes, urls, strict=True)), router))
     app = RouterApp(topology)
     return h.serve(app), app

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 import pytest
 
 from pdx.router import policies
-from pdx.router.prefix import PrefixIndex, match_prefix, num_prompt_tokens, prefix_keys, prompt_units
+from pdx.router.prefix import (
+    PrefixIndex,
+    match_prefix,
+    num_prompt_tokens,
+    prefix_keys,
+    prompt_units,
+)
 
 
 @dataclass

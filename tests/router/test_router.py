@@ -142,9 +142,7 @@ def test_engine_failure_after_retries_is_a_502(harness, protocol):
 def test_unreachable_engine_is_a_502_then_503_once_health_checks_notice(harness):
     p, d = fakes_for("pdx")
     url, app = start_fleet(harness, [p, d])
-    harness.call(app.fleet.get("d0").pool.aclose())
-    app.fleet.get("d0").pool.port = 1  # nothing listens there
-    app.fleet.get("d0").pool.is_closed = False
+    harness.shutdown(app.fleet.get("d0").engine.url)  # nothing listens there any more
     r = C.post(url + "/v1/completions", json={"prompt": "hi"})
     # 502 naming the engine, or 503 if a health check already took it out of rotation
     assert (r.status_code, "d0" in r.json()["error"]["message"]) in {(502, True), (503, False)}
