@@ -31,6 +31,7 @@ from pdx.router.proxy import Dispatcher, EngineAnswer, LegFailed, RequestCtx
 logger = logging.getLogger(__name__)
 
 GENERATE_ROUTES = {"/v1/completions": "prompt", "/v1/chat/completions": "messages", "/generate": None}
+ROUTE_BYTES = {route: route.encode() for route in GENERATE_ROUTES}
 
 
 WATCH_AFTER_S = 0.02  # a client disconnect is noticed this late at most
@@ -54,6 +55,7 @@ class RouterApp:
         self.dispatcher = Dispatcher(self)
         self._background: set[asyncio.Task] = set()
         self._health_task: asyncio.Task | None = None
+        self._session_header = self.config.policies.session_header.lower().encode()
         token = self.config.auth_token
         self._auth = b"Bearer " + token.encode() if token else None
         self._models = orjson.dumps(
@@ -132,7 +134,7 @@ class RouterApp:
         cfg = self.config
         request_id = client_auth = session_id = None
         content_length = -1
-        session_header = cfg.policies.session_header.lower().encode()
+        session_header = self._session_header
         for name, value in scope["headers"]:
             if name == b"content-length":
                 content_length = int(value) if value.isdigit() else -1
@@ -174,6 +176,7 @@ class RouterApp:
         chunk_size = cfg.policies.chunk_size
         ctx = RequestCtx(
             route=path,
+            route_bytes=ROUTE_BYTES[path],
             body=body,
             is_stream=body.get("stream") is True,
             request_id=request_id or os.urandom(16).hex(),

@@ -30,9 +30,10 @@ _POST = b"POST"
 _STATS_MARK = b"pdx_transfer_stats"
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestCtx:
     route: str  # "/v1/completions", ...
+    route_bytes: bytes  # the same, encoded
     body: dict[str, Any]
     is_stream: bool
     request_id: str
@@ -85,7 +86,7 @@ class Dispatcher:
         ok = False
         try:
             resp = await p.pool.request(
-                _POST, ctx.route.encode(), body, leg_headers(p, ctx), timeout=self.timeouts.prefill_s
+                _POST, ctx.route_bytes, body, leg_headers(p, ctx), timeout=self.timeouts.prefill_s
             )
             data = await resp.read(self.timeouts.prefill_s)
             if resp.status == 200:
@@ -122,7 +123,7 @@ class Dispatcher:
         try:
             try:
                 resp = await d.pool.request(
-                    _POST, ctx.route.encode(), body, leg_headers(d, ctx), timeout=t.decode_first_byte_s, handle=handle
+                    _POST, ctx.route_bytes, body, leg_headers(d, ctx), timeout=t.decode_first_byte_s, handle=handle
                 )
                 if resp.status != 200:
                     data = await resp.read(t.idle_s)
@@ -208,7 +209,7 @@ class Dispatcher:
         *, merge_logprobs: bool,
     ) -> None:
         handle = AbortHandle()
-        p_task = asyncio.ensure_future(self._drain_prefill(p, ctx, p_body))
+        p_task = asyncio.get_running_loop().create_task(self.prefill(p, ctx, p_body))
 
         def on_p_done(task: asyncio.Task) -> None:
             if not task.cancelled() and task.exception() is not None:
@@ -226,8 +227,6 @@ class Dispatcher:
         elif not p_task.cancelled() and p_task.exception() is not None:
             logger.warning("request %s: prefill failed after decode answered: %s", ctx.request_id, p_task.exception())
 
-    async def _drain_prefill(self, p: EngineState, ctx: RequestCtx, body: bytes) -> bytes:
-        return await self.prefill(p, ctx, body)
 
 
 def now() -> float:

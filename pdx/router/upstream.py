@@ -51,10 +51,10 @@ class _Conn(asyncio.Protocol):
         self.is_closed = False
         self.waiter: asyncio.Future | None = None
         self.deadline = 0.0  # loop.time() by which the awaited event must happen; 0: none
+        self.parser = httptools.HttpResponseParser(self)  # parses one response after another
         self.reset()
 
     def reset(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: deque[bytes] = deque()

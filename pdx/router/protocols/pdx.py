@@ -40,12 +40,16 @@ def prefill_body(body: dict[str, Any], transfer_id: str) -> dict[str, Any]:
     out.pop("min_tokens", None)
     out["stream"] = False
     out.pop("stream_options", None)
-    out["kv_transfer_params"] = keys.prefill_params(transfer_id)
+    out["kv_transfer_params"] = {keys.TRANSFER_ID: transfer_id, keys.ROLE: keys.PREFILL}
     return out
 
 
 def decode_body(body: dict[str, Any], transfer_id: str, prefill_kv_host: str, prefill_kv_port: int) -> dict[str, Any]:
     """The D leg: the client's request plus where to get the KV from."""
     out = dict(body)
-    out["kv_transfer_params"] = keys.decode_params(transfer_id, prefill_kv_host, prefill_kv_port)
+    out["kv_transfer_params"] = {
+        keys.TRANSFER_ID: transfer_id,
+        keys.ROLE: keys.DECODE,
+        keys.PEER: f"{prefill_kv_host}:{prefill_kv_port}",
+    }
     return out
