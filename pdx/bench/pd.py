@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
 
     results: list[dict[str, Any]] = []
+    load_before = os.getloadavg()[0]
     with engine_lock():
         for name in systems:
             results += run_system(name, replace(base), log_dir, args.transport, sizes, reps)
@@ -198,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": 16,
         "prefix_caching": "vLLM default (on); every request is a distinct prompt",
         "log_dir": str(log_dir),
+        "num_cpus": os.cpu_count(),
+        "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # start, end
     }
     print(format_table(results))
     print(
