@@ -10,12 +10,12 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import numpy as np  # noqa: E402
-from conftest import CHUNK, make_chunk, make_keys  # noqa: E402
 
 from pdx.storage.client import StoreClient  # noqa: E402
+from tests.storage.helpers import CHUNK, make_chunk, make_keys  # noqa: E402
 
 
 def main() -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import CHUNK, make_chunk, make_keys
 
 from pdx.storage.channel import StoreChannel
 from pdx.storage.client import StoreClient
+from tests.storage.helpers import CHUNK, make_chunk, make_keys
 
 CAPACITY_GB = 0.0042  # four 1 MiB slabs: 16 chunks of 256 KiB
 

@@ -11,7 +11,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import CHUNK, StoreProc, make_chunk, make_keys, pdx_arenas
+
+from tests.storage.helpers import CHUNK, StoreProc, make_chunk, make_keys, pdx_arenas
 
 TIMEOUT_S = 0.5
 BOUND_S = 10 * TIMEOUT_S  # generous bound on one call when the store is away (not a speed test)

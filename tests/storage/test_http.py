@@ -7,7 +7,8 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import CHUNK, StoreProc, make_chunk, make_keys
+
+from tests.storage.helpers import CHUNK, StoreProc, make_chunk, make_keys
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CHUNK, make_chunk, make_keys
+
+from tests.storage.helpers import CHUNK, make_chunk, make_keys
 
 WORKER = str(Path(__file__).with_name("client_worker.py"))
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CHUNK, make_chunk, make_keys
 
 from pdx.storage.l2.base import HEADER
+from tests.storage.helpers import CHUNK, make_chunk, make_keys
 
 
 @pytest.fixture(params=["file", pytest.param("redis", marks=pytest.mark.redis)])
