@@ -17,6 +17,7 @@ import signal
 import sys
 from typing import Any
 
+from pdx.errors import PdxError
 from pdx.storage.config import GB, MB, StoreConfig
 
 DEFAULT_SOCKET = "/tmp/pdx-store.sock"
@@ -78,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> StoreConfig:
     capacity = int(float(args.capacity_gb) * GB)
     slab = int(float(args.slab_mb) * MB)
     if capacity <= 0 or slab <= 0:
-        raise SystemExit("pdx store: --capacity-gb and --slab-mb must be positive")
+        raise ValueError("--capacity-gb and --slab-mb must be positive")
     return StoreConfig(
         socket_path=args.socket,
         capacity_bytes=capacity,
@@ -134,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=str(args.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    config = config_from_args(args)
     try:
+        config = config_from_args(args)
         _run(serve(config), args.loop)
-    except OSError as exc:
+    except (OSError, ValueError, PdxError) as exc:
         print(f"pdx store: {exc}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(exc, OSError) else 2
     return 0

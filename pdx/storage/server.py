@@ -55,25 +55,34 @@ class StoreServer:
         self._tasks: list[asyncio.Task[Any]] = []
         self._servers: list[asyncio.Server] = []
         self._conn_writers: set[asyncio.StreamWriter] = set()
+        self._is_socket_owner = False  # the socket file is ours to remove
 
     # -- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
         from pdx.storage.http_api import start_http
 
         cfg = self.config
-        _claim_socket_path(cfg.socket_path)
+        l2 = None
+        if cfg.l2_url:  # first: a bad URL fails before anything is created
+            from pdx.storage.l2 import create_l2
+
+            l2 = create_l2(cfg.l2_url)
+        try:
+            _claim_socket_path(cfg.socket_path)
+        except BaseException:
+            if l2 is not None:
+                l2.close()
+            raise
         sweep_stale_arenas()
         allocator = SlabAllocator(cfg.capacity_bytes, min(cfg.slab_bytes, cfg.capacity_bytes))
         self.arena = SharedArena.create(allocator.capacity, prefault=cfg.prefault)
         self.index = ChunkIndex(allocator)
-        if cfg.l2_url:
-            from pdx.storage.l2 import create_l2
-
-            l2 = create_l2(cfg.l2_url)
+        if l2 is not None:
             self.tier = L2Tier(l2, self.index, self.arena, self.counters,
                                queue_size=cfg.l2_queue, num_writers=cfg.l2_workers)  # fmt: skip
         self._tasks.append(asyncio.create_task(self._sweep_leases()))
         self._servers.append(await asyncio.start_unix_server(self._on_client, path=cfg.socket_path))
+        self._is_socket_owner = True
         if cfg.http_port >= 0:
             http = await start_http(self, cfg.http_host, cfg.http_port)
             self._servers.append(http)
@@ -97,10 +106,12 @@ class StoreServer:
             self._end_lease(lease_id)
         if self.arena is not None:
             self.arena.close()
-        try:
-            os.unlink(self.config.socket_path)
-        except FileNotFoundError:
-            pass
+        if self._is_socket_owner:
+            self._is_socket_owner = False
+            try:
+                os.unlink(self.config.socket_path)
+            except FileNotFoundError:
+                pass
 
     # -- engine connections --------------------------------------------------------------
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -79,9 +79,31 @@ def test_clean_shutdown_leaves_no_segment_or_socket(tmp_path):
     assert not os.path.exists(store.socket)
 
 
-def test_second_store_on_a_live_socket_refuses_to_start(store, tmp_path):
+def test_second_store_on_a_live_socket_refuses_to_start(store, tmp_path, client_factory):
     with pytest.raises(RuntimeError, match="already serving"):
         StoreProc(tmp_path, socket_path=store.socket)
+    client = client_factory(store.socket)  # the first store is untouched
+    keys = make_keys(1, "first")
+    assert client.save(keys, [make_chunk(keys[0])]).result(10) == 1
+    assert client.lookup_prefix(keys) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--l2", "s3://bucket"], "unknown L2 URL scheme"),
+        (["--l2", "file://relative/path"], "file:///abs/path"),
+        (["--capacity-gb", "-1"], "must be positive"),
+    ],
+)
+def test_bad_flags_fail_clearly_and_leave_nothing(tmp_path, args, message):
+    before = pdx_arenas()
+    sock = str(tmp_path / "s.sock")
+    out = subprocess.run([sys.executable, "-m", "pdx.cli", "store", "--socket", sock, "--http-port", "-1", *args],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert pdx_arenas() == before and not os.path.exists(sock)
 
 
 def test_dead_client_leases_are_released(store, client_factory):
