@@ -120,6 +120,7 @@ class Dispatcher:
         d.begin()
         ok = True
         t = self.timeouts
+        chunks = None
         try:
             try:
                 resp = await d.pool.request(
@@ -175,6 +176,8 @@ class Dispatcher:
                 await send({"type": "http.response.body", "body": b"data: " + err + b"\n\n", "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            if chunks is not None:
+                await chunks.aclose()  # an abandoned stream closes its connection now, not at GC
             d.end(ok)
 
     # -- protocols --------------------------------------------------------------------------

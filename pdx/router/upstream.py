@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import httptools
 
@@ -174,7 +174,7 @@ class Response:
         self.release()
         return data
 
-    async def iter_body(self, idle_timeout: float) -> AsyncIterator[bytes]:
+    async def iter_body(self, idle_timeout: float) -> AsyncGenerator[bytes, None]:
         """Yield body chunks as they arrive; the pool gets the connection back at the end."""
         conn = self.conn
         try:
