@@ -184,3 +184,37 @@ def test_slow_l2_never_blocks_saves_and_drops_are_counted(
     assert num == 12 and all(
         np.array_equal(d, make_chunk(k)) for d, k in zip(dsts, keys, strict=True)
     )
+
+
+def test_disk_l2_stays_under_max_gb_evicting_least_recently_used(tmp_path):
+    from pdx.storage.checksum import checksum
+    from pdx.storage.l2 import create_l2
+
+    keys = make_keys(5, "disk-lru")
+    value_bytes = CHUNK + 40  # payload + header
+    l2 = create_l2(f"file://{tmp_path}/l2?max_gb={3.5 * value_bytes / 1e9}")
+    for key in keys[:3]:
+        l2.put(key, memoryview(make_chunk(key)), checksum(make_chunk(key)))
+    assert l2.get(keys[0]) is not None  # keys[0] becomes most recent
+    l2.put(keys[3], memoryview(make_chunk(keys[3])), checksum(make_chunk(keys[3])))
+    assert [l2.get(k) is not None for k in keys[:4]] == [True, False, True, True]
+    reopened = create_l2(
+        f"file://{tmp_path}/l2?max_gb={2.5 * value_bytes / 1e9}"
+    )  # counts files found
+    assert sum(reopened.get(k) is not None for k in keys[:4]) == 2
+
+
+@pytest.mark.redis
+def test_redis_l2_ttl_expires_values(redis_server):
+    from pdx.storage.checksum import checksum
+    from pdx.storage.l2 import create_l2
+
+    key = make_keys(1, "ttl")[0]
+    l2 = create_l2(f"{redis_server.url}?ttl_s=100&prefix=t:")
+    try:
+        l2.put(key, memoryview(make_chunk(key)), checksum(make_chunk(key)))
+        assert 0 < redis_server.client().ttl(f"t:{key.hex()}") <= 100
+        value = l2.get(key)
+        assert value is not None and bytes(value.payload) == make_chunk(key).tobytes()
+    finally:
+        l2.close()

@@ -67,7 +67,7 @@ class L2Store(ABC):
     url: str
 
     def put(self, key: bytes, payload: memoryview, checksum: int) -> None:
-        self._write(key, encode_header(key, len(payload), checksum), payload)
+        self._write(key, encode_header(key, payload.nbytes, checksum), payload)
 
     def get(self, key: bytes) -> L2Value | None:
         """The verified value, or None if absent. Raises ChunkCorrupt (value deleted)."""

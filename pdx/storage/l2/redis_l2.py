@@ -1,11 +1,12 @@
-"""Redis/Valkey L2 (``redis://host:port/db?prefix=pdx:``): one string value per chunk.
+"""Redis/Valkey L2 (``redis://host:port/db?prefix=pdx:chunk:&ttl_s=3600``): one string per chunk.
 
 The shared tier across nodes when a Redis or Valkey fleet already exists. A value
 is written with ``SET header`` + ``APPEND payload`` inside MULTI/EXEC, so readers
 never see half a value and the client never concatenates a copy of the chunk.
 Timeouts are short and there is a single immediate retry (it reconnects pooled
 connections after a Redis restart); a Redis that is gone costs about one
-connect timeout per call and raises ``StoreUnavailable``.
+connect timeout per call and raises ``StoreUnavailable``. ``ttl_s`` expires values
+(otherwise size Redis with ``maxmemory`` and an eviction policy such as allkeys-lru).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class RedisL2(L2Store):
         query = parse_qs(parts.query)
         self.url = url
         self.prefix = query.pop("prefix", [DEFAULT_PREFIX])[0]
+        try:
+            self.ttl_s = int(query.pop("ttl_s", ["0"])[0]) or None
+        except ValueError:
+            raise ConfigError(f"ttl_s in {url!r} must be whole seconds") from None
         base_url = urlunsplit(("redis", parts.netloc, parts.path, "", ""))
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
         self._redis: Any = redis.Redis.from_url(
@@ -59,7 +64,7 @@ class RedisL2(L2Store):
     def _write(self, key: bytes, header: bytes, payload: memoryview) -> None:
         pipe = self._redis.pipeline(transaction=True)
         name = self._name(key)
-        pipe.set(name, header)
+        pipe.set(name, header, ex=self.ttl_s)
         pipe.append(name, payload)
         self._call("write", pipe.execute)
 
