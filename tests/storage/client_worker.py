@@ -1,7 +1,9 @@
 """A separate engine-like process for the storage tests: ``python client_worker.py MODE SOCKET TAG N``.
 
 MODE ``save`` stores N chunks derived from TAG and waits for them; ``load`` loads them
-and checks every byte. Prints one JSON line with the outcome.
+and checks every byte; ``churn`` and ``read-loop`` save or load random runs of the N
+keys for ``ROUNDS`` rounds (5th argument), checking every byte read. Prints one JSON
+line with the outcome.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ def main() -> None:
     mode, socket_path, tag, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     keys = make_keys(n, tag)
     with StoreClient(socket_path, timeout_s=5.0, verify_loads=True) as client:
-        if mode == "save":
+        if mode in ("churn", "read-loop"):
+            print(json.dumps(loop(client, mode, keys, int(sys.argv[5]))))
+        elif mode == "save":
             num = client.save(keys, [make_chunk(k) for k in keys]).result(timeout=30)
             print(json.dumps({"num_saved": num}))
         else:
@@ -36,6 +40,30 @@ def main() -> None:
                     {"num_loaded": num, "intact": intact, "lookup": client.lookup_prefix(keys)}
                 )
             )
+
+
+def loop(client: StoreClient, mode: str, keys: list[bytes], rounds: int) -> dict[str, int]:
+    rng = np.random.default_rng(os.getpid())
+    num_ops = num_chunks = num_bad = 0
+    for _ in range(rounds):
+        start = int(rng.integers(0, len(keys)))
+        run = keys[start : start + int(rng.integers(1, 9))]
+        if mode == "churn":
+            num_chunks += client.save(run, [make_chunk(k) for k in run]).result(timeout=30)
+        else:
+            dsts = [np.zeros(CHUNK, np.uint8) for _ in run]
+            num = client.load(run, dsts)
+            num_chunks += num
+            num_bad += sum(
+                not np.array_equal(d, make_chunk(k)) for d, k in zip(dsts[:num], run, strict=False)
+            )
+        num_ops += 1
+    return {
+        "ops": num_ops,
+        "chunks": num_chunks,
+        "bad": num_bad,
+        "corrupt": client.stats().num_corrupt,
+    }
 
 
 if __name__ == "__main__":

@@ -78,3 +78,33 @@ def _attach(name: str, nbytes: int):
     from pdx.storage.arena import SharedArena
 
     return SharedArena.attach(name, nbytes)
+
+
+def test_concurrent_writers_and_readers_under_eviction_never_see_wrong_bytes(store_factory):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store = store_factory(capacity_gb=CAPACITY_GB, slab_mb=1)  # 16 slots for 40 keys
+    worker = str(Path(__file__).with_name("client_worker.py"))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, mode, store.socket, "stress", "40", "150"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for mode in ("churn", "churn", "read-loop", "read-loop")
+    ]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    writers, readers = results[:2], results[2:]
+    assert all(r["ops"] == 150 for r in results)
+    assert sum(w["chunks"] for w in writers) > 16  # enough saves to force evictions
+    assert sum(r["chunks"] for r in readers) > 0  # reads did hit
+    assert all(r["bad"] == 0 and r["corrupt"] == 0 for r in readers)
+    stats = store.stats()
+    assert stats["evictions"] > 0 and stats["num_leases"] == 0
