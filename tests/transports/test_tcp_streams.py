@@ -1,0 +1,80 @@
+"""``tcp`` with several streams: a post cut into parts lands whole, notifies once after the
+last part, and reports a rejected row by its index in the whole post."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import transports
+from transports.base import SegmentPairs
+from transports.errors import TransferError
+from transports.remote import RemoteEndpoint, digest, pattern
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def target():
+    ep = RemoteEndpoint.start("tcp")
+    yield ep
+    report = ep.close()
+    ep.stop()
+    assert report["regions"] == 0 and not report["threads"] and not report["fds"], report
+
+
+@pytest.fixture
+def initiator(aio):
+    t = aio.run(_create())
+    yield t
+    aio.run(t.aclose())
+
+
+async def _create():
+    return transports.create_transport("tcp", num_streams=3, split_bytes=MiB)
+
+
+def test_parts_land_whole_and_notify_once(aio, initiator, target):
+    sizes = np.array([5 * MiB + 7, 3, MiB, 2 * MiB - 1, 17], dtype=np.int64)
+    total = int(sizes.sum())
+    rid = target.call("register_foreign", total + 11)
+    src = initiator.allocate(total)
+    src.buffer[:] = pattern(41, total)
+    back = initiator.allocate(total)
+    offs = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    rows = np.stack([np.full(5, src.region_id), offs, np.full(5, rid), offs + 11, sizes], 1)
+    read_rows = rows.copy()
+    read_rows[:, 0] = back.region_id
+    descriptor = target.call("descriptor")
+
+    async def go():
+        peer = await initiator.connect(descriptor)
+        assert len(peer.state.streams) == 3
+        w = await initiator.post_write(peer, SegmentPairs(rows), b"whole")
+        assert (await w.wait(30)).ok
+        r = await initiator.post_read(peer, SegmentPairs(read_rows), b"read")
+        assert (await r.wait(30)).ok
+
+    aio.run(go())
+    assert target.call("digest", rid, 11, total) == digest(src.buffer)
+    assert digest(back.buffer) == digest(src.buffer)
+    assert sorted(p for _, p in target.call("pop_notifications")) == [b"read", b"whole"]
+
+
+def test_rejected_row_is_reported_by_its_index_in_the_post(aio, initiator, target):
+    keep = target.call("allocate", 8 * MiB)
+    gone = target.call("register_foreign", 8 * MiB)
+    descriptor = target.call("descriptor")
+    target.call("release", gone)
+    src = initiator.allocate(16 * MiB)
+    rows = [(src.region_id, 0, keep, 0, 4 * MiB), (src.region_id, 0, gone, 0, 8 * MiB), (src.region_id, 0, keep, 4 * MiB, 4 * MiB)]
+
+    async def go():
+        peer = await initiator.connect(descriptor)
+        t = await initiator.post_write(peer, SegmentPairs.from_tuples(rows), b"never")
+        with pytest.raises(TransferError) as err:
+            await t.wait(30)
+        return err.value.report
+
+    assert aio.run(go()).failed_segments == (1,)
+    assert target.call("pop_notifications") == []
