@@ -7,7 +7,7 @@ import pytest
 
 import transports
 from transports.base import SegmentPairs, TransferStatus
-from transports.errors import PeerLost, TransferAborted, TransportClosed
+from transports.errors import PeerLost, SegmentError, TransferAborted, TransportClosed
 from transports.remote import digest, pattern
 
 MiB = 1 << 20
@@ -92,3 +92,23 @@ def test_aborted_transfer_reports_aborted(kind, aio, initiator, target):
         return report.status
 
     assert aio.run(go()) in (TransferStatus.DONE, TransferStatus.ABORTED)
+
+
+def test_connect_again_refreshes_the_peer_regions(kind, aio, initiator, target):
+    first = target.call("allocate", 4096)
+    old_descriptor = target.call("descriptor")
+    later = target.call("allocate", 4096)  # registered after the first descriptor was taken
+    new_descriptor = target.call("descriptor")
+    src = initiator.allocate(4096)
+    src.buffer[:] = pattern(13, 4096)
+
+    async def go():
+        peer = await initiator.connect(old_descriptor)
+        with pytest.raises(SegmentError, match="not registered"):
+            await initiator.post_write(peer, SegmentPairs.strided(src.region_id, later, 4096, 1))
+        peer = await initiator.connect(new_descriptor)
+        for rid in (first, later):
+            assert (await (await initiator.post_write(peer, SegmentPairs.strided(src.region_id, rid, 4096, 1))).wait(20)).ok
+
+    aio.run(go())
+    assert target.call("digest", later) == target.call("digest", first) == digest(src.buffer)
