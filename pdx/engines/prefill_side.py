@@ -74,6 +74,12 @@ class PrefillSide(ControlHandler):
             self._notify_failed(state)
         self._collect()
 
+    def close(self, transfer_id: str, why: str) -> None:
+        """The request ended with nothing computed and no block held: refuse or fail its decoder."""
+        dest = self.book.close(transfer_id, why, time.monotonic())
+        if dest is not None and dest.conn is not None:
+            self._spawn(dest.conn.send(Failed(transfer_id=transfer_id, reason=why)))
+
     def pop_released(self) -> list[str]:
         with self._released_lock:
             out, self._released = self._released, []
@@ -133,9 +139,7 @@ class PrefillSide(ControlHandler):
         if state.is_flushing or state.dest is None or not state.pending:
             return
         state.is_flushing = True
-        task = asyncio.get_running_loop().create_task(self._flush(state))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._flush(state))
 
     async def _flush(self, state: SendState) -> None:
         try:
@@ -184,10 +188,12 @@ class PrefillSide(ControlHandler):
     def _notify_failed(self, state: SendState) -> None:
         conn = state.dest.conn if state.dest is not None else None
         if conn is not None:
-            task = asyncio.get_running_loop().create_task(
-                conn.send(Failed(transfer_id=state.transfer_id, reason=state.error or "failed")))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(conn.send(Failed(transfer_id=state.transfer_id, reason=state.error or "failed")))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- releasing ---------------------------------------------------------------------------
     def _collect(self) -> None:

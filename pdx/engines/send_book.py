@@ -157,6 +157,14 @@ class SendBook:
             state.pending.clear()
         return state
 
+    def close(self, transfer_id: str, why: str, now: float) -> Destination | None:
+        """No request will send on this transfer (nothing held). Returns an early registration, if any."""
+        assert transfer_id not in self.states or not self.states[transfer_id].is_finished
+        self.states.pop(transfer_id, None)
+        self.closed[transfer_id] = (why, now + self.lease_s)
+        early = self.early.pop(transfer_id, None)
+        return early[0] if early is not None else None
+
     def stop(self, state: SendState, why: str) -> None:
         """Stop sending (D released, a write failed, ...); pending writes are dropped."""
         if state.error is None:

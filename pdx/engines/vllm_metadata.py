@@ -43,11 +43,13 @@ class RecvSpec:
 
 @dataclass(frozen=True)
 class FinishSpec:
-    """P: the request finished; its blocks are held until the worker reports it sent."""
+    """P: the request finished. If ``is_held``, its blocks are held until the worker reports
+    it in ``finished_sending``; otherwise nothing was computed and the transfer is just closed."""
 
     req_id: str
     transfer_id: str
     is_aborted: bool
+    is_held: bool = True
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,10 @@ class PdxKVConnectorStats(KVConnectorStats):
             self.data["num_transfers"] += 1
         else:
             self.data["num_failed"] += 1
-        self.data["nbytes"] += int(figures.get("nbytes", 0))
-        self.data["transfer_s"] += float(figures.get("transfer_ms", 0.0)) / 1e3
-        self.data["exposed_s"] += float(figures.get("exposed_ms", 0.0)) / 1e3
+            return
+        self.data["nbytes"] += int(figures.get("nbytes") or 0)
+        self.data["transfer_s"] += float(figures.get("transfer_ms") or 0.0) / 1e3
+        self.data["exposed_s"] += float(figures.get("exposed_ms") or 0.0) / 1e3
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for key, value in other.data.items():

@@ -145,7 +145,7 @@ class PdxScheduler:
             is_aborted = request.status.name not in _NORMAL_FINISH
             if not block_ids or not started:
                 # Nothing computed: no block to hold; tell the worker so a late D is refused.
-                self._finishes.append(FinishSpec(rid, p.transfer_id, True))
+                self._finishes.append(FinishSpec(rid, p.transfer_id, True, is_held=False))
                 return False, None
             self._finishes.append(FinishSpec(rid, p.transfer_id, is_aborted))
             self._held[rid] = p.transfer_id

@@ -104,7 +104,10 @@ class PdxWorker:
         assert self._loop is not None
         for f in meta.finishes:
             if self._prefill is not None:
-                self._loop.call(self._prefill.finish, f.req_id, f.transfer_id, f.is_aborted)
+                if f.is_held:
+                    self._loop.call(self._prefill.finish, f.req_id, f.transfer_id, f.is_aborted)
+                else:
+                    self._loop.call(self._prefill.close, f.transfer_id, "the prefill request ended before its KV was computed")
         for r in meta.recvs:
             if self._decode is not None:
                 self._loop.call(self._decode.recv, r.req_id, r.transfer_id, r.peer, list(r.block_ids),

@@ -208,3 +208,17 @@ def test_prefill_death_fails_the_decoder_without_waiting_for_the_timeout():
             (out,) = await f.outcomes(timeout=3)
             assert not out.is_ok and out.failed_block_ids == {0, 1}
     run(main())
+
+
+def test_prefill_request_that_never_ran_fails_a_waiting_decoder_and_holds_nothing():
+    async def main():
+        async with Fleet() as f:
+            f.d.recv("d", "de" * 8, f.peer, [0, 1], 0, 8)
+            await asyncio.sleep(0.05)
+            f.p.close("de" * 8, "the prefill request ended before its KV was computed")
+            (out,) = await f.outcomes()
+            assert not out.is_ok and out.failed_block_ids == {0, 1}
+            await asyncio.sleep(0.1)
+            assert f.p.pop_released() == []  # nothing was held, so nothing is reported sent
+            assert f.p.book.num_held == 0 and f.d.book.num_reserved == 0
+    run(main())
