@@ -156,6 +156,10 @@ class StoreServer:
                 "ok": True,
                 **await self.acquire(parse_keys(msg["keys"]), _budget(msg, self.config), conn),
             }
+        if op in ("release", "abort", "commit") and conn is not None:
+            lease_id = int(msg["lease"])
+            if lease_id not in conn:  # ended by TTL, or another connection's lease
+                return {"ok": False, "error": f"no open lease {lease_id} on this connection"}
         if op == "release":
             self._end_lease(int(msg["lease"]), copy_s=float(msg.get("copy_s") or 0.0))
             return {"ok": True}

@@ -172,9 +172,30 @@ def test_leases_held_past_the_ttl_are_ended_by_the_store(store_factory):
         reserved = ch.call({"op": "reserve", "keys": [keys[0].hex()], "sizes": [CHUNK]})
         assert reserved["offsets"][0] is not None
         assert store.wait_stat("leases_expired", 1)["leases_expired"] == 1
-        with pytest.raises(StorageError, match="no open write lease"):
+        with pytest.raises(StorageError, match="no open lease"):
             ch.call({"op": "commit", "lease": reserved["lease"], "checksums": [0]})
         stats = store.stats()
         assert stats["num_leases"] == 0 and stats["used_bytes"] == 0  # the slot came back
     finally:
         ch.detach()
+
+
+def test_a_connection_cannot_end_another_connections_lease(store, client_factory):
+    from pdx.errors import StorageError
+    from pdx.storage.arena import SharedArena
+    from pdx.storage.channel import StoreChannel
+
+    keys = make_keys(1, "owner")
+    client_factory(store.socket).save(keys, [make_chunk(keys[0])]).result(10)
+    owner = StoreChannel(store.socket, 5.0, 1.0, SharedArena.attach)
+    other = StoreChannel(store.socket, 5.0, 1.0, SharedArena.attach)
+    try:
+        lease = owner.call({"op": "acquire", "keys": [keys[0].hex()]})["lease"]
+        with pytest.raises(StorageError, match="no open lease"):
+            other.call({"op": "release", "lease": lease})
+        assert store.stats()["num_leases"] == 1
+        owner.call({"op": "release", "lease": lease})
+        assert store.stats()["num_leases"] == 0
+    finally:
+        owner.detach()
+        other.detach()
