@@ -170,8 +170,9 @@ class ControlServer:
                     await conn.send(Reply(seq=msg.seq, ok=False, error=str(exc)))
                 else:
                     await conn.send(Reply(seq=msg.seq, ok=True))
-        except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.LimitOverrunError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.LimitOverrunError,
+                asyncio.CancelledError):
+            pass  # the peer went away, or the server is closing
         except ValidationError as exc:
             logger.warning("pdx control: malformed message from %s: %s", conn.peer, exc)
         finally:
