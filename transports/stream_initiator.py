@@ -89,7 +89,7 @@ class Stream:
             except queue.Empty:
                 return
             if part is not None:
-                part.transfer.fail(self.conn.lost_kind, self.conn.lost_reason or "connection closed")
+                part.transfer.part_failed(self.conn.lost_kind, self.conn.lost_reason or "connection closed")
 
     def _read_loop(self) -> None:
         try:
@@ -116,7 +116,7 @@ class Stream:
             self.queue.put(None)
             self.sender.join()
             while self.inflight:
-                self.inflight.popleft().transfer.fail(self.conn.lost_kind, self.conn.lost_reason or "connection closed")
+                self.inflight.popleft().transfer.part_failed(self.conn.lost_kind, self.conn.lost_reason or "connection closed")
 
 
 class StreamConnection:

@@ -68,8 +68,24 @@ class ThreadTransfer(Transfer):
                     self._finish_locked(TransferStatus.DONE, None, None)
         self._after_settle()
 
+    def part_failed(self, kind: str, message: str) -> None:
+        """One part's I/O ended with its connection: fail the transfer now (waiters wake);
+        it settles (``on_done``) once every part has reported."""
+        with self._lock:
+            if self._status is TransferStatus.PENDING:
+                self._finish_locked(TransferStatus.FAILED, kind, message)
+            self._parts_left -= 1
+            if self._parts_left > 0:
+                is_settled = False
+            else:
+                self._is_settled = is_settled = True
+        if is_settled:
+            self._after_settle()
+        else:
+            self._wake()
+
     def fail(self, kind: str, message: str) -> None:
-        """The connection died: fail the transfer (its I/O is over)."""
+        """Fail the whole transfer when none of its parts is doing I/O (e.g. never submitted)."""
         with self._lock:
             self._is_settled = True
             self._parts_left = 0
