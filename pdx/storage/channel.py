@@ -2,7 +2,8 @@
 
 A call either returns the reply or raises ``StoreUnavailable`` within its timeout;
 after a failure the socket is dropped and no new connect is tried for ``retry_s``,
-so a store that is gone costs nothing per call until then. ``StorageError`` means
+doubling with each failure in a row up to ``MAX_RETRY_S``, so a store that is gone
+or frozen costs nothing per call between attempts. ``StorageError`` means
 the store answered but refused the request (the connection stays usable).
 """
 
@@ -22,6 +23,8 @@ from pdx.storage.protocol import VERSION, ProtocolError, encode_frame, recv_fram
 
 logger = logging.getLogger(__name__)
 
+MAX_RETRY_S = 30.0
+
 
 class StoreChannel:
     def __init__(
@@ -40,6 +43,7 @@ class StoreChannel:
         self._attach_arena = attach_arena
         self._sock: socket.socket | None = None
         self._retry_at = 0.0
+        self._num_failures = 0  # in a row; sets the back-off
 
     def call(self, msg: dict[str, Any], *, l2_budget_s: float = 0.0) -> dict[str, Any]:
         """One request/reply within ``timeout_s`` (plus ``l2_budget_s`` if the store has L2)."""
@@ -82,7 +86,9 @@ class StoreChannel:
 
     def _fail(self) -> None:
         self.close()
-        self._retry_at = time.monotonic() + self.retry_s
+        self._num_failures += 1
+        back_off = min(self.retry_s * 2 ** (self._num_failures - 1), MAX_RETRY_S)
+        self._retry_at = time.monotonic() + back_off
 
     def _connected(self) -> socket.socket:
         if self._sock is not None:
@@ -104,9 +110,10 @@ class StoreChannel:
             self.has_l2 = bool(hello.get("has_l2"))
         except (OSError, ProtocolError, KeyError, ValueError) as exc:
             sock.close()
-            self._retry_at = time.monotonic() + self.retry_s
+            self._fail()
             raise StoreUnavailable(
                 f"cannot connect to the store at {self.socket_path}: {exc!r}"
             ) from exc
         self._sock = sock
+        self._num_failures = 0
         return sock

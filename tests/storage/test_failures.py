@@ -18,6 +18,16 @@ TIMEOUT_S = 0.5
 BOUND_S = 10 * TIMEOUT_S  # generous bound on one call when the store is away (not a speed test)
 
 
+def eventually(check, timeout_s: float = 15.0) -> bool:
+    """Poll ``check`` until it holds (the client's reconnect back-off has passed)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def timed(fn, *args):
     start = time.monotonic()
     result = fn(*args)
@@ -46,8 +56,8 @@ def test_store_killed_mid_run_clients_get_misses_then_recover(
 
     again = store_factory(socket_path=store.socket)  # ...a new store on the node sweeps it
     assert store.arena not in pdx_arenas()
-    time.sleep(0.3)  # past retry_s: the client reconnects and maps the new arena
-    assert client.save(keys, [make_chunk(k) for k in keys]).result(10) == 4
+    # after its back-off the client reconnects by itself and maps the new arena
+    assert eventually(lambda: client.save(keys, [make_chunk(k) for k in keys]).result(10) == 4)
     assert client.load(keys, dsts) == 4
     assert all(np.array_equal(d, make_chunk(k)) for d, k in zip(dsts, keys, strict=False))
     assert again.stats()["num_leases"] == 0
@@ -66,8 +76,7 @@ def test_frozen_store_costs_a_bounded_wait(store_factory, client_factory):
         assert client.save(make_keys(1, "f2"), [np.zeros(CHUNK, np.uint8)]).result(BOUND_S) == 0
     finally:
         os.kill(store.proc.pid, signal.SIGCONT)
-    time.sleep(0.3)
-    assert client.load(keys, dsts) == 2
+    assert eventually(lambda: client.load(keys, dsts) == 2)
 
 
 def test_clean_shutdown_leaves_no_segment_or_socket(tmp_path):
