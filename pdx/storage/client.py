@@ -20,7 +20,7 @@ Called from the engine's threads (scheduler and worker side). The contract:
   ``lookup_prefix``/``load`` return 0 (a miss) within ``timeout_s`` (plus
   ``l2_budget_s`` when the store has L2), views come back empty/None and ``save``
   drops the chunks; the client logs once and counts (``stats()``). It reconnects by
-  itself every ``retry_s``.
+  itself after a back-off (``retry_s``, doubling per failure in a row, at most 30 s).
 - Bad arguments (mismatched lengths, a GPU or non-contiguous buffer, a read-only
   destination) raise ``ValueError``: they are bugs in the caller.
 - Reads happen under a read lease: the chunks cannot be evicted or overwritten while
