@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transports.base import SegmentPairs
-from transports.errors import PeerLost
+from transports.base import SegmentPairs, TransferStatus
+from transports.errors import PeerLost, TransferTimeout
 from transports.remote import digest, pattern
 
 MiB = 1 << 20
@@ -87,3 +87,32 @@ def test_killed_initiator_leaves_target_usable(kind, aio, initiator, endpoints):
     assert digest(dst.buffer[5 : 5 + MiB]) == digest(pattern(12, MiB))
     assert aio.run(initiator.wait_notification(10, payload=b"after")).payload == b"after"
     initiator.pop_notifications()
+
+
+def test_frozen_target_gives_transfer_timeout_not_a_hang(kind, aio, initiator, endpoints):
+    if kind == "loopback":
+        pytest.skip("loopback transfers complete when posted")
+    target = endpoints.start()
+    rid = target.call("allocate", 64 * MiB)
+    src = initiator.allocate(64 * MiB)
+    peer = aio.run(initiator.connect(target.call("descriptor")))
+    target.pause()
+
+    async def go():
+        posted = [await initiator.post_write(peer, SegmentPairs.strided(src.region_id, rid, MiB, 64)) for _ in range(4)]
+        with pytest.raises(TransferTimeout) as err:
+            await posted[-1].wait(0.5)
+        assert err.value.report.status is TransferStatus.ABORTED
+        return posted
+
+    posted = aio.run(go(), 60)
+    target.kill()
+
+    async def settle():
+        for t in posted:
+            try:
+                await t.wait(30)
+            except (PeerLost, TransferTimeout):
+                pass
+
+    aio.run(settle(), 60)
