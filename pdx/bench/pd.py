@@ -106,13 +106,15 @@ async def _measure(system, sizes: list[int], reps: int) -> list[dict[str, Any]]:
     return entries
 
 
-def run_system(name: str, base, log_dir: Path, transport: str, sizes, reps) -> list[dict]:
+def run_system(
+    name: str, base, log_dir: Path, transport: str, sizes, reps, nixl_threads=None
+) -> list[dict]:
     from pdx.bench import pd_systems
 
     if name == "single":
         system = pd_systems.make_single(base, log_dir)
     elif name == "vllm-nixl":
-        system = pd_systems.make_vllm_nixl(base, log_dir)
+        system = pd_systems.make_vllm_nixl(base, log_dir, nixl_threads)
     else:
         system = pd_systems.make_pdx(base, log_dir, transport)
     try:
@@ -160,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1024,4096", help="prompt sizes in tokens")
     parser.add_argument("--reps", type=int, default=None, help="measured requests per size")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="subset to run")
+    parser.add_argument(
+        "--nixl-threads", type=int, default=None, help="NixlConnector num_threads (vLLM: 4)"
+    )
     parser.add_argument("--log-dir", default=None, help="engine logs (default: a temp dir)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -185,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     with engine_lock():
         for name in systems:
-            results += run_system(name, replace(base), log_dir, args.transport, sizes, reps)
+            results += run_system(
+                name, replace(base), log_dir, args.transport, sizes, reps, args.nixl_threads
+            )
 
     pdx_at_largest = [
         r for r in results if r["system"] == "pdx" and r["prompt_tokens"] == max(sizes)
@@ -196,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             pdx_at_largest[0].get("exposed_transfer_fraction") if pdx_at_largest else None
         ),
         "transport": args.transport,
+        "nixl_num_threads": args.nixl_threads,
         "reps": reps,
         "max_tokens": 16,
         "prefix_caching": "vLLM default (on); every request is a distinct prompt",

@@ -121,8 +121,10 @@ def make_single(base: EngineSpec, log_dir: Path) -> System:
     return System("single", [engine], decode=engine)
 
 
-def make_vllm_nixl(base: EngineSpec, log_dir: Path) -> System:
-    kv = {"kv_connector": "NixlConnector", "kv_buffer_device": "cpu"}
+def make_vllm_nixl(base: EngineSpec, log_dir: Path, num_threads: int | None = None) -> System:
+    kv: dict[str, Any] = {"kv_connector": "NixlConnector", "kv_buffer_device": "cpu"}
+    if num_threads is not None:  # UCX backend threads per engine (vLLM's default: 4)
+        kv["kv_connector_extra_config"] = {"num_threads": num_threads}
     prefill = VllmEngine(
         _spec(base, "nixl-prefill", "0", kv_transfer_config={**kv, "kv_role": "kv_producer"},
               nixl_side_channel_port=free_port()),
