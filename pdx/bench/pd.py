@@ -74,33 +74,43 @@ def _exposed_fraction(figures: dict[str, dict], transfer_ids: list[str]) -> floa
     return round(exposed / transfer, 4) if transfer > 0 else None
 
 
+def _error_entry(system: str, size: int, exc: BaseException) -> dict[str, Any]:
+    message = " ".join(f"{type(exc).__name__}: {exc}".splitlines())
+    return {"system": system, "prompt_tokens": size, "error": message[:400]}
+
+
+async def _measure_size(system, client, size: int, reps: int) -> dict[str, Any]:
+    for prompt in prompts_for(size, WARMUP_REPS, offset=10_000):
+        await system.request(client, prompt)
+    before = system.decode.scrape_metrics()
+    first_tid = len(system.transfer_ids)
+    timings = [await system.request(client, p) for p in prompts_for(size, reps, 0)]
+    after = system.decode.scrape_metrics()
+    entry = _summary(system.name, size, timings)
+    if system.prefill is not None:  # proof the decoder did not recompute the prompt
+        name = "prompt_tokens_by_source"
+        for key, source in (
+            ("decode_external_kv_tokens", "external_kv_transfer"),
+            ("decode_local_compute_tokens", "local_compute"),
+        ):
+            entry[key] = int(after.sum(name, source=source) - before.sum(name, source=source))
+    if system.stats_path is not None:
+        tids = system.transfer_ids[first_tid:]
+        entry["exposed_transfer_fraction"] = _exposed_fraction(system.transfer_figures(), tids)
+    return entry
+
+
 async def _measure(system, sizes: list[int], reps: int) -> list[dict[str, Any]]:
     import httpx
 
     entries = []
     async with httpx.AsyncClient() as client:
         for size in sizes:
-            for prompt in prompts_for(size, WARMUP_REPS, offset=10_000):
-                await system.request(client, prompt)
-            before = system.decode.scrape_metrics()
-            first_tid = len(system.transfer_ids)
-            timings = [await system.request(client, p) for p in prompts_for(size, reps, 0)]
-            after = system.decode.scrape_metrics()
-            entry = _summary(system.name, size, timings)
-            if system.prefill is not None:  # proof the decoder did not recompute the prompt
-                for key, source in (
-                    ("decode_external_kv_tokens", "external_kv_transfer"),
-                    ("decode_local_compute_tokens", "local_compute"),
-                ):
-                    name = "prompt_tokens_by_source"
-                    entry[key] = int(
-                        after.sum(name, source=source) - before.sum(name, source=source)
-                    )
-            if system.stats_path is not None:
-                tids = system.transfer_ids[first_tid:]
-                entry["exposed_transfer_fraction"] = _exposed_fraction(
-                    system.transfer_figures(), tids
-                )
+            try:
+                entry = await _measure_size(system, client, size, reps)
+            except Exception as exc:  # a failed size must not hide the other sizes
+                logger.error("%s at %d tokens failed: %s", system.name, size, exc)
+                entry = _error_entry(system.name, size, exc)
             entries.append(entry)
             logger.info("%s", entry)
     return entries
@@ -122,10 +132,7 @@ def run_system(
         return asyncio.run(_measure(system, sizes, reps))
     except Exception as exc:  # one broken system must not hide the others' figures
         logger.error("%s failed: %s", name, exc)
-        message = f"{type(exc).__name__}: {exc}".splitlines()
-        return [
-            {"system": name, "prompt_tokens": s, "error": " ".join(message)[:400]} for s in sizes
-        ]
+        return [_error_entry(name, size, exc) for size in sizes]
     finally:
         system.stop()
 
