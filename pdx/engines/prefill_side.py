@@ -36,6 +36,7 @@ from transports.errors import TransportError
 logger = logging.getLogger(__name__)
 
 TICK_S = 0.05  # lease / release check period
+READY_POLL_S = 0.0002  # GPU: poll period of a layer's "KV written" event
 
 
 def encode_notif(transfer_id: str, layer: int, start: int, end: int, nbytes: int, t_saved: float,
@@ -164,6 +165,8 @@ class PrefillSide(ControlHandler):
             return
         if not len(table):
             return
+        while item.ready is not None and not item.ready.query():
+            await asyncio.sleep(READY_POLL_S)
         pairs = SegmentPairs(table).merged()
         notif = encode_notif(state.transfer_id, item.layer, start, end, pairs.nbytes, item.t_saved, time.time())
         state.num_inflight += 1

@@ -25,6 +25,7 @@ class WriteItem:
     start: int  # first prompt token this write covers
     end: int  # one past the last prompt token
     t_saved: float  # wall clock when P had computed this layer (time.time())
+    ready: Any = None  # GPU: an event (``query()``) that completes once the layer's KV is written
 
 
 @dataclass(frozen=True)

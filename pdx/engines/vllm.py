@@ -105,7 +105,7 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
         assert self.worker is not None
         meta = self._get_connector_metadata()
         assert isinstance(meta, PdxConnectorMetadata)
-        self.worker.save_kv_layer(layer_name, meta)
+        self.worker.save_kv_layer(layer_name, kv_layer, meta)
 
     def wait_for_save(self) -> None:
         # Writes are asynchronous; P's blocks stay held (delay_free) until they are released.

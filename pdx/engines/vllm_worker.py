@@ -116,17 +116,24 @@ class PdxWorker:
             if self._decode is not None:
                 self._loop.call(self._decode.release, rel.req_id, rel.transfer_id, rel.peer)
 
-    def save_kv_layer(self, layer_name: str, meta: PdxConnectorMetadata) -> None:
-        # Called after the layer's attention wrote its KV (synchronous on CPU).
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, meta: PdxConnectorMetadata) -> None:
+        # Called right after the layer's attention. On CPU its KV is already written; on GPU the
+        # kernel may still run, so the sender waits for an event recorded here (never the forward).
         if not meta.saves or self._prefill is None or self._loop is None:
             return
         layer = self._layer_index.get(layer_name)
         if layer is None:
             return
+        ready = None
+        if kv_layer.is_cuda:
+            import torch
+
+            ready = torch.cuda.Event()
+            ready.record()
         now = time.time()
         for s in meta.saves:
             self._loop.call(self._prefill.save, s.req_id, s.transfer_id, list(s.block_ids), s.num_tokens,
-                            WriteItem(layer, s.start, s.end, now))
+                            WriteItem(layer, s.start, s.end, now, ready))
 
     def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
         sending = set(self._prefill.pop_released()) if self._prefill is not None else set()

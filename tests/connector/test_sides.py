@@ -222,3 +222,30 @@ def test_prefill_request_that_never_ran_fails_a_waiting_decoder_and_holds_nothin
             assert f.p.pop_released() == []  # nothing was held, so nothing is reported sent
             assert f.p.book.num_held == 0 and f.d.book.num_reserved == 0
     run(main())
+
+
+class SlowEvent:
+    """Stands in for a CUDA event: the layer's KV is written only after a few polls."""
+
+    def __init__(self, kv, block: int, value: int) -> None:
+        self.kv, self.block, self.value, self.polls = kv, block, value, 0
+
+    def query(self) -> bool:
+        self.polls += 1
+        if self.polls < 5:
+            return False
+        self.kv[:, self.block] = self.value  # the "kernel" finishes writing
+        return True
+
+
+def test_sender_waits_for_the_layer_ready_event_before_reading():
+    async def main():
+        async with Fleet() as f:
+            f.d.recv("d", "fa" * 8, f.peer, [0], 0, 4)
+            await asyncio.sleep(0.05)
+            event = SlowEvent(f.p_kv, 9, 42)
+            for layer in range(NUM_LAYERS):
+                f.p.save("p", "fa" * 8, [9], 4, WriteItem(layer, 0, 4, time.time(), event))
+            (out,) = await f.outcomes()
+            assert out.is_ok and (f.d_kv[:, 0] == 42).all()
+    run(main())
