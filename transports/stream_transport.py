@@ -33,7 +33,13 @@ from transports.base import (
     Transport,
 )
 from transports.descriptor import Descriptor, decode_descriptor, encode_descriptor
-from transports.errors import ConnectError, DescriptorError, PeerLost, SegmentError
+from transports.errors import (
+    ConnectError,
+    DescriptorError,
+    PeerLost,
+    SegmentError,
+    TransportUnavailable,
+)
 from transports.pins import RegionPins
 from transports.stream_initiator import Part, StreamConnection, split
 from transports.stream_target import MAX_ROWS, StreamServer
@@ -66,7 +72,10 @@ class StreamTransport(Transport):
         self._instance = uuid.uuid4().hex
         self._pins = RegionPins()
         self._peers: dict[str, Peer] = {}
-        listener, self._address = self._listen()
+        try:
+            listener, self._address = self._listen()
+        except OSError as exc:
+            raise TransportUnavailable(f"{self.kind} cannot listen: {exc}; pick another host/port") from exc
         self._server = StreamServer(
             listener, self._wake_listener, self.name, self._instance, self._pins, self._deliver, self.allow_cma
         )
