@@ -126,7 +126,8 @@ class PdxScheduler:
             self._recving.pop(rid, None)
         meta = output.kv_connector_worker_meta
         if isinstance(meta, PdxWorkerMeta):
-            self._figures.update(meta.stats)
+            # Kept for the response of requests still running (an aborted one has no response).
+            self._figures.update((rid, fig) for rid, fig in meta.stats.items() if rid in self._attempted)
 
     def has_pending_push_work(self) -> bool:
         return bool(self._held or self._finishes or self._releases or self._recvs)
