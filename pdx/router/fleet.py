@@ -72,17 +72,19 @@ class Fleet:
         return state
 
     async def remove(self, engine_id: str) -> EngineState | None:
+        """Take an engine out of rotation at once; its open requests finish."""
         state = self._engines.pop(engine_id, None)
         if state is not None:
             state.is_removed = True
             self.prefix_index.forget_engine(engine_id)
-            await state.pool.aclose()
+            state.pool.drain()
             logger.info("engine %s left", engine_id)
         return state
 
     async def aclose(self) -> None:
-        for engine_id in list(self._engines):
-            await self.remove(engine_id)
+        for state in list(self._engines.values()):
+            await state.pool.aclose()
+        self._engines.clear()
 
     # -- selection ----------------------------------------------------------------------
     def _available(self, want_prefill: bool, excluded: set[str], now: float) -> list[EngineState]:

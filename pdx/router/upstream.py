@@ -234,7 +234,7 @@ class EnginePool:
         self._sweeper = self.loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        while not self.is_closed:
+        while not self.is_closed or self._open:
             await asyncio.sleep(SWEEP_S)
             now = self.loop.time()
             for conn in [c for c in self._open if c.deadline and c.deadline <= now]:
@@ -268,6 +268,9 @@ class EnginePool:
         return conn, False
 
     def _put_back(self, conn: _Conn) -> None:
+        if self.is_closed:  # draining: requests finish, connections go
+            conn.close()
+            return
         conn.reset()
         self._idle.append(conn)
         self._wake_one()
@@ -327,6 +330,18 @@ class EnginePool:
                 raise
             return Response(conn)
         raise AssertionError("unreachable")
+
+    def drain(self) -> None:
+        """Take no new requests; close idle connections now and busy ones when their
+        response is done (``aclose`` closes everything at once)."""
+        self.is_closed = True
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def aclose(self) -> None:
         self.is_closed = True

@@ -21,7 +21,6 @@ from pdx.engines.metrics import parse_prometheus_text
 from pdx.engines.process import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.nixl, pytest.mark.timeout(1800)]
-LOCK_WAIT_S = 900  # another fleet may hold the machine's engine lock this long
 
 ROOT = Path(__file__).parents[2]
 PROMPT = [(i * 37) % 4000 + 3 for i in range(300)]  # token ids: no tokenizer dependence
@@ -56,16 +55,7 @@ def nixl_fleet(tmp_path_factory):
     topo = work / "fleet.yaml"
     topo.write_text(text)
     lock = open("/tmp/pdx-vllm.lock", "a")  # noqa: SIM115 - held for the whole session
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                lock.close()
-                pytest.skip(f"another vLLM fleet held /tmp/pdx-vllm.lock for {LOCK_WAIT_S} s")
-            time.sleep(1)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # queue behind any other fleet (the test's timeout bounds the wait)
     log = open(work / "launch.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "pdx.cli", "launch", "--topology", str(topo), "--log-dir", str(work)],

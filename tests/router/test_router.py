@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -267,3 +268,17 @@ def test_short_prompts_go_to_decode_alone(harness):
     assert C.post(url + "/v1/completions", json={"prompt": list(range(100))}).status_code == 200
     assert len(p.requests) == 1 and len(d.requests) == 2
     assert "kv_transfer_params" not in d.requests[0].body and app.metrics.decode_only == 1
+
+
+def test_removing_a_worker_lets_its_open_requests_finish(harness):
+    p, d = fakes_for("nixl")
+    d.delay_s = 0.5
+    url, app = start_fleet(harness, [p, d])
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=C.post(url + "/v1/completions", json={"prompt": "hi"})))
+    t.start()
+    time.sleep(0.25)  # the request is at D now
+    assert C.delete(url + "/workers/d0").status_code == 200
+    t.join(5)
+    assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["text"] == "hello"
+    assert C.post(url + "/v1/completions", json={"prompt": "hi"}).status_code == 503  # no D left
