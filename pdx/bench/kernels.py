@@ -33,19 +33,26 @@ def _layouts(num_layers: int) -> list[L.PagedKVLayout]:
 
 
 def _time(
-    fn: Callable[[], Any], sync: Callable[[], None], min_seconds: float, max_iters: int
-) -> float:
-    """Best (minimum) seconds per call after one warm-up call: the machine may be shared."""
-    fn()
-    sync()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_iters and (len(times) < 3 or time.perf_counter() - start < min_seconds):
-        t0 = time.perf_counter()
+    fns: list[Callable[[], Any]], sync: Callable[[], None], min_seconds: float, max_iters: int
+) -> list[float]:
+    """Best (minimum) seconds per call of each function, after a warm-up call.
+
+    The functions take turns in every round, so a kernel and its copy baseline see the
+    same background load on a shared machine.
+    """
+    for fn in fns:
         fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    sync()
+    best = [float("inf")] * len(fns)
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_iters and (rounds < 3 or time.perf_counter() - start < min_seconds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best[i] = min(best[i], time.perf_counter() - t0)
+        rounds += 1
+    return best
 
 
 def _sig(x: float) -> float:
@@ -77,15 +84,18 @@ def _bench_layout(
     nbytes = chunk.numel() * chunk.element_size()
     a = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255, generator=None)
     b = torch.empty_like(a)
-    copy_s = _time(lambda: b.copy_(a), sync, min_seconds, max_iters)
     out = torch.empty_like(
         chunk
     )  # like the copy baseline, write into memory that is already mapped
-    gather_s = _time(
-        lambda: kernels.gather(layout, caches, slots, out=out), sync, min_seconds, max_iters
-    )
-    scatter_s = _time(
-        lambda: kernels.scatter(layout, caches, chunk, slots), sync, min_seconds, max_iters
+    copy_s, gather_s, scatter_s = _time(
+        [
+            lambda: b.copy_(a),
+            lambda: kernels.gather(layout, caches, slots, out=out),
+            lambda: kernels.scatter(layout, caches, chunk, slots),
+        ],
+        sync,
+        min_seconds,
+        max_iters,
     )
     copy_gbps = nbytes / copy_s / 1e9
     return [
@@ -121,7 +131,7 @@ def _bench_keys(samples: int) -> dict[str, float]:
             def run(toks: Any = toks, extras: KeyExtras = extras) -> None:
                 chunk_keys(toks, extras)
 
-            times = [_time(run, lambda: None, 0.0, 1) for _ in range(samples)]
+            times = [_time([run], lambda: None, 0.0, 1)[0] for _ in range(samples)]
             out[f"{hash_name}_{kind}_ms_best"] = round(min(times) * 1e3, 3)
             out[f"{hash_name}_{kind}_ms_median"] = round(statistics.median(times) * 1e3, 3)
     return out
