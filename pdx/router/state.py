@@ -29,7 +29,7 @@ class EngineState:
         self.engine = engine
         self.id = engine.id
         self.pool = pool
-        self.is_healthy = True  # until checks say otherwise
+        self.is_healthy = False  # until a health check passes
         self.is_removed = False
         self.num_check_ok = 0
         self.num_check_failed = 0

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from pdx.config import schema
 from pdx.config.loader import to_engine
 from pdx.router.errors import client_error, send_json
+from pdx.router.health import check_engine
 
 
 async def _read_body(receive: Any, limit: int) -> bytes | None:
@@ -59,6 +60,7 @@ async def handle(app: Any, scope: dict, receive: Any, send: Any) -> None:
             status = 409 if "already registered" in why else 400
             return await client_error(send, status, why, code="conflict" if status == 409 else None)
         state = fleet.add(engine)
+        await check_engine(state, app.config.health)  # in rotation now if it answers
         return await send_json(send, 201, orjson.dumps(state.describe()))
     if path.startswith("/workers/") and method == "DELETE":
         engine_id = unquote(path[len("/workers/") :])

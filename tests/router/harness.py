@@ -101,4 +101,9 @@ def start_fleet(
         urls.append(h.serve(fake))
     topology = parse_topology(fleet_yaml(list(zip(fakes, urls, strict=True)), router))
     app = RouterApp(topology)
-    return h.serve(app), app
+    url = h.serve(app)
+    for _ in range(250):  # the first health round puts the engines in rotation
+        if all(s.is_healthy for s in app.fleet.states()):
+            break
+        threading.Event().wait(0.02)
+    return url, app
