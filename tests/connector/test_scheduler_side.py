@@ -1,0 +1,99 @@
+"""PdxConnector's scheduler side with stand-in requests: what each role asks of its workers."""
+
+from __future__ import annotations
+
+import enum
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from pdx.engines import protocol  # noqa: E402
+from pdx.engines.vllm_metadata import PdxWorkerMeta  # noqa: E402
+from pdx.engines.vllm_scheduler import PdxScheduler  # noqa: E402
+
+TID = "ab" * 16
+
+
+class Status(enum.Enum):
+    FINISHED_STOPPED = 1
+    FINISHED_LENGTH_CAPPED = 2
+    FINISHED_ABORTED = 3
+
+
+def _request(rid, params, num_prompt_tokens=300, num_computed_tokens=0):
+    return SimpleNamespace(request_id=rid, kv_transfer_params=params, num_prompt_tokens=num_prompt_tokens,
+                           num_computed_tokens=num_computed_tokens, status=Status.FINISHED_LENGTH_CAPPED)
+
+
+class Blocks:
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get_block_ids(self):
+        return (self.ids,)
+
+
+def test_prefill_saves_each_step_then_holds_blocks_until_sent():
+    s = PdxScheduler(block_size=128, is_producer=True, is_consumer=False)
+    s.kv_cache_manager = SimpleNamespace(get_block_ids=lambda rid: ([7, 8, 9],))
+    req = _request("p1", protocol.prefill_params(TID), num_computed_tokens=128)  # 128 cached locally
+    s.on_new_request(req)
+    meta = s.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"p1": 100, "other": 5}))
+    (save,) = meta.saves
+    assert (save.start, save.end, save.block_ids) == (0, 228, (7, 8, 9))  # cached prefix goes too
+    req.num_computed_tokens = 228
+    (save,) = s.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"p1": 72})).saves
+    assert (save.start, save.end) == (228, 300)
+
+    delay, params = s.request_finished(req, [7, 8, 9])
+    assert delay and params["pdx_transfer_id"] == TID
+    assert s.has_pending_push_work()
+    (finish,) = s.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).finishes
+    assert finish.is_held and not finish.is_aborted
+    s.update_connector_output(SimpleNamespace(finished_sending={"p1"}, finished_recving=None,
+                                              kv_connector_worker_meta=None))
+    assert not s.has_pending_push_work()
+
+
+def test_prefill_that_never_ran_holds_nothing():
+    s = PdxScheduler(block_size=128, is_producer=True, is_consumer=False)
+    req = _request("p1", protocol.prefill_params(TID))
+    s.on_new_request(req)
+    req.status = Status.FINISHED_ABORTED
+    assert s.request_finished(req, []) == (False, None)
+    (finish,) = s.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).finishes
+    assert not finish.is_held
+
+
+def test_decode_loads_once_beyond_its_local_hit_and_releases_on_abort():
+    s = PdxScheduler(block_size=128, is_producer=False, is_consumer=True)
+    req = _request("d1", protocol.decode_params(TID, "127.0.0.1", 15600))
+    assert s.get_num_new_matched_tokens(req, 128) == (172, True)
+    s.update_state_after_alloc(req, Blocks([4, 5, 6]), 172)
+    (recv,) = s.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).recvs
+    assert (recv.first_block, recv.num_tokens, recv.block_ids, recv.peer) == (1, 300, (4, 5, 6), "127.0.0.1:15600")
+    assert s.get_num_new_matched_tokens(req, 0) == (0, False)  # after a failure: recompute
+    req.status = Status.FINISHED_ABORTED
+    assert s.request_finished(req, [4, 5, 6]) == (False, None)
+    (release,) = s.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).releases
+    assert release.is_reserved and release.transfer_id == TID
+
+
+def test_decode_answer_carries_transfer_figures():
+    s = PdxScheduler(block_size=128, is_producer=False, is_consumer=True)
+    req = _request("d1", protocol.decode_params(TID, "127.0.0.1", 15600))
+    s.get_num_new_matched_tokens(req, 0)
+    s.update_state_after_alloc(req, Blocks([1, 2, 3]), 300)
+    s.update_connector_output(SimpleNamespace(finished_sending=None, finished_recving={"d1"},
+                                              kv_connector_worker_meta=PdxWorkerMeta({"d1": {"ok": True}})))
+    assert s.request_finished(req, [1, 2, 3]) == (False, {protocol.STATS: {"ok": True}})
+
+
+def test_requests_without_pdx_params_are_left_alone():
+    s = PdxScheduler(block_size=128, is_producer=True, is_consumer=True)
+    req = _request("x", None)
+    s.on_new_request(req)
+    assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert s.request_finished(req, [1]) == (False, None)
