@@ -184,12 +184,12 @@ class Dispatcher:
     async def run_pdx(self, ctx: RequestCtx, p: EngineState, d: EngineState, send: Any) -> None:
         tid = pdx_protocol.new_transfer_id()
         p_body = orjson.dumps(pdx_protocol.prefill_body(ctx.body, tid))
-        d_body = orjson.dumps(pdx_protocol.decode_body(ctx.body, tid, p.engine.host, p.engine.kv_port or 0))
+        d_body = orjson.dumps(pdx_protocol.decode_body(ctx.body, tid, p.pool.host, p.engine.kv_port or 0))
         await self._concurrent(ctx, p, d, p_body, d_body, send, merge_logprobs=False)
 
     async def run_sglang(self, ctx: RequestCtx, p: EngineState, d: EngineState, send: Any) -> None:
         room = sglang_protocol.new_room()
-        body = orjson.dumps(sglang_protocol.leg_body(ctx.body, p.engine.host, p.engine.bootstrap_port, room))
+        body = orjson.dumps(sglang_protocol.leg_body(ctx.body, p.pool.host, p.engine.bootstrap_port, room))
         merge = ctx.route == "/generate" and bool(ctx.body.get("return_logprob")) and not ctx.is_stream
         await self._concurrent(ctx, p, d, body, body, send, merge_logprobs=merge)
 
