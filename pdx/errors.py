@@ -7,7 +7,8 @@ into the control plane (``raise KVTransferError(...) from exc``)::
     ├── ConfigError               a topology/config file or option is invalid (names file, line, field)
     ├── LayoutError               two KV layouts cannot be copied directly, or a layout is malformed
     ├── KVTransferError           moving KV between engines failed (wraps a transports error)
-    │   └── KVLeaseExpired        the decode side never confirmed; the prefill side freed its blocks
+    │   ├── KVLeaseExpired        the decode side never confirmed; the prefill side freed its blocks
+    │   └── KVControlError        the connector control channel refused a request or lost its peer
     ├── RoutingError              no healthy engine (pair) can take the request
     ├── EngineError               an engine answered with an error or cannot be reached
     └── StorageError              the storage tier failed (callers fall back to recompute)
@@ -38,6 +39,10 @@ class KVTransferError(PdxError):
 
 class KVLeaseExpired(KVTransferError):
     """The decode engine never confirmed; the prefill engine freed the held blocks."""
+
+
+class KVControlError(KVTransferError):
+    """The connector control channel refused a request (auth, mismatch, expired) or lost its peer."""
 
 
 class RoutingError(PdxError):

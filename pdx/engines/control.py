@@ -24,6 +24,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from pdx.errors import KVControlError as ControlError
+
 logger = logging.getLogger(__name__)
 
 MAX_LINE = 16 << 20  # bytes
@@ -88,10 +90,6 @@ _to_decode: TypeAdapter[Any] = TypeAdapter(ToDecode)
 
 def encode(msg: _Msg) -> bytes:
     return msg.model_dump_json().encode() + b"\n"
-
-
-class ControlError(Exception):
-    """The control peer refused a request, or the connection is gone."""
 
 
 class Connection:
