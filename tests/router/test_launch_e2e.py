@@ -1,4 +1,5 @@
-"""``pdx launch`` end to end: real vLLM CPU engines (stock NixlConnector) behind the router.
+"""``pdx launch`` end to end: real vLLM CPU engines behind the router, for the shipped local
+topologies (stock NixlConnector, and the pdx connector).
 
 Holds /tmp/pdx-vllm.lock while engines run (one engine fleet on the machine at a time).
 """
@@ -42,15 +43,17 @@ def _engine_pids(ports: list[int]) -> list[int]:
     return found
 
 
-@pytest.fixture(scope="session")
-def nixl_fleet(tmp_path_factory):
+@pytest.fixture(scope="session", params=["local-1p1d-nixl.yaml", "local-1p1d.yaml"])
+def fleet(request, tmp_path_factory):
+    """A shipped local topology on free ports, launched by ``pdx launch``."""
     pytest.importorskip("vllm")
     pytest.importorskip("nixl")
+    config = request.param
     work = tmp_path_factory.mktemp("launch")
-    ports = {"router": free_port(), "p": free_port(), "d": free_port(), "sp": free_port(), "sd": free_port()}
-    text = (ROOT / "configs/local-1p1d-nixl.yaml").read_text()
+    ports = {name: free_port() for name in ("router", "p", "d", "sp", "sd", "kv")}
+    text = (ROOT / "configs" / config).read_text()
     text = text.replace("8100", str(ports["p"])).replace("8200", str(ports["d"]))
-    text = text.replace("5600", str(ports["sp"])).replace("5601", str(ports["sd"]))
+    text = text.replace("5600", str(ports["sp"])).replace("5601", str(ports["sd"])).replace("5700", str(ports["kv"]))
     text = text.replace("port: 8000", f"port: {ports['router']}")
     topo = work / "fleet.yaml"
     topo.write_text(text)
@@ -75,7 +78,7 @@ def nixl_fleet(tmp_path_factory):
         else:
             pytest.fail("fleet not ready in 420 s:\n" + (work / "launch.log").read_text()[-3000:])
         httpx.post(url + "/v1/completions", json={"prompt": PROMPT[:20], "max_tokens": 2}, timeout=120)  # warm-up
-        yield {"url": url, "proc": proc, "ports": ports, "work": work}
+        yield {"url": url, "proc": proc, "ports": ports, "work": work, "config": config}
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
@@ -90,8 +93,8 @@ def nixl_fleet(tmp_path_factory):
         lock.close()
 
 
-def test_requests_flow_through_a_launched_nixl_fleet_with_kv_transferred(nixl_fleet):
-    url, ports = nixl_fleet["url"], nixl_fleet["ports"]
+def test_requests_flow_through_a_launched_fleet_with_kv_transferred(fleet):
+    url, ports = fleet["url"], fleet["ports"]
     c = httpx.Client(base_url=url, timeout=120)
     r = c.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
     assert r.status_code == 200, r.text
@@ -117,8 +120,8 @@ def test_requests_flow_through_a_launched_nixl_fleet_with_kv_transferred(nixl_fl
     assert {w["id"]: w["healthy"] for w in workers} == {"p0": True, "d0": True}
 
 
-def test_sigterm_stops_router_and_every_engine(nixl_fleet):
-    proc, ports = nixl_fleet["proc"], nixl_fleet["ports"]
+def test_sigterm_stops_router_and_every_engine(fleet):
+    proc, ports = fleet["proc"], fleet["ports"]
     assert _engine_pids([ports["p"], ports["d"]])
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=90) == 0
@@ -127,4 +130,4 @@ def test_sigterm_stops_router_and_every_engine(nixl_fleet):
         time.sleep(0.5)
     assert _engine_pids([ports["p"], ports["d"]]) == []
     with pytest.raises(httpx.ConnectError):
-        httpx.get(nixl_fleet["url"] + "/health", timeout=2)
+        httpx.get(fleet["url"] + "/health", timeout=2)
