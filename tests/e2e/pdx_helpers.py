@@ -9,6 +9,9 @@ from typing import Any
 from tests.e2e.harness import completion_body
 
 CORRUPT_PREFIX = "bad0"
+LEASE_S = 10.0
+RECV_TIMEOUT_S = 20.0
+DECODE_BLOCKS = 48  # x 128 tokens: about five 1000-token requests at a time
 TOKEN = "e2e-token"
 
 

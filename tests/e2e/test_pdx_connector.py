@@ -5,6 +5,10 @@ engine's for prompts of 10 to 2000 tokens; D's /metrics show every prompt token
 came from the transfer and none was computed locally; a transfer whose KV is
 damaged on purpose (``debug_corrupt_prefix``) changes the output, which proves
 the comparison catches bad KV. Afterwards both engines hold no KV blocks.
+
+The same pair (P with a short lease, D with a short receive timeout and a small
+KV cache) then runs the failure contract, in ``test_pdx_failures.py``'s cases,
+on ``tcp`` only: they are collected here so one engine pair serves both.
 """
 
 from __future__ import annotations
@@ -13,8 +17,17 @@ import importlib.util
 
 import pytest
 
+from tests.e2e import pdx_failure_cases as cases
 from tests.e2e.harness import PROMPTS, Output, assert_outputs_match
-from tests.e2e.pdx_helpers import CORRUPT_PREFIX, pdx_kv_configs, run_pdx, wait_blocks_free
+from tests.e2e.pdx_helpers import (
+    CORRUPT_PREFIX,
+    DECODE_BLOCKS,
+    LEASE_S,
+    RECV_TIMEOUT_S,
+    pdx_kv_configs,
+    run_pdx,
+    wait_blocks_free,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -29,9 +42,12 @@ def pdx_pair(request, pd_pair_factory):
     if transport not in available_transports():
         pytest.skip(f"transport {transport} is not available here")
     port = free_port()
-    prefill_config, decode_config = pdx_kv_configs(port, transport)
-    pair = pd_pair_factory(prefill_config, decode_config, name=f"pdx-{transport}")
+    prefill_config, decode_config = pdx_kv_configs(port, transport, lease_s=LEASE_S,
+                                                   recv_timeout_s=RECV_TIMEOUT_S)
+    pair = pd_pair_factory(prefill_config, decode_config, name=f"pdx-{transport}",
+                           decode_overrides={"extra_args": ("--num-gpu-blocks-override", str(DECODE_BLOCKS))})
     pair.extras["control_port"] = port
+    pair.extras["transport"] = transport
     yield pair
     pair.stop()
 
@@ -65,3 +81,30 @@ def test_damaged_kv_changes_the_output(pdx_pair, single_reference):
     with pytest.raises(AssertionError):
         assert_outputs_match([single_reference[i]], [Output.from_response(answer)])
     wait_blocks_free(pdx_pair)
+
+
+# The failure contract, on the same pair and on tcp only (one engine pair less), after the
+# tests above; killing P comes last.
+def _tcp_only(pdx_pair) -> None:
+    if pdx_pair.extras["transport"] != "tcp":
+        pytest.skip("the failure contract runs on tcp only")
+
+
+def test_lease_frees_prefill_blocks_when_the_decoder_never_comes(pdx_pair):
+    _tcp_only(pdx_pair)
+    cases.case_lease_frees_prefill_blocks_when_the_decoder_never_comes(pdx_pair)
+
+
+def test_decoder_abort_frees_both_sides(pdx_pair):
+    _tcp_only(pdx_pair)
+    cases.case_decoder_abort_frees_both_sides(pdx_pair)
+
+
+def test_32_concurrent_long_prompts_with_a_small_decoder_cache_all_finish(pdx_pair):
+    _tcp_only(pdx_pair)
+    cases.case_32_concurrent_long_prompts_with_a_small_decoder_cache_all_finish(pdx_pair)
+
+
+def test_killed_prefill_decoder_recomputes_and_answers(pdx_pair, single_reference):
+    _tcp_only(pdx_pair)
+    cases.case_killed_prefill_decoder_recomputes_and_answers(pdx_pair, single_reference)

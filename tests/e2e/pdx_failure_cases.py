@@ -1,0 +1,126 @@
+"""PdxConnector's failure contract on real engines: leases, aborts, a dead prefill, overload.
+
+Collected by ``test_pdx_connector.py`` (they share its ``pdx_pair``: P with a
+short lease, D with a short receive timeout and a small KV cache). Each case
+ends with both engines holding no KV blocks (vLLM's ``kv_cache_usage_perc``
+back to 0). The case that kills P must run last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+
+import pytest
+
+from tests.e2e.harness import (
+    MAX_TOKENS,
+    PROMPTS,
+    Output,
+    assert_outputs_match,
+    completion_body,
+    make_prompts,
+)
+from tests.e2e.pdx_helpers import LEASE_S, RECV_TIMEOUT_S, kv_usage, wait_blocks_free
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+def _legs(pair, prompt, tid=None, stream=False):
+    from pdx.engines.pd_client import pdx_legs
+
+    body = completion_body(prompt)
+    body["stream"] = stream
+    return pdx_legs(body, "127.0.0.1", pair.extras["control_port"], tid or secrets.token_hex(16))
+
+
+def _post(url, body):
+    import httpx
+
+    from pdx.engines.pd_client import post_json
+
+    async def run():
+        async with httpx.AsyncClient() as client:
+            return await post_json(client, url + "/v1/completions", body)
+
+    return asyncio.run(run())
+
+
+def case_lease_frees_prefill_blocks_when_the_decoder_never_comes(pdx_pair):
+    pair = pdx_pair
+    p_body, _ = _legs(pair, PROMPTS[4])
+    answer = _post(pair.prefill.url, p_body)
+    assert answer["kv_transfer_params"]["pdx_role"] == "prefill"
+    assert kv_usage(pair.prefill) > 0, "P must hold the blocks for the decoder"
+    wait_blocks_free(pair, timeout_s=LEASE_S + 20)
+
+
+def case_decoder_abort_frees_both_sides(pdx_pair):
+    pair = pdx_pair
+    import httpx
+
+    from pdx.engines.pd_client import stream_sse
+
+    p_body, d_body = _legs(pair, PROMPTS[4], stream=True)
+
+    async def abort_decode():
+        async with httpx.AsyncClient() as client:
+            async def consume():
+                async for _ in stream_sse(client, pair.decode.url + "/v1/completions", d_body):
+                    pass
+            with pytest.raises(asyncio.TimeoutError):  # D waits for KV that P has not computed
+                await asyncio.wait_for(consume(), 2.0)
+
+    asyncio.run(abort_decode())
+    wait_blocks_free(pair, timeout_s=10)
+    answer = _post(pair.prefill.url, p_body)  # P computes for a transfer D gave up on
+    assert len(answer["choices"][0]["token_ids"]) == 1
+    # Freed because D released the transfer, well before P's lease would have.
+    wait_blocks_free(pair, timeout_s=LEASE_S - 3)
+
+
+def case_32_concurrent_long_prompts_with_a_small_decoder_cache_all_finish(pdx_pair):
+    pair = pdx_pair
+    import httpx
+
+    from pdx.engines.pd_client import pdx_completion
+
+    prompts = make_prompts((1000,) * 32, seed=32)
+
+    async def run():
+        async with httpx.AsyncClient() as client:
+            return await asyncio.gather(*[
+                pdx_completion(client, pair.prefill.url, pair.decode.url, pair.extras["control_port"],
+                               completion_body(p)) for p in prompts])
+
+    answers = asyncio.run(asyncio.wait_for(run(), 600))
+    assert all(len(a["choices"][0]["token_ids"]) == MAX_TOKENS for a in answers)
+    wait_blocks_free(pair, timeout_s=LEASE_S + 20)
+
+
+def case_killed_prefill_decoder_recomputes_and_answers(pdx_pair, single_reference):
+    pair = pdx_pair
+    _, d_body = _legs(pair, PROMPTS[3])
+    before = pair.decode.scrape_metrics()
+
+    async def run():
+        import httpx
+
+        from pdx.engines.pd_client import post_json
+
+        async with httpx.AsyncClient() as client:
+            task = asyncio.create_task(post_json(client, pair.decode.url + "/v1/completions", d_body))
+            await asyncio.sleep(3.0)  # D has reserved its blocks and registered them at P
+            assert not task.done()
+            os.killpg(pair.prefill.pid, signal.SIGKILL)
+            answer = await asyncio.wait_for(task, RECV_TIMEOUT_S + 30)
+            return answer
+
+    answer = asyncio.run(run())
+    pair.prefill.stop()
+    assert_outputs_match([single_reference[3]], [Output.from_response(answer)])
+    after = pair.decode.scrape_metrics()
+    name = "prompt_tokens_by_source"
+    assert after.sum(name, source="local_compute") - before.sum(name, source="local_compute") == len(PROMPTS[3])
+    assert kv_usage(pair.decode) == 0
