@@ -56,7 +56,7 @@ class RegionPins:
         region or fall outside it, the pinned region ids (pass to ``unpin``), and
         ``{region_id: (addr, nbytes, view)}`` for the pinned ones.
         """
-        bad = np.zeros(len(region_ids), dtype=bool)
+        bad = (offsets < 0) | (nbytes <= 0)
         pinned: list[int] = []
         regions: dict[int, tuple[int, int, memoryview]] = {}
         ends = offsets + nbytes

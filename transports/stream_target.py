@@ -131,7 +131,7 @@ class StreamServer:
             sock.settimeout(None)
             scratch = memoryview(bytearray(SCRATCH_BYTES))
             while True:
-                self._serve_frame(sock, session, peer_name, pid, scratch)
+                self._serve_frame(sock, session, peer_name, pid if is_cma else 0, scratch)
         except (OSError, ProtocolError, KeyError, ValueError, TypeError) as exc:
             if not self._closing:
                 logger.debug("stream from %s ended: %s", session or "?", exc)
@@ -142,13 +142,16 @@ class StreamServer:
                 for key in [k for k in self._parts if k[0] == session]:
                     del self._parts[key]
 
-    def _serve_frame(self, sock: socket.socket, session: str, peer_name: str, pid: int, scratch: memoryview) -> None:
+    def _serve_frame(self, sock: socket.socket, session: str, peer_name: str, cma_pid: int, scratch: memoryview) -> None:
+        """Land one frame; ``cma_pid`` is the initiator's pid when the handshake allowed cross-memory attach."""
         magic, op, mode, _, tid, part, num_parts, num_rows, notif_len = FRAME.unpack(recv_exact(sock, FRAME.size))
         if magic != FRAME_MAGIC or op not in (OP_WRITE, OP_READ) or num_rows > MAX_ROWS or notif_len > MAX_HELLO:
             raise ProtocolError("bad frame header")
         table = np.frombuffer(recv_exact(sock, num_rows * TABLE_COLUMNS * 8), dtype=np.int64).reshape(-1, TABLE_COLUMNS)
         notif = recv_exact(sock, notif_len) if notif_len else None
         rids, offs, sizes, peer_addrs = table[:, 0], table[:, 1], table[:, 2], table[:, 3]
+        if (mode == MODE_CMA and not cma_pid) or (sizes < 0).any():
+            raise ProtocolError("frame asks for cross-memory attach that was not agreed, or has negative sizes")
         bad, pinned, regions = self.pins.acquire(rids, offs, sizes)
         error = "region not registered here (released?) or range outside it" if bad.any() else ""
         payload: list[memoryview] = []
@@ -157,7 +160,7 @@ class StreamServer:
                 ok = ~bad
                 if ok.any():
                     base = np.array([regions[r][0] if ok[i] else 0 for i, r in enumerate(rids.tolist())], dtype=np.int64)
-                    failed = cma_copy(pid, base[ok] + offs[ok], peer_addrs[ok], sizes[ok], op == OP_WRITE)
+                    failed = cma_copy(cma_pid, base[ok] + offs[ok], peer_addrs[ok], sizes[ok], op == OP_WRITE)
                     if failed.any():
                         bad[np.flatnonzero(ok)[failed]] = True
                         error = "cross-memory copy failed (initiator memory gone?)"

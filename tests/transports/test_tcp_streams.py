@@ -78,3 +78,39 @@ def test_rejected_row_is_reported_by_its_index_in_the_post(aio, initiator, targe
 
     assert aio.run(go()).failed_segments == (1,)
     assert target.call("pop_notifications") == []
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [b"GET / HTTP/1.1\r\n\r\n", b"\x10\x00\x00\x00{\"session\": 1}xxxx", b"\xff\xff\xff\xff"],
+    ids=["http", "bad-hello", "huge-length"],
+)
+def test_junk_on_the_port_leaves_the_target_usable(aio, target, junk):
+    import json
+    import socket
+
+    descriptor = target.call("descriptor")
+    address = json.loads(descriptor)["address"]
+    with socket.create_connection((address["host"], address["port"]), timeout=10) as sock:
+        try:
+            sock.sendall(junk)
+            sock.shutdown(socket.SHUT_WR)
+            reply = sock.recv(100)
+        except OSError:  # reset or already closed by the target
+            reply = b""
+        assert reply == b"", "the target must drop a peer that does not speak pdx"
+
+    async def go():
+        t = transports.create_transport("tcp")
+        try:
+            src = t.allocate(4096)
+            src.buffer[:] = 5
+            peer = await t.connect(descriptor)
+            rid = json.loads(descriptor)["regions"][0]["region_id"]
+            return (await (await t.post_write(peer, SegmentPairs.strided(src.region_id, rid, 4096, 1))).wait(20)).ok
+        finally:
+            await t.aclose()
+
+    target.call("allocate", 4096)
+    descriptor = target.call("descriptor")
+    assert aio.run(go())
