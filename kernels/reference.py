@@ -14,7 +14,7 @@ decode rank takes its share from a prefill rank with another tensor-parallel siz
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -53,10 +53,26 @@ def local_heads(layout: Any, head_range: tuple[int, int] | None) -> tuple[int, i
 
 
 def _slots(slot_mapping: Any, device: torch.device) -> torch.Tensor:
+    if isinstance(slot_mapping, _Slots):
+        return slot_mapping.slots
     slots = torch.as_tensor(slot_mapping, device=device).reshape(-1).long()
     if slots.numel() and int(slots.min()) < 0:
         raise ValueError("slot_mapping entries must be >= 0")
     return slots
+
+
+class _Slots(NamedTuple):
+    """Slots checked once per request, shared by its layers."""
+
+    slots: torch.Tensor
+    blocks: torch.Tensor | None  # set when the slots fill whole blocks in order
+
+
+def _prepare(slot_mapping: Any, device: torch.device, block_size: int) -> _Slots:
+    if isinstance(slot_mapping, _Slots):
+        return slot_mapping
+    slots = _slots(slot_mapping, device)
+    return _Slots(slots, block_ids_of(slots, block_size))
 
 
 def gather_layer(
@@ -69,7 +85,7 @@ def gather_layer(
     """Paged blocks of one layer -> ``[C, num_tokens, H_sel * D]`` (written into ``out`` if given)."""
     views = kv_views(layout, layer_cache)
     lo, hi = local_heads(layout, head_range)
-    slots = _slots(slot_mapping, views[0].device)
+    slots, blocks = _prepare(slot_mapping, views[0].device, layout.block_size)
     n = layout.block_size
     if out is None:
         out = torch.empty(
@@ -79,7 +95,6 @@ def gather_layer(
             dtype=views[0].dtype,
             device=views[0].device,
         )
-    blocks = block_ids_of(slots, n)
     if blocks is not None:  # whole blocks at a time
         for c, view in enumerate(views):
             gather_blocks(
@@ -102,14 +117,13 @@ def scatter_layer(
     """``[C, num_tokens, H_sel * D]`` -> paged blocks of one layer (in place)."""
     views = kv_views(layout, layer_cache)
     lo, hi = local_heads(layout, head_range)
-    slots = _slots(slot_mapping, views[0].device)
+    slots, blocks = _prepare(slot_mapping, views[0].device, layout.block_size)
     expected = (len(views), slots.numel(), (hi - lo) * layout.head_dim)
     if tuple(chunk.shape) != expected:
         raise ValueError(f"chunk must be {list(expected)} for this layer, got {list(chunk.shape)}")
     if chunk.dtype != views[0].dtype:
         raise ValueError(f"chunk dtype {chunk.dtype} differs from the cache's {views[0].dtype}")
     n = layout.block_size
-    blocks = block_ids_of(slots, n)
     if blocks is not None:  # whole blocks at a time
         for c, view in enumerate(views):
             scatter_blocks(
@@ -133,14 +147,19 @@ def gather(
     layers = range(len(caches)) if layers is None else layers
     lo, hi = local_heads(layout, head_range)
     first = kv_views(layout, caches[layers[0]])[0]
-    slots = _slots(slot_mapping, first.device)
-    shape = (layout.num_components, len(layers), slots.numel(), (hi - lo) * layout.head_dim)
+    prepared = _prepare(slot_mapping, first.device, layout.block_size)
+    shape = (
+        layout.num_components,
+        len(layers),
+        prepared.slots.numel(),
+        (hi - lo) * layout.head_dim,
+    )
     if out is None:
         out = torch.empty(shape, dtype=first.dtype, device=first.device)
     elif tuple(out.shape) != shape or out.dtype != first.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {first.dtype} tensor of shape {list(shape)}")
     for i, layer in enumerate(layers):
-        gather_layer(layout, caches[layer], slots, head_range, out=out[:, i])
+        gather_layer(layout, caches[layer], prepared, head_range, out=out[:, i])
     return out
 
 
@@ -158,8 +177,9 @@ def scatter(
         raise ValueError(
             f"chunk must be [C, {len(layers)}, num_tokens, hidden], got {list(chunk.shape)}"
         )
+    prepared = _prepare(slot_mapping, chunk.device, layout.block_size)
     for i, layer in enumerate(layers):
-        scatter_layer(layout, caches[layer], chunk[:, i], slot_mapping, head_range)
+        scatter_layer(layout, caches[layer], chunk[:, i], prepared, head_range)
 
 
 def reshard(
