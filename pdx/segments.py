@@ -96,9 +96,16 @@ class CopyPlan:
         return len(self.table)
 
     def segment_pairs(
-        self, src_buffers: Sequence[BufferRef], dst_buffers: Sequence[BufferRef]
+        self,
+        src_buffers: Sequence[BufferRef],
+        dst_buffers: Sequence[BufferRef],
+        for_read: bool = False,
     ) -> SegmentPairs:
-        """The plan for one layer as a transport table: local = src, remote = dst (a write)."""
+        """The plan for one layer as a transport table.
+
+        For ``post_write`` (run where src lives) local = src, remote = dst; with
+        ``for_read`` (``post_read``, run where dst lives) local = dst, remote = src.
+        """
         src = np.asarray(src_buffers, dtype=np.int64).reshape(-1, 2)
         dst = np.asarray(dst_buffers, dtype=np.int64).reshape(-1, 2)
         t = self.table.copy()
@@ -113,6 +120,8 @@ class CopyPlan:
             buf = t[:, col_r]
             t[:, col_o] += refs[buf, 1]
             t[:, col_r] = refs[buf, 0]
+        if for_read:
+            t = t[:, [REMOTE_REGION, REMOTE_OFFSET, LOCAL_REGION, LOCAL_OFFSET, NBYTES]]
         return SegmentPairs(t)
 
     def segment_pairs_layers(

@@ -167,6 +167,12 @@ def test_segment_pairs_map_buffers_to_regions_and_offsets():
         [11, page, 21, 7 + 3 * page, page],
         [12, 100 + page, 22, 3 * page, page],
     ]
+    plan = plan_copy(layout, [1], layout, [3])
+    read = plan.segment_pairs([(11, 0), (12, 100)], [(21, 7), (22, 0)], for_read=True)
+    assert read.table.tolist() == [
+        [21, 7 + 3 * page, 11, page, page],
+        [22, 3 * page, 12, 100 + page, page],
+    ]
     with pytest.raises(LayoutError, match="2 src buffers"):
         pair_segments(
             layout, [1], layout, [3], src_buffers=[(11, 0)], dst_buffers=[(21, 0), (22, 0)]
