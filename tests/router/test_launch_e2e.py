@@ -21,7 +21,7 @@ import pytest
 from pdx.engines.metrics import parse_prometheus_text
 from pdx.engines.process import free_port
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.nixl, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.nixl, pytest.mark.timeout(3600)]  # includes waiting for the engine lock
 
 ROOT = Path(__file__).parents[2]
 PROMPT = [(i * 37) % 4000 + 3 for i in range(300)]  # token ids: no tokenizer dependence
