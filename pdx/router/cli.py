@@ -56,5 +56,8 @@ def route_main(argv: list[str]) -> int:
         print(f"pdx route: {exc}", file=sys.stderr)
         return 1
     logging.basicConfig(level=topology.router.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    r = topology.router
+    print(f"pdx route: http://{args.host or r.host}:{r.port if args.port is None else args.port} "
+          f"-> {len(topology.engines)} engines ({topology.protocol} protocol); Ctrl-C stops", file=sys.stderr)
     serve(topology, args.host, args.port)
     return 0
