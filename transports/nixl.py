@@ -25,11 +25,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from typing import Any
 
 import numpy as np
 
+from transports._nixl_transfer import (
+    NOTIF_PREFIX,
+    NixlTransfer,
+    _bare,
+    _descs,
+    _group_rows,
+    _lookup,
+    _mem_type,
+    _Request,
+)
 from transports._peer_wire import decode_descriptor, encode_descriptor
 from transports.base import (
     LOCAL_OFFSET,
@@ -42,7 +51,6 @@ from transports.base import (
     Peer,
     SegmentPairs,
     Transfer,
-    TransferReport,
     TransferStatus,
     Transport,
 )
@@ -53,15 +61,20 @@ from transports.errors import (
     RegistrationError,
     TransferAborted,
     TransferError,
-    TransferTimeout,
     TransportClosed,
     TransportUnavailable,
 )
 
 logger = logging.getLogger(__name__)
 
-NOTIF_PREFIX = b"\x01"  # marks pdx notifications; anything else from the agent is ignored
+TABLE_SLOTS = 8192  # region ids the live-region table holds; beyond that the check is skipped
 MIN_SLEEP, MAX_BUSY_SLEEP, MAX_IDLE_SLEEP = 20e-6, 1e-3, 2e-3
+CONNECT_TIMEOUT = 10.0
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def import_nixl() -> Any:
@@ -71,120 +84,6 @@ def import_nixl() -> Any:
     except ImportError:
         from nixl_cu12 import _api  # type: ignore[import-not-found,no-redef]
     return _api
-
-
-def _mem_type(device: str) -> tuple[str, int]:
-    if device == "cpu":
-        return "DRAM", 0
-    return "VRAM", int(device.partition(":")[2] or 0)
-
-
-class _Request:
-    """One NIXL transfer request (a group of segment rows of one post)."""
-
-    __slots__ = ("handle", "rows", "state")
-
-    def __init__(self, handle: Any, rows: np.ndarray) -> None:
-        self.handle = handle
-        self.rows = rows  # row indices into the posted SegmentPairs
-        self.state = "PROC"  # PROC, DONE, ERR
-
-
-class NixlTransfer(Transfer):
-    def __init__(self, transport: NixlTransport, peer: Peer, pairs: SegmentPairs, notif: bytes | None,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self.num_segments = len(pairs)
-        self.nbytes = pairs.nbytes
-        self._transport = transport
-        self._peer = peer
-        self._requests: list[_Request] = []
-        self._late_notif: bytes | None = None  # sent after all requests finish (multi-group posts)
-        self._loop = loop
-        self._future: asyncio.Future[None] = loop.create_future()
-        self._t0 = time.perf_counter()
-        self.report: TransferReport | None = None
-        self._error_kind: type[TransferError] = TransferError
-
-    def poll(self) -> TransferStatus:
-        return TransferStatus.PENDING if self.report is None else self.report.status
-
-    async def wait(self, timeout: float | None = None) -> TransferReport:
-        if timeout is None:
-            timeout = self._transport.timeout
-        if self.report is None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._future), timeout)
-            except asyncio.TimeoutError:
-                self._finish(TransferStatus.FAILED, "timed out", TransferTimeout, abort=True,
-                             message=f"nixl transfer to {self._peer.name} did not complete within {timeout}s")
-        report = self.report
-        assert report is not None
-        if report.status is TransferStatus.DONE:
-            return report
-        raise self._error_kind(report.error or "transfer failed", report)
-
-    def abort(self) -> None:
-        self._finish(TransferStatus.ABORTED, "aborted by the initiator", TransferAborted, abort=True)
-
-    # -- called with the transport lock held ----------------------------------------------
-    def _advance(self, agent: Any) -> bool:
-        """Check in-flight requests; finish the transfer once all settled. True if anything changed."""
-        changed = False
-        for req in self._requests:
-            if req.state == "PROC":
-                state = agent.check_xfer_state(req.handle)
-                if state != "PROC":
-                    req.state = state
-                    changed = True
-                    self._transport._release_handle(req)
-        if changed:
-            self._settle(agent)
-        return changed
-
-    def _settle(self, agent: Any) -> None:
-        """Finish the transfer if no request is in flight any more."""
-        if self.report is not None or any(r.state == "PROC" for r in self._requests):
-            return
-        failed = [r for r in self._requests if r.state != "DONE"]
-        if failed:
-            rows = np.sort(np.concatenate([r.rows for r in failed]))
-            self._finish(TransferStatus.FAILED, "NIXL reported the transfer failed (peer unreachable or gone)",
-                         PeerLost, failed_rows=rows)
-            return
-        if self._late_notif is not None:
-            try:
-                agent.send_notif(self._peer.state, NOTIF_PREFIX + self._late_notif)
-            except Exception as exc:  # the bytes landed, but the target will not hear of it
-                self._finish(TransferStatus.FAILED, f"notification failed: {exc}", PeerLost)
-                return
-        self._finish(TransferStatus.DONE, None, TransferError)
-
-    def _finish(self, status: TransferStatus, error: str | None, kind: type[TransferError], *,
-                abort: bool = False, failed_rows: np.ndarray | None = None, message: str | None = None) -> None:
-        with self._transport._lock:
-            if self.report is not None:
-                return
-            if abort:
-                for req in self._requests:
-                    if req.state == "PROC":
-                        req.state = "ERR"
-                        self._transport._release_handle(req)
-            if status is not TransferStatus.DONE and failed_rows is None:
-                failed_rows = np.arange(self.num_segments)
-            failed = tuple(failed_rows.tolist()) if failed_rows is not None else ()
-            self.report = TransferReport(status, self.num_segments, self.nbytes, failed,
-                                         message or error, time.perf_counter() - self._t0)
-            self._error_kind = kind
-            self._transport._inflight.discard(self)
-        try:
-            self._loop.call_soon_threadsafe(_resolve, self._future)
-        except RuntimeError:  # the posting loop is closed
-            pass
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 class NixlTransport(Transport):
@@ -227,8 +126,15 @@ class NixlTransport(Transport):
         self._peers: dict[str, Peer] = {}
         self._inflight: set[NixlTransfer] = set()
         self._zombies: list[_Request] = []  # handles NIXL could not release yet
+        self._live: dict[str, set[int]] = {}  # peer -> ids its table listed at connect
         self._wake = threading.Event()
         self._stop = False
+        # Live-region table: [count, ids...], read by initiators at connect (one NIXL READ), so a
+        # descriptor listing a region released since is caught. A second one receives peers' tables.
+        self._table = np.zeros(TABLE_SLOTS + 1, dtype=np.int64)
+        self._scratch = np.zeros(TABLE_SLOTS + 1, dtype=np.int64)
+        self._table_reg = [self._agent.register_memory([(a.ctypes.data, a.nbytes, 0, "")], "DRAM")
+                           for a in (self._table, self._scratch)]
         self._poller = threading.Thread(target=self._poll_loop, name=f"pdx-nixl-{self.name}", daemon=True)
         self._poller.start()
 
@@ -241,7 +147,16 @@ class NixlTransport(Transport):
                     [(region.addr, region.nbytes, devid, "")], mem
                 )
         except Exception as exc:
-            raise RegistrationError(f"NIXL could not register {region.nbytes} bytes of {mem}: {exc}") from exc
+            raise RegistrationError(f"NIXL could not register {region.nbytes} bytes of {mem}: {exc}") from _bare(exc)
+        self._write_table(extra=region.region_id)
+
+    def _write_table(self, extra: int | None = None, drop: int | None = None) -> None:
+        ids = [rid for rid in self.regions if rid != drop] + ([extra] if extra is not None else [])
+        if len(ids) > TABLE_SLOTS:
+            self._table[0] = -1
+            return
+        self._table[1 : 1 + len(ids)] = ids
+        self._table[0] = len(ids)
 
     def _deregister(self, region: MemoryRegion) -> None:
         reg = self._reg.pop(region.region_id, None)
@@ -251,6 +166,7 @@ class NixlTransport(Transport):
                     self._agent.deregister_memory(reg)
             except Exception:
                 logger.warning("NIXL failed to deregister region %d", region.region_id, exc_info=True)
+        self._write_table(drop=region.region_id)
         super()._deregister(region)
 
     # -- descriptors and peers ------------------------------------------------------------
@@ -259,7 +175,8 @@ class NixlTransport(Transport):
         with self._lock:
             meta = self._agent.get_agent_metadata()
         rows = [(r.region_id, r.nbytes, r.addr, r.device) for r in self.regions.values()]
-        return encode_descriptor(self.kind, self.name, rows, blob=meta)
+        table = [self._table.ctypes.data, self._table.nbytes]
+        return encode_descriptor(self.kind, self.name, rows, blob=meta, extra={"table": table})
 
     async def connect(self, descriptor: bytes) -> Peer:
         self._check_open()
@@ -271,7 +188,11 @@ class NixlTransport(Transport):
                 with self._lock:
                     remote = self._agent.add_remote_agent(desc.blob)
             except Exception as exc:
-                raise DescriptorError(f"NIXL rejected the metadata in the descriptor of {desc.name}: {exc}") from exc
+                if type(exc).__name__ == "nixlBackendError":  # UCX could not reach the agent it names
+                    raise ConnectError(
+                        f"cannot reach NIXL agent {desc.name} (stale descriptor, or the peer is gone): {exc}"
+                    ) from _bare(exc)
+                raise DescriptorError(f"NIXL rejected the metadata in the descriptor of {desc.name}: {exc}") from _bare(exc)
             remote = remote.decode() if isinstance(remote, bytes) else str(remote)
             if remote != desc.name:
                 raise DescriptorError(f"descriptor names {desc.name!r} but carries metadata of {remote!r}")
@@ -279,10 +200,43 @@ class NixlTransport(Transport):
                 with self._lock:
                     self._agent.make_connection(remote)
             except Exception as exc:
-                raise ConnectError(f"cannot connect to NIXL agent {remote}: {exc}") from exc
+                raise ConnectError(f"cannot connect to NIXL agent {remote}: {exc}") from _bare(exc)
+            await self._read_table(remote, desc.extra.get("table"))
         peer = Peer(desc.name, desc.regions, state=remote)
         self._peers[desc.name] = peer
         return peer
+
+    async def _read_table(self, remote: str, table: Any) -> None:
+        """Learn which of the descriptor's regions the target still has (one small READ)."""
+        self._live.pop(remote, None)
+        if not (isinstance(table, list) and len(table) == 2 and all(isinstance(v, int) for v in table)
+                and table[1] == self._scratch.nbytes):
+            raise DescriptorError(f"nixl descriptor of {remote} has no valid region table")
+        with self._lock:
+            ldesc = self._agent.get_xfer_descs(_descs(np.array([self._scratch.ctypes.data]),
+                                                      np.array([self._scratch.nbytes]), 0), "DRAM")
+            rdesc = self._agent.get_xfer_descs(_descs(np.array([table[0]]), np.array([table[1]]), 0), "DRAM")
+            try:
+                handle = self._agent.initialize_xfer("READ", ldesc, rdesc, remote, b"")
+                state = self._agent.transfer(handle)
+            except Exception as exc:
+                raise ConnectError(f"cannot read the region table of NIXL agent {remote}: {exc}") from None
+        deadline = asyncio.get_running_loop().time() + CONNECT_TIMEOUT
+        delay = MIN_SLEEP
+        while state == "PROC" and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BUSY_SLEEP)
+            with self._lock:
+                state = self._agent.check_xfer_state(handle)
+        req = _Request(handle, np.zeros(0, dtype=np.int64))
+        req.state = state
+        with self._lock:
+            self._release_handle(req)
+        if state != "DONE":
+            raise ConnectError(f"cannot read the region table of NIXL agent {remote} (state {state})")
+        count = int(self._scratch[0])
+        if 0 <= count <= TABLE_SLOTS:
+            self._live[remote] = set(self._scratch[1 : 1 + count].tolist())
 
     async def disconnect(self, peer: Peer) -> None:
         if self._peers.pop(peer.name, None) is None:
@@ -291,6 +245,8 @@ class NixlTransport(Transport):
             for tr in list(self._inflight):
                 if tr._peer is peer:
                     tr._finish(TransferStatus.FAILED, f"peer {peer.name} was disconnected", PeerLost, abort=True)
+        await self._settle_zombies()
+        with self._lock:
             if peer.state != self.name:
                 try:
                     self._agent.remove_remote_agent(peer.state)
@@ -316,11 +272,18 @@ class NixlTransport(Transport):
                 transfer._settle(self._agent)
             return transfer
         t = pairs.table
+        posted = np.arange(len(t))
+        live = self._live.get(peer.state)
+        if live is not None and not set(peer.regions) <= live:
+            gone = np.isin(t[:, REMOTE_REGION], np.array(sorted(set(peer.regions) - live), dtype=np.int64))
+            if gone.any():  # released at the target since its descriptor was taken: never post those
+                transfer._prefailed, posted = np.flatnonzero(gone), np.flatnonzero(~gone)
+                t, notif = t[posted], None  # a partly failed transfer does not notify
         local = {rid: (r.addr, r.device) for rid, r in self.regions.items()}
         remote = {rid: (int(r.extra["addr"]), r.device) for rid, r in peer.regions.items()}
         l_addr, l_dev = _lookup(t[:, LOCAL_REGION], local)
         r_addr, r_dev = _lookup(t[:, REMOTE_REGION], remote)
-        groups = _group_rows(l_dev, r_dev)
+        groups = _group_rows(l_dev, r_dev) if len(t) else []
         msg = b"" if notif is None else NOTIF_PREFIX + notif
         if len(groups) > 1 and notif is not None:
             transfer._late_notif, msg = notif, b""
@@ -335,7 +298,7 @@ class NixlTransport(Transport):
                         op, self._agent.get_xfer_descs(ldesc, lmem), self._agent.get_xfer_descs(rdesc, rmem),
                         peer.state, msg,
                     )
-                    req = _Request(handle, rows)
+                    req = _Request(handle, posted[rows])
                     transfer._requests.append(req)
                     req.state = self._agent.transfer(handle)
             except Exception as exc:
@@ -353,10 +316,31 @@ class NixlTransport(Transport):
         return transfer
 
     def _release_handle(self, req: _Request) -> None:
+        """Release the handle of a settled request."""
+        if req.handle is None:
+            return
         try:
             req.handle.release()
-        except Exception:  # still active and not cancellable: retry later
-            self._zombies.append(req)
+        except Exception:
+            logger.warning("NIXL refused to release a settled transfer handle of %s", self.name)
+        req.handle = None  # the handle keeps the agent (and its UCX context) alive
+
+    def _reap_zombies(self, force: bool = False) -> None:
+        """Release abandoned requests NIXL has settled (all of them when ``force``).
+
+        Cancelling an active UCX request on release proved fragile (the peer may abort
+        with an endpoint timeout), so aborted requests are left to finish first."""
+        still = []
+        for req in self._zombies:
+            try:
+                state = self._agent.check_xfer_state(req.handle) if req.handle is not None else "ERR"
+            except Exception:
+                state = "ERR"
+            if state == "PROC" and not force:
+                still.append(req)
+            else:
+                self._release_handle(req)
+        self._zombies = still
 
     # -- poller ---------------------------------------------------------------------------
     def _poll_loop(self) -> None:
@@ -379,20 +363,23 @@ class NixlTransport(Transport):
         with self._lock:
             if self._stop:
                 return False
-            notifs = self._agent.get_new_notifs()
+            try:
+                notifs = self._agent.get_new_notifs()
+            except Exception:  # a disconnected peer surfaces here too; its transfers report it
+                logger.debug("get_new_notifs failed on %s", self.name, exc_info=True)
+                notifs = {}
             progressed = False
             for tr in list(self._inflight):
                 progressed |= tr._advance(self._agent)
             if self._zombies:
-                zombies, self._zombies = self._zombies, []
-                for req in zombies:
-                    self._release_handle(req)
+                self._reap_zombies()
         for sender, msgs in notifs.items():
             sender = sender.decode() if isinstance(sender, bytes) else str(sender)
             for m in msgs:
-                if m[:1] == NOTIF_PREFIX:
-                    self.notifications.push(Notification(sender, bytes(m[1:])))
-                    progressed = True
+                kind, body = m[:1], bytes(m[1:])
+                if kind == NOTIF_PREFIX:
+                    self.notifications.push(Notification(sender, body))
+                progressed = True
         return progressed
 
     def pop_notifications(self) -> list[Notification]:
@@ -400,53 +387,30 @@ class NixlTransport(Transport):
         return super().pop_notifications()
 
     # -- lifetime -------------------------------------------------------------------------
+    async def _settle_zombies(self, timeout: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._zombies and asyncio.get_running_loop().time() < deadline:
+            with self._lock:
+                self._reap_zombies()
+            await asyncio.sleep(MAX_BUSY_SLEEP)
+
     async def aclose(self) -> None:
         if self._closed:
             return
         with self._lock:
             for tr in list(self._inflight):
                 tr._finish(TransferStatus.ABORTED, "transport closed", TransferAborted, abort=True)
+        await self._settle_zombies()  # before the memory they read from is deregistered
         for peer in list(self._peers.values()):
             await self.disconnect(peer)
         await super().aclose()  # deregisters every region
         self._stop = True
         self._wake.set()
-        await asyncio.get_running_loop().run_in_executor(None, self._poller.join, 5.0)
+        self._poller.join(5.0)  # it sleeps at most MAX_IDLE_SLEEP between checks
         with self._lock:
-            for req in self._zombies:
-                try:
-                    req.handle.release()
-                except Exception:
-                    logger.warning("NIXL kept a transfer handle of %s it could not cancel", self.name)
-            self._zombies.clear()
+            self._reap_zombies(force=True)
+            for reg in self._table_reg:
+                self._agent.deregister_memory(reg)
         self._agent = None
 
 
-def _lookup(ids: np.ndarray, table: dict[int, tuple[int, str]]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row (base address, device) of the region each row names."""
-    if len(ids) and (ids == ids[0]).all():
-        addr, dev = table[int(ids[0])]
-        return np.full(len(ids), addr, dtype=np.int64), np.full(len(ids), dev, dtype=object)
-    uniq, inv = np.unique(ids, return_inverse=True)
-    addrs = np.array([table[int(u)][0] for u in uniq], dtype=np.int64)
-    devs = np.array([table[int(u)][1] for u in uniq], dtype=object)
-    return addrs[inv], devs[inv]
-
-
-def _group_rows(l_dev: np.ndarray, r_dev: np.ndarray) -> list[tuple[tuple[str, str], np.ndarray]]:
-    if (l_dev == l_dev[0]).all() and (r_dev == r_dev[0]).all():
-        return [((l_dev[0], r_dev[0]), np.arange(len(l_dev)))]
-    keys = np.array([f"{a}|{b}" for a, b in zip(l_dev, r_dev, strict=True)], dtype=object)
-    out = []
-    for key in dict.fromkeys(keys.tolist()):
-        a, _, b = key.partition("|")
-        out.append(((a, b), np.flatnonzero(keys == key)))
-    return out
-
-
-def _descs(addr: np.ndarray, nbytes: np.ndarray, devid: int) -> np.ndarray:
-    out = np.empty((len(addr), 3), dtype=np.uint64)  # NIXL's Nx3 (addr, len, device id) form
-    out[:, 0] = addr
-    out[:, 1] = nbytes
-    out[:, 2] = devid
-    return out

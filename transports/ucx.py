@@ -64,7 +64,8 @@ CONNECT_TIMEOUT = 10.0
 
 
 def _view(addr: int, nbytes: int) -> np.ndarray:
-    return np.frombuffer((ctypes.c_uint8 * nbytes).from_address(addr), dtype=np.uint8)
+    raw: Any = (ctypes.c_uint8 * nbytes).from_address(addr)
+    return np.frombuffer(raw, dtype=np.uint8)
 
 
 class _Runtime:
