@@ -69,25 +69,52 @@ def _view(addr: int, nbytes: int) -> np.ndarray:
 
 
 class _Runtime:
-    """The process's ucxx event loop thread."""
+    """The process's ucxx event loop thread, shared by its ucx transports (reference-counted:
+    the last ``release`` resets ucxx and stops the thread, so a closed transport leaves nothing)."""
 
     _instance: _Runtime | None = None
     _lock = threading.Lock()
 
     def __init__(self) -> None:
+        self.users = 0
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="pdx-ucxx", daemon=True)
         self.thread.start()
 
     @classmethod
-    def get(cls) -> _Runtime:
+    def acquire(cls) -> _Runtime:
         with cls._lock:
             if cls._instance is None:
                 cls._instance = cls()
+            cls._instance.users += 1
             return cls._instance
+
+    def release(self) -> None:
+        with _Runtime._lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            _Runtime._instance = None
+        try:
+            self.submit(_reset_ucxx()).result(10)
+        except Exception:
+            logger.warning("ucxx did not reset cleanly", exc_info=True)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+
+async def _reset_ucxx() -> None:
+    import gc
+
+    import ucxx
+
+    gc.collect()  # endpoints of dropped connections still hold the context
+    await asyncio.sleep(0)
+    ucxx.reset()
 
 
 class _Conn:
@@ -98,16 +125,32 @@ class _Conn:
         self.ep: Any = None
         self.lock: asyncio.Lock | None = None  # created on the runtime loop
         self.next_id = 0
+        self.task: asyncio.Task[Any] | None = None  # the exchange running now
+        self.broken = False
 
     async def ensure(self, hello: bytes) -> Any:
         import ucxx
 
         if self.ep is None or self.ep.closed:
             ep = await asyncio.wait_for(ucxx.create_endpoint(self.host, self.port), CONNECT_TIMEOUT)
+            self.broken = False
+            ep.set_close_callback(self._closed_by_peer, cb_args=(asyncio.get_running_loop(), ep))
             await ep.send(np.array([HELLO, len(hello), 0, 0], dtype=np.int64))
             await ep.send(np.frombuffer(hello, dtype=np.uint8))
             self.ep = ep
         return self.ep
+
+    def _closed_by_peer(self, loop: asyncio.AbstractEventLoop, ep: Any) -> None:
+        """ucxx's error/close callback (any thread): a pending send or receive may never finish."""
+        def mark() -> None:
+            if self.ep is ep:
+                self.broken = True
+                if self.task is not None:
+                    self.task.cancel()
+        try:
+            loop.call_soon_threadsafe(mark)
+        except RuntimeError:
+            pass
 
     def drop(self) -> None:
         ep, self.ep = self.ep, None
@@ -140,7 +183,7 @@ class UcxTransfer(Transfer):
             try:
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._future)), timeout)
             except asyncio.TimeoutError:
-                self._fail(TransferStatus.FAILED, TransferTimeout,
+                self._fail(TransferStatus.ABORTED, TransferTimeout,
                            f"ucx write to {self._peer.name} did not complete within {timeout}s")
             except BaseException:
                 pass  # collected below
@@ -159,8 +202,10 @@ class UcxTransfer(Transfer):
         if self._report is not None:
             return
         self._future.cancel()
-        conn = self._peer.state
-        self._transport._runtime.loop.call_soon_threadsafe(conn.drop)  # the stream is mid-exchange
+        try:  # the stream is mid-exchange: drop the connection; the next post reconnects
+            self._transport._runtime.loop.call_soon_threadsafe(self._peer.state.drop)
+        except RuntimeError:  # the runtime already stopped (transport closed)
+            pass
         self._set(status, tuple(range(self.num_segments)), error, kind)
 
     def _collect(self) -> None:
@@ -212,11 +257,15 @@ class UcxTransport(Transport):
             raise TransportUnavailable(f"ucxx is not installed ({exc}); pip install ucxx-cu12") from exc
         self.host = host
         self.timeout = timeout
-        self._runtime = _Runtime.get()
+        self._runtime = _Runtime.acquire()
         self._peers: dict[str, Peer] = {}
         self._inflight: set[UcxTransfer] = set()
         self._handlers: set[asyncio.Task[None]] = set()
-        self._listener = self._call(self._listen())
+        try:
+            self._listener = self._call(self._listen())
+        except BaseException:
+            self._runtime.release()
+            raise
 
     def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return self._runtime.submit(coro).result(CONNECT_TIMEOUT + 5)
@@ -303,7 +352,8 @@ class UcxTransport(Transport):
         try:
             await asyncio.wrap_future(self._runtime.submit(conn.ensure(self.name.encode())))
         except Exception as exc:
-            raise ConnectError(f"cannot connect to ucx peer {desc.name} at {host}:{port}: {exc}") from exc
+            raise ConnectError(f"cannot reach ucx peer {desc.name} at {host}:{port} (stale descriptor, or the "
+                               f"peer is gone): {exc!r}") from exc
         peer = Peer(desc.name, desc.regions, state=conn)
         self._peers[desc.name] = peer
         return peer
@@ -341,6 +391,7 @@ class UcxTransport(Transport):
             conn.lock = asyncio.Lock()
         async with conn.lock:
             ep = await conn.ensure(self.name.encode())
+            conn.task = asyncio.current_task()
             try:
                 conn.next_id += 1
                 num = len(table)
@@ -359,9 +410,16 @@ class UcxTransport(Transport):
                 await ep.recv(done)
                 if done[0] != DONE or done[1] != conn.next_id:
                     raise ConnectionError(f"unexpected reply {done.tolist()}")
+            except asyncio.CancelledError:
+                conn.drop()
+                if conn.broken:
+                    raise ConnectionError("the peer closed the connection mid-transfer") from None
+                raise
             except BaseException:
                 conn.drop()
                 raise
+            finally:
+                conn.task = None
             return np.flatnonzero(status).tolist()
 
     # -- lifetime -------------------------------------------------------------------------
@@ -373,10 +431,15 @@ class UcxTransport(Transport):
         for peer in list(self._peers.values()):
             await self.disconnect(peer)
         await super().aclose()
-        await asyncio.wrap_future(self._runtime.submit(self._shutdown()))
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(self._runtime.submit(self._shutdown())), 15)
+        finally:
+            self._peers.clear()
+            self._runtime.release()
 
     async def _shutdown(self) -> None:
         self._listener.close()
+        self._listener = None
         for task in list(self._handlers):
             task.cancel()
         if self._handlers:

@@ -218,7 +218,11 @@ def ucx_baseline(points: Points, posts: int) -> list[list[float]]:
     # so the bare baseline runs on one of its own.
     from transports.ucx import _Runtime
 
-    lat = _Runtime.get().submit(main()).result(600)
+    runtime = _Runtime.acquire()
+    try:
+        lat = runtime.submit(main()).result(600)
+    finally:
+        runtime.release()
     proc.join(10)
     return lat
 
