@@ -87,6 +87,9 @@ async def _measure_size(system, client, size: int, reps: int) -> dict[str, Any]:
     timings = [await system.request(client, p) for p in prompts_for(size, reps, 0)]
     after = system.decode.scrape_metrics()
     entry = _summary(system.name, size, timings)
+    prefill_legs = [1e3 * t.prefill_leg_s for t in timings if t.prefill_leg_s is not None]
+    if prefill_legs:  # vllm-nixl: how much of TTFT is P's leg
+        entry["prefill_leg_ms_p50"] = round(percentile(prefill_legs, 50), 2)
     if system.prefill is not None:  # proof the decoder did not recompute the prompt
         name = "prompt_tokens_by_source"
         for key, source in (

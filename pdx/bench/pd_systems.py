@@ -35,6 +35,7 @@ class Timing:
     ttft_s: float  # send to D's first streamed token
     e2e_s: float  # send to the end of the stream
     transfer_id: str | None = None  # pdx only
+    prefill_leg_s: float | None = None  # vllm-nixl: send to P's answer (P's prefill, 1 token)
 
 
 def request_body(prompt: list[int], stream: bool = True) -> dict[str, Any]:
@@ -85,7 +86,9 @@ class System:
             return await _stream_timed(client, self.decode.url, body, t0)
         if self.prefill_kv_port is None:  # stock NIXL: P first, then D
             decode_body = await pd_client.nixl_decode_leg(client, self.prefill.url, body)
-            return await _stream_timed(client, self.decode.url, decode_body, t0)
+            prefill_leg_s = time.perf_counter() - t0
+            timing = await _stream_timed(client, self.decode.url, decode_body, t0)
+            return replace(timing, prefill_leg_s=prefill_leg_s)
         # pdx: both legs at once, one transfer id
         tid = secrets.token_hex(16)
         prefill_body, decode_body = pd_client.pdx_legs(body, "127.0.0.1", self.prefill_kv_port, tid)
