@@ -1,0 +1,232 @@
+"""``pdx bench serve``: TTFT, ITL, throughput and prefix hit rate of an OpenAI endpoint under load.
+
+    pdx bench serve --url http://127.0.0.1:8000 [--model tiny] [--workload multi-round-chat,long-doc-qa,random]
+                    [--qps 2] [--duration 60] [--json FILE] [--plot FILE.png] [--engine-url URL ...]
+                    [--store-url URL]
+    pdx bench serve --launch [--topology configs/local-2x-store.yaml] [--compare-no-store] [--quick]
+
+Each workload (see ``pdx.bench.workloads``) runs for ``--duration`` seconds at
+``--qps`` (Poisson arrivals unless ``--arrival uniform``), sending streaming
+``/v1/completions`` requests with token-id prompts. Engines' ``/metrics`` are read
+before and after each run for the hit rate (``--engine-url``, default ``--url``;
+with ``--launch`` the fleet's engines). ``--launch`` starts a local store, two vLLM
+CPU engines and the router (``pdx.bench.serve_fleet``) while holding the engine
+lock; ``--compare-no-store`` then runs the same workloads (same seeds) on a fresh
+fleet without the store. Table to stdout, progress to stderr; ``--json`` writes
+``{"results": [{"workload", "store", "ttft_ms_mean", ..., "hit_rate"}]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pdx.bench.serve_client import LoadSpec, RequestRecord, run_load
+from pdx.bench.serve_report import ServeResult, format_table, plot_ttft, sources_delta, summarize, write_json
+from pdx.bench.workloads import WORKLOADS, WorkloadSpec, create_workload, model_shape, users_for_kv_volume
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOPOLOGY = "configs/local-2x-store.yaml"
+# --quick: 3 workloads x 25 s x 2 fleets + 2 fleet start-ups (~2 min each on 2 cores) < 15 min.
+QUICK = {"qps": 2.0, "duration": 25.0, "kv_gb": 0.02, "system_tokens": 512, "max_prompt_tokens": 1536,
+         "doc_tokens": 1024, "random_tokens": 512}  # fmt: skip
+FULL = {"qps": 2.0, "duration": 60.0, "kv_gb": 0.05, "system_tokens": 768, "max_prompt_tokens": 1800,
+        "doc_tokens": 1536, "random_tokens": 768}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one run sends requests and reads counters."""
+
+    url: str
+    model: str
+    engine_urls: tuple[str, ...]
+    store_url: str | None
+    store: bool  # the label of the run's results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdx bench serve", description=__doc__.splitlines()[0])
+    p.add_argument("--url", help="OpenAI endpoint http://HOST:PORT (not with --launch)")
+    p.add_argument("--model", default="tiny", help="model name sent in requests")
+    p.add_argument("--model-dir", help="model directory (vocab size, KV bytes/token); default the tiny model")
+    p.add_argument("--workload", default=",".join(WORKLOADS), help="comma-separated: " + ",".join(WORKLOADS))
+    p.add_argument("--qps", type=float)
+    p.add_argument("--duration", type=float, help="seconds of arrivals per workload")
+    p.add_argument("--arrival", choices=["poisson", "uniform"], default="poisson")
+    p.add_argument("--max-requests", type=int, default=10_000, help="per workload")
+    p.add_argument("--drain", type=float, default=60.0, help="seconds to wait for open answers at the end")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-tokens", type=int, default=16)
+    p.add_argument("--users", type=int, help="chat users (default: sized to --kv-gb)")
+    p.add_argument("--kv-gb", type=float, help="chat users' KV volume (GB) that sizes --users")
+    p.add_argument("--system-tokens", type=int)
+    p.add_argument("--user-turn-tokens", type=int, default=32)
+    p.add_argument("--answer-tokens", type=int, default=16)
+    p.add_argument("--max-prompt-tokens", type=int)
+    p.add_argument("--num-docs", type=int, default=2)
+    p.add_argument("--doc-tokens", type=int)
+    p.add_argument("--question-tokens", type=int, default=32)
+    p.add_argument("--random-tokens", type=int)
+    p.add_argument("--engine-url", action="append", default=[], help="engine whose /metrics give the hit rate")
+    p.add_argument("--store-url", help="pdx store HTTP URL whose /metrics are read too (marks results store=true)")
+    p.add_argument("--launch", action="store_true", help="start a local store + 2-engine fleet + router")
+    p.add_argument("--topology", default=DEFAULT_TOPOLOGY)
+    p.add_argument("--compare-no-store", action="store_true", help="with --launch: rerun without the store")
+    p.add_argument("--log-dir", default="/tmp/pdx-bench-serve")
+    p.add_argument("--quick", action="store_true", help="short runs: the whole comparison under 15 minutes")
+    p.add_argument("--json", help="write results JSON here")
+    p.add_argument("--plot", help="write a TTFT-over-time PNG here")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
+    preset = QUICK if args.quick else FULL
+    vocab, kv_bytes = model_shape(args.model_dir)
+    max_prompt = args.max_prompt_tokens or preset["max_prompt_tokens"]
+    users = args.users or users_for_kv_volume(args.kv_gb or preset["kv_gb"], kv_bytes, max_prompt)
+    return WorkloadSpec(
+        seed=args.seed, vocab_size=vocab, output_tokens=args.output_tokens, num_users=users,
+        system_tokens=args.system_tokens or preset["system_tokens"], user_turn_tokens=args.user_turn_tokens,
+        answer_tokens=args.answer_tokens, max_prompt_tokens=max_prompt, num_docs=args.num_docs,
+        doc_tokens=args.doc_tokens or preset["doc_tokens"], question_tokens=args.question_tokens,
+        random_tokens=args.random_tokens or preset["random_tokens"],
+    )  # fmt: skip
+
+
+async def _scrape(client: Any, urls: tuple[str, ...]) -> list[Any]:
+    from pdx.engines.metrics import parse_prometheus_text
+
+    samples = []
+    for url in urls:
+        try:
+            resp = await client.get(url + "/metrics", timeout=10.0)
+            samples.append(parse_prometheus_text(resp.text) if resp.status_code == 200 else None)
+        except Exception as exc:  # the figure becomes null; the run goes on
+            logger.warning("could not read %s/metrics: %s", url, exc)
+            samples.append(None)
+    return samples
+
+
+def _store_line(before: list[Any], after: list[Any]) -> str | None:
+    if not after or after[0] is None or before[0] is None:
+        return None
+    b, a = before[0], after[0]
+    lookups = a.sum("pdx_store_lookup_chunks") - b.sum("pdx_store_lookup_chunks")
+    hits = a.sum("pdx_store_lookup_hits") - b.sum("pdx_store_lookup_hits")
+    saved = a.sum("pdx_store_saved_bytes") - b.sum("pdx_store_saved_bytes")
+    loaded = a.sum("pdx_store_loaded_bytes") - b.sum("pdx_store_loaded_bytes")
+    return f"store: {hits:.0f}/{lookups:.0f} chunk lookups hit, {saved / 1e6:.1f} MB saved, {loaded / 1e6:.1f} MB loaded"
+
+
+async def run_workloads(
+    target: Target, names: list[str], spec: WorkloadSpec, load: LoadSpec, progress: bool, transport: Any = None
+) -> list[tuple[ServeResult, list[RequestRecord]]]:
+    """Run each workload in turn against ``target``; ``transport`` is an httpx transport (tests)."""
+    import httpx
+    from tqdm import tqdm
+
+    out = []
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    timeout = httpx.Timeout(load.request_timeout_s, connect=10.0)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport) as client:
+        for name in names:
+            workload = create_workload(name, spec)
+            before = await _scrape(client, target.engine_urls)
+            store_before = await _scrape(client, (target.store_url,)) if target.store_url else []
+            expected = min(load.max_requests, int(load.qps * load.duration_s))
+            label = f"{name} store={str(target.store).lower()}"
+            with tqdm(total=expected, desc=label, unit="req", file=sys.stderr, disable=not progress) as bar:
+                records = await run_load(workload, client, target.url, target.model, load, spec.output_tokens,
+                                         on_done=lambda _r: bar.update(1))  # fmt: skip
+            after = await _scrape(client, target.engine_urls)
+            result = summarize(name, target.store, records, sources_delta(before, after))
+            errors = [r.error for r in records if not r.is_ok]
+            logger.info("%s: %d requests, %d errors%s", label, len(records), len(errors),
+                        f" (first: {errors[0]})" if errors else "")  # fmt: skip
+            if errors:
+                print(f"[pdx bench serve] {label}: {len(errors)}/{len(records)} requests failed; first: {errors[0]}",
+                      file=sys.stderr)  # fmt: skip
+            if target.store_url:
+                line = _store_line(store_before, await _scrape(client, (target.store_url,)))
+                if line:
+                    print(f"[pdx bench serve] {label}: {line}", file=sys.stderr)
+            out.append((result, records))
+    return out
+
+
+async def _warm_up(url: str, model: str) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=120.0) as client:
+        for i in range(2):
+            body = {"model": model, "prompt": [3 + i] * 64, "max_tokens": 4, "ignore_eos": True}
+            await client.post(url + "/v1/completions", json=body)
+
+
+def _run_launched(args: argparse.Namespace, names: list[str], spec: WorkloadSpec, load: LoadSpec) -> list:
+    from pdx.bench.serve_fleet import LocalFleet
+    from pdx.engines.lock import engine_lock
+
+    runs = []
+    modes = [True, False] if args.compare_no_store else [True]
+    with engine_lock():
+        for with_store in modes:
+            print(f"[pdx bench serve] starting the fleet of {args.topology} "
+                  f"({'with' if with_store else 'without'} the store)", file=sys.stderr)  # fmt: skip
+            with LocalFleet(args.topology, with_store, Path(args.log_dir) / ("store" if with_store else "no-store")) as fleet:
+                if with_store and not fleet.store_connected:
+                    print("[pdx bench serve] the installed PdxConnector takes no store settings: the engines "
+                          "use their private prefix caches only", file=sys.stderr)  # fmt: skip
+                asyncio.run(_warm_up(fleet.url, fleet.topology.model))
+                target = Target(fleet.url, fleet.topology.model, tuple(fleet.engine_urls), fleet.store_url, with_store)
+                runs += asyncio.run(run_workloads(target, names, spec, load, not args.no_progress))
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    names = [n.strip() for n in args.workload.split(",") if n.strip()]
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown or not names:
+        print(f"pdx bench serve: unknown workload {unknown}; choose from {','.join(WORKLOADS)}", file=sys.stderr)
+        return 2
+    if bool(args.url) == bool(args.launch):
+        print("pdx bench serve: give exactly one of --url and --launch", file=sys.stderr)
+        return 2
+    if args.compare_no_store and not args.launch:
+        print("pdx bench serve: --compare-no-store needs --launch (it restarts the fleet without the store)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    preset = QUICK if args.quick else FULL
+    spec = workload_spec(args)
+    load = LoadSpec(qps=args.qps or preset["qps"], duration_s=args.duration or preset["duration"],
+                    max_requests=args.max_requests, arrival=args.arrival, drain_s=args.drain, seed=args.seed)  # fmt: skip
+    print(f"[pdx bench serve] workloads {names}, {load.qps} QPS for {load.duration_s:.0f} s each, "
+          f"{spec.num_users} chat users", file=sys.stderr)  # fmt: skip
+    if args.launch:
+        runs = _run_launched(args, names, spec, load)
+    else:
+        url = args.url.rstrip("/")
+        target = Target(url, args.model, tuple(u.rstrip("/") for u in (args.engine_url or [url])),
+                        args.store_url, bool(args.store_url))  # fmt: skip
+        runs = asyncio.run(run_workloads(target, names, spec, load, not args.no_progress))
+    results = [r for r, _ in runs]
+    print(format_table(results))
+    if args.json:
+        write_json(results, args.json)
+    if args.plot:
+        plot_ttft([(f"{r.workload} store={str(r.store).lower()}", recs) for r, recs in runs], args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
