@@ -27,8 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from pdx.bench.serve_client import LoadSpec, RequestRecord, run_load
-from pdx.bench.serve_report import ServeResult, format_table, plot_ttft, sources_delta, summarize, write_json
-from pdx.bench.workloads import WORKLOADS, WorkloadSpec, create_workload, model_shape, users_for_kv_volume
+from pdx.bench.serve_report import (
+    ServeResult,
+    format_table,
+    plot_ttft,
+    sources_delta,
+    summarize,
+    write_json,
+)
+from pdx.bench.workloads import (
+    WORKLOADS,
+    WorkloadSpec,
+    create_workload,
+    model_shape,
+    users_for_kv_volume,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdx bench serve", description=__doc__.splitlines()[0])
     p.add_argument("--url", help="OpenAI endpoint http://HOST:PORT (not with --launch)")
     p.add_argument("--model", default="tiny", help="model name sent in requests")
-    p.add_argument("--model-dir", help="model directory (vocab size, KV bytes/token); default the tiny model")
-    p.add_argument("--workload", default=",".join(WORKLOADS), help="comma-separated: " + ",".join(WORKLOADS))
+    p.add_argument(
+        "--model-dir", help="model directory (vocab size, KV bytes/token); default the tiny model"
+    )
+    p.add_argument(
+        "--workload", default=",".join(WORKLOADS), help="comma-separated: " + ",".join(WORKLOADS)
+    )
     p.add_argument("--qps", type=float)
     p.add_argument("--duration", type=float, help="seconds of arrivals per workload")
     p.add_argument("--arrival", choices=["poisson", "uniform"], default="poisson")
     p.add_argument("--max-requests", type=int, default=10_000, help="per workload")
-    p.add_argument("--drain", type=float, default=60.0, help="seconds to wait for open answers at the end")
+    p.add_argument(
+        "--drain", type=float, default=60.0, help="seconds to wait for open answers at the end"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-tokens", type=int, default=16)
     p.add_argument("--users", type=int, help="chat users (default: sized to --kv-gb)")
@@ -74,13 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc-tokens", type=int)
     p.add_argument("--question-tokens", type=int, default=32)
     p.add_argument("--random-tokens", type=int)
-    p.add_argument("--engine-url", action="append", default=[], help="engine whose /metrics give the hit rate")
-    p.add_argument("--store-url", help="pdx store HTTP URL whose /metrics are read too (marks results store=true)")
-    p.add_argument("--launch", action="store_true", help="start a local store + 2-engine fleet + router")
+    p.add_argument(
+        "--engine-url", action="append", default=[], help="engine whose /metrics give the hit rate"
+    )
+    p.add_argument(
+        "--store-url",
+        help="pdx store HTTP URL whose /metrics are read too (marks results store=true)",
+    )
+    p.add_argument(
+        "--launch", action="store_true", help="start a local store + 2-engine fleet + router"
+    )
     p.add_argument("--topology", default=DEFAULT_TOPOLOGY)
-    p.add_argument("--compare-no-store", action="store_true", help="with --launch: rerun without the store")
+    p.add_argument(
+        "--compare-no-store", action="store_true", help="with --launch: rerun without the store"
+    )
     p.add_argument("--log-dir", default="/tmp/pdx-bench-serve")
-    p.add_argument("--quick", action="store_true", help="short runs: the whole comparison under 15 minutes")
+    p.add_argument(
+        "--quick", action="store_true", help="short runs: the whole comparison under 15 minutes"
+    )
     p.add_argument("--json", help="write results JSON here")
     p.add_argument("--plot", help="write a TTFT-over-time PNG here")
     p.add_argument("--no-progress", action="store_true")
@@ -90,14 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
 def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
     preset = QUICK if args.quick else FULL
     vocab, kv_bytes = model_shape(args.model_dir)
-    max_prompt = args.max_prompt_tokens or preset["max_prompt_tokens"]
+    max_prompt = args.max_prompt_tokens or int(preset["max_prompt_tokens"])
     users = args.users or users_for_kv_volume(args.kv_gb or preset["kv_gb"], kv_bytes, max_prompt)
     return WorkloadSpec(
         seed=args.seed, vocab_size=vocab, output_tokens=args.output_tokens, num_users=users,
-        system_tokens=args.system_tokens or preset["system_tokens"], user_turn_tokens=args.user_turn_tokens,
+        system_tokens=args.system_tokens or int(preset["system_tokens"]), user_turn_tokens=args.user_turn_tokens,
         answer_tokens=args.answer_tokens, max_prompt_tokens=max_prompt, num_docs=args.num_docs,
-        doc_tokens=args.doc_tokens or preset["doc_tokens"], question_tokens=args.question_tokens,
-        random_tokens=args.random_tokens or preset["random_tokens"],
+        doc_tokens=args.doc_tokens or int(preset["doc_tokens"]), question_tokens=args.question_tokens,
+        random_tokens=args.random_tokens or int(preset["random_tokens"]),
     )  # fmt: skip
 
 
@@ -127,7 +157,12 @@ def _store_line(before: list[Any], after: list[Any]) -> str | None:
 
 
 async def run_workloads(
-    target: Target, names: list[str], spec: WorkloadSpec, load: LoadSpec, progress: bool, transport: Any = None
+    target: Target,
+    names: list[str],
+    spec: WorkloadSpec,
+    load: LoadSpec,
+    progress: bool,
+    transport: Any = None,
 ) -> list[tuple[ServeResult, list[RequestRecord]]]:
     """Run each workload in turn against ``target``; ``transport`` is an httpx transport (tests)."""
     import httpx
@@ -143,7 +178,9 @@ async def run_workloads(
             store_before = await _scrape(client, (target.store_url,)) if target.store_url else []
             expected = min(load.max_requests, int(load.qps * load.duration_s))
             label = f"{name} store={str(target.store).lower()}"
-            with tqdm(total=expected, desc=label, unit="req", file=sys.stderr, disable=not progress) as bar:
+            with tqdm(
+                total=expected, desc=label, unit="req", file=sys.stderr, disable=not progress
+            ) as bar:
                 records = await run_load(workload, client, target.url, target.model, load, spec.output_tokens,
                                          on_done=lambda _r: bar.update(1))  # fmt: skip
             after = await _scrape(client, target.engine_urls)
@@ -171,7 +208,9 @@ async def _warm_up(url: str, model: str) -> None:
             await client.post(url + "/v1/completions", json=body)
 
 
-def _run_launched(args: argparse.Namespace, names: list[str], spec: WorkloadSpec, load: LoadSpec) -> list:
+def _run_launched(
+    args: argparse.Namespace, names: list[str], spec: WorkloadSpec, load: LoadSpec
+) -> list:
     from pdx.bench.serve_fleet import LocalFleet
     from pdx.engines.lock import engine_lock
 
@@ -181,23 +220,38 @@ def _run_launched(args: argparse.Namespace, names: list[str], spec: WorkloadSpec
         for with_store in modes:
             print(f"[pdx bench serve] starting the fleet of {args.topology} "
                   f"({'with' if with_store else 'without'} the store)", file=sys.stderr)  # fmt: skip
-            with LocalFleet(args.topology, with_store, Path(args.log_dir) / ("store" if with_store else "no-store")) as fleet:
+            with LocalFleet(
+                args.topology,
+                with_store,
+                Path(args.log_dir) / ("store" if with_store else "no-store"),
+            ) as fleet:
                 if with_store and not fleet.store_connected:
                     print("[pdx bench serve] the installed PdxConnector takes no store settings: the engines "
                           "use their private prefix caches only", file=sys.stderr)  # fmt: skip
                 asyncio.run(_warm_up(fleet.url, fleet.topology.model))
-                target = Target(fleet.url, fleet.topology.model, tuple(fleet.engine_urls), fleet.store_url, with_store)
+                target = Target(
+                    fleet.url,
+                    fleet.topology.model,
+                    tuple(fleet.engine_urls),
+                    fleet.store_url,
+                    with_store,
+                )
                 runs += asyncio.run(run_workloads(target, names, spec, load, not args.no_progress))
     return runs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     names = [n.strip() for n in args.workload.split(",") if n.strip()]
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown or not names:
-        print(f"pdx bench serve: unknown workload {unknown}; choose from {','.join(WORKLOADS)}", file=sys.stderr)
+        print(
+            f"pdx bench serve: unknown workload {unknown}; choose from {','.join(WORKLOADS)}",
+            file=sys.stderr,
+        )
         return 2
     if bool(args.url) == bool(args.launch):
         print("pdx bench serve: give exactly one of --url and --launch", file=sys.stderr)
@@ -224,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(results, args.json)
     if args.plot:
-        plot_ttft([(f"{r.workload} store={str(r.store).lower()}", recs) for r, recs in runs], args.plot)
+        plot_ttft(
+            [(f"{r.workload} store={str(r.store).lower()}", recs) for r, recs in runs], args.plot
+        )
     return 0
 
 

@@ -72,7 +72,13 @@ def arrival_gaps(load: LoadSpec) -> np.ndarray:
 
 
 async def send_completion(
-    client: Any, url: str, model: str, prompt: tuple[int, ...], max_tokens: int, t0: float, user: int
+    client: Any,
+    url: str,
+    model: str,
+    prompt: tuple[int, ...],
+    max_tokens: int,
+    t0: float,
+    user: int,
 ) -> RequestRecord:
     """Stream one completion for a token-id prompt; errors become a record, never raise."""
     body = {
@@ -110,7 +116,7 @@ async def send_completion(
         num_output_tokens=usage_tokens if usage_tokens is not None else len(arrivals),
         ttft_s=arrivals[0] - t_sent,
         e2e_s=t_end - t_sent,
-        itl_s=tuple(b - a for a, b in zip(arrivals, arrivals[1:])),
+        itl_s=tuple(b - a for a, b in zip(arrivals, arrivals[1:], strict=False)),
     )
 
 
@@ -144,7 +150,9 @@ async def run_load(
         try:
             record = await send_completion(client, url, model, prompt, max_tokens, t0, user)
         except asyncio.CancelledError:
-            records.append(RequestRecord(user, t_sent, len(prompt), error="cancelled after the drain time"))
+            records.append(
+                RequestRecord(user, t_sent, len(prompt), error="cancelled after the drain time")
+            )
             raise
         records.append(record)
         if record.is_ok:
@@ -175,6 +183,10 @@ async def run_load(
         for task in pending:
             task.cancel()
         if pending:
-            logger.warning("%d requests still open after %.0f s of drain; cancelled", len(pending), load.drain_s)
+            logger.warning(
+                "%d requests still open after %.0f s of drain; cancelled",
+                len(pending),
+                load.drain_s,
+            )
             await asyncio.gather(*pending, return_exceptions=True)
     return sorted(records, key=lambda r: r.t_sent)

@@ -59,7 +59,9 @@ def connector_store_extras(storage: dict[str, Any]) -> tuple[dict[str, Any], lis
 
     wanted = dict(storage.get("connector") or {})
     known = set(_ExtraConfig.model_fields)
-    return {k: v for k, v in wanted.items() if k in known}, sorted(k for k in wanted if k not in known)
+    return {k: v for k, v in wanted.items() if k in known}, sorted(
+        k for k in wanted if k not in known
+    )
 
 
 class LocalFleet:
@@ -114,9 +116,15 @@ class LocalFleet:
         extras: dict[str, Any] = {}
         if self.with_store and self.storage:
             s = self.storage
-            argv = ["import sys; from pdx.storage.cli import main; sys.exit(main(sys.argv[1:]))",
-                    "--socket", str(s.get("socket", "/tmp/pdx-bench-store.sock")),
-                    "--capacity-gb", str(s.get("capacity_gb", 2)), "--http-port", str(s.get("http_port", 8300))]
+            argv = [
+                "import sys; from pdx.storage.cli import main; sys.exit(main(sys.argv[1:]))",
+                "--socket",
+                str(s.get("socket", "/tmp/pdx-bench-store.sock")),
+                "--capacity-gb",
+                str(s.get("capacity_gb", 2)),
+                "--http-port",
+                str(s.get("http_port", 8300)),
+            ]
             self._store = self._spawn(argv, "store")
             _wait_until(f"{self.store_url}/metrics", self._store, "pdx store", 60.0)
             extras, dropped = connector_store_extras(s)
@@ -129,9 +137,16 @@ class LocalFleet:
             if engine.local is None:
                 continue
             spec = engine_spec(self.topology, engine, model_dir)
-            if extras and spec.kv_transfer_config and spec.kv_transfer_config.get("kv_connector") == "PdxConnector":
+            if (
+                extras
+                and spec.kv_transfer_config
+                and spec.kv_transfer_config.get("kv_connector") == "PdxConnector"
+            ):
                 kv = dict(spec.kv_transfer_config)
-                kv["kv_connector_extra_config"] = {**kv.get("kv_connector_extra_config", {}), **extras}
+                kv["kv_connector_extra_config"] = {
+                    **kv.get("kv_connector_extra_config", {}),
+                    **extras,
+                }
                 spec = replace(spec, kv_transfer_config=kv)
             self.engines.append(VllmEngine(spec, self.log_dir / f"{engine.id}.log"))
         start_engines(self.engines, timeout_s)

@@ -70,7 +70,9 @@ def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None or math.isnan(value) else round(float(value), digits)
 
 
-def summarize(workload: str, store: bool, records: list[RequestRecord], sources: PromptSources | None) -> ServeResult:
+def summarize(
+    workload: str, store: bool, records: list[RequestRecord], sources: PromptSources | None
+) -> ServeResult:
     ok = [r for r in records if r.is_ok]
     ttft = np.array([1e3 * r.ttft_s for r in ok if r.ttft_s is not None])
     gaps = [g for r in ok for g in r.itl_s]
@@ -106,7 +108,10 @@ def sources_delta(before: list[Any], after: list[Any]) -> PromptSources | None:
     if not any(s.find(name) for s in after):
         return None
     values = {
-        source: sum(a.sum(name, source=source) - b.sum(name, source=source) for b, a in zip(before, after))
+        source: sum(
+            a.sum(name, source=source) - b.sum(name, source=source)
+            for b, a in zip(before, after, strict=False)
+        )
         for source in SOURCES
     }
     return PromptSources(**values)
@@ -139,8 +144,14 @@ def format_table(results: list[ServeResult]) -> str:
         base = by_key.get((workload, False))
         if store and base is not None and r.ttft_ms_mean and base.ttft_ms_mean:
             ratio = r.ttft_ms_mean / base.ttft_ms_mean
-            tput = r.input_tokens_per_s / base.input_tokens_per_s if base.input_tokens_per_s else float("nan")
-            lines.append(f"{workload}: TTFT mean store/no-store = {ratio:.3f}x, input tok/s ratio = {tput:.3f}x")
+            tput = (
+                r.input_tokens_per_s / base.input_tokens_per_s
+                if base.input_tokens_per_s
+                else float("nan")
+            )
+            lines.append(
+                f"{workload}: TTFT mean store/no-store = {ratio:.3f}x, input tok/s ratio = {tput:.3f}x"
+            )
     return "\n".join(lines)
 
 
@@ -154,7 +165,7 @@ def plot_ttft(runs: list[tuple[str, list[RequestRecord]]], path: str | Path) -> 
     fig, ax = plt.subplots(figsize=(9, 5))
     for i, (label, records) in enumerate(runs):
         ok = [r for r in records if r.is_ok and r.ttft_s is not None]
-        ax.plot([r.t_sent for r in ok], [1e3 * r.ttft_s for r in ok], ".-", color=f"C{i}", alpha=0.8,
+        ax.plot([r.t_sent for r in ok], [1e3 * (r.ttft_s or 0.0) for r in ok], ".-", color=f"C{i}", alpha=0.8,
                 label=label, markersize=4, linewidth=0.8)  # fmt: skip
     ax.set_xlabel("request sent at (s from run start)")
     ax.set_ylabel("TTFT (ms)")

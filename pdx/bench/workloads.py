@@ -167,8 +167,11 @@ class RandomPrompts:
 
 def create_workload(name: str, spec: WorkloadSpec) -> MultiRoundChat | LongDocQA | RandomPrompts:
     """A fresh workload (its own request sequence, starting at the beginning)."""
-    classes = {"multi-round-chat": MultiRoundChat, "long-doc-qa": LongDocQA, "random": RandomPrompts}
+    classes: dict[str, type[MultiRoundChat | LongDocQA | RandomPrompts]] = {
+        "multi-round-chat": MultiRoundChat,
+        "long-doc-qa": LongDocQA,
+        "random": RandomPrompts,
+    }
     if name not in classes:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     return classes[name](spec)
-
