@@ -274,3 +274,25 @@ def test_cli_rejects_bad_combinations(capsys) -> None:
     assert serve.main(["--workload", "random"]) == 2  # neither --url nor --launch
     assert serve.main(["--url", "http://127.0.0.1:9", "--compare-no-store"]) == 2
     assert "compare-no-store needs --launch" in capsys.readouterr().err
+
+
+# -- a real two-engine vLLM CPU fleet (slow) ----------------------------------------------------
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_launch_smoke_on_a_real_two_engine_fleet(tmp_path) -> None:
+    """``--launch``: store, two vLLM CPU engines and the router start, serve and stop."""
+    pytest.importorskip("vllm")
+    out = tmp_path / "serve.json"
+    argv = [
+        "--launch", "--quick", "--workload", "multi-round-chat", "--qps", "2", "--duration", "6",
+        "--users", "2", "--json", str(out), "--no-progress", "--log-dir", str(tmp_path / "logs"),
+    ]  # fmt: skip
+    assert serve.main(argv) == 0  # holds the engine lock itself
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["workload"] == "multi-round-chat" and result["store"] is True
+    assert result["ttft_ms_mean"] > 0 and result["output_tokens_per_s"] > 0
+    # Turn 2 of a user re-sends turn 1's prompt: the engines' prefix caches (or the store) serve part of it.
+    assert 0.0 < result["hit_rate"] < 1.0
