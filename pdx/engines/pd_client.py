@@ -129,8 +129,8 @@ async def pdx_completion(
 ) -> dict[str, Any]:
     """A non-streaming request through a pdx 1P1D pair (both legs at once); D's answer."""
     prefill_body, decode_body = pdx_legs(body, prefill_kv_host, prefill_kv_port)
-    _, answer = await asyncio.gather(
+    answers: list[dict[str, Any]] = await asyncio.gather(
         post_json(client, prefill_url + path, prefill_body),
         post_json(client, decode_url + path, decode_body),
     )
-    return answer
+    return answers[1]
