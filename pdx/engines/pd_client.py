@@ -129,7 +129,7 @@ async def pdx_completion(
 ) -> dict[str, Any]:
     """A non-streaming request through a pdx 1P1D pair (both legs at once); D's answer."""
     prefill_body, decode_body = pdx_legs(body, prefill_kv_host, prefill_kv_port)
-    answers: list[dict[str, Any]] = await asyncio.gather(
+    answers = await asyncio.gather(
         post_json(client, prefill_url + path, prefill_body),
         post_json(client, decode_url + path, decode_body),
     )
