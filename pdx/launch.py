@@ -162,8 +162,8 @@ def stop_engines(engines: list) -> None:
         engine.stop()
 
 
-def _raise_exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+def _stop_on_signal(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwind like Ctrl-C: a requested stop, exit status 0
 
 
 def main(argv: list[str]) -> int:
@@ -179,7 +179,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"pdx launch: {exc}", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, _raise_exit)  # SIGTERM unwinds like Ctrl-C: engines are stopped
+    signal.signal(signal.SIGTERM, _stop_on_signal)  # engines are stopped in ``finally``
     engines: list = []
     try:
         engines = start_local_engines(topology, Path(args.log_dir), timeout_s=args.ready_timeout)

@@ -30,6 +30,7 @@ class EngineState:
         self.id = engine.id
         self.pool = pool
         self.is_healthy = False  # until a health check passes
+        self.was_healthy = False
         self.is_removed = False
         self.num_check_ok = 0
         self.num_check_failed = 0
@@ -92,7 +93,11 @@ class EngineState:
             self.num_check_failed = 0
             if not self.is_healthy and self.num_check_ok >= healthy_after:
                 self.is_healthy = True
-                logger.warning("engine %s is healthy again", self.id)
+                if self.was_healthy:
+                    logger.warning("engine %s is healthy again", self.id)
+                else:
+                    logger.info("engine %s is healthy; in rotation", self.id)
+                self.was_healthy = True
         else:
             self.num_check_failed += 1
             self.num_check_ok = 0
