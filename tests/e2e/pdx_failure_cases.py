@@ -124,3 +124,24 @@ def case_killed_prefill_decoder_recomputes_and_answers(pdx_pair, single_referenc
     name = "prompt_tokens_by_source"
     assert after.sum(name, source="local_compute") - before.sum(name, source="local_compute") == len(PROMPTS[3])
     assert kv_usage(pair.decode) == 0
+
+
+def case_unreachable_prefill_is_recomputed_or_fails_by_policy(pdx_pair, single_reference):
+    """D's leg names a control port nobody listens on: the load fails at once."""
+    from pdx.engines.process import free_port
+    from pdx.errors import EngineError
+
+    body = completion_body(PROMPTS[2])
+    body["kv_transfer_params"] = {"pdx_transfer_id": secrets.token_hex(16), "pdx_role": "decode",
+                                  "pdx_peer": f"127.0.0.1:{free_port()}"}
+    if pdx_pair.extras["policy"] == "recompute":
+        answer = _post(pdx_pair.decode.url, body)
+        assert_outputs_match([single_reference[2]], [Output.from_response(answer)])
+    else:
+        try:
+            answer = _post(pdx_pair.decode.url, body)
+        except EngineError as exc:  # vLLM answers a failed generation with an HTTP error
+            assert " 500" in str(exc) or " 400" in str(exc), exc
+        else:
+            assert answer["choices"][0]["finish_reason"] == "error", answer
+    wait_blocks_free(pdx_pair, timeout_s=10)

@@ -15,7 +15,8 @@ DECODE_BLOCKS = 48  # x 128 tokens: about five 1000-token requests at a time
 TOKEN = "e2e-token"
 
 
-def pdx_kv_configs(control_port: int, transport: str, **extra: Any) -> tuple[dict, dict]:
+def pdx_kv_configs(control_port: int, transport: str, policy: str = "recompute",
+                   **extra: Any) -> tuple[dict, dict]:
     base = {"kv_connector": "PdxConnector", "kv_connector_module_path": "pdx.engines.vllm"}
     common = {"transport": transport, "auth_token": TOKEN, **extra}
     prefill = {
@@ -26,7 +27,7 @@ def pdx_kv_configs(control_port: int, transport: str, **extra: Any) -> tuple[dic
     decode = {
         **base,
         "kv_role": "kv_consumer",
-        "kv_load_failure_policy": "recompute",
+        "kv_load_failure_policy": policy,
         "kv_connector_extra_config": {**common, "debug_corrupt_prefix": CORRUPT_PREFIX},
     }
     return prefill, decode

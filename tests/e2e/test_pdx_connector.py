@@ -42,12 +42,14 @@ def pdx_pair(request, pd_pair_factory):
     if transport not in available_transports():
         pytest.skip(f"transport {transport} is not available here")
     port = free_port()
-    prefill_config, decode_config = pdx_kv_configs(port, transport, lease_s=LEASE_S,
+    policy = "recompute" if transport == "tcp" else "fail"  # each policy on one pair
+    prefill_config, decode_config = pdx_kv_configs(port, transport, policy, lease_s=LEASE_S,
                                                    recv_timeout_s=RECV_TIMEOUT_S)
     pair = pd_pair_factory(prefill_config, decode_config, name=f"pdx-{transport}",
                            decode_overrides={"extra_args": ("--num-gpu-blocks-override", str(DECODE_BLOCKS))})
     pair.extras["control_port"] = port
     pair.extras["transport"] = transport
+    pair.extras["policy"] = policy
     yield pair
     pair.stop()
 
@@ -81,6 +83,10 @@ def test_damaged_kv_changes_the_output(pdx_pair, single_reference):
     with pytest.raises(AssertionError):
         assert_outputs_match([single_reference[i]], [Output.from_response(answer)])
     wait_blocks_free(pdx_pair)
+
+
+def test_unreachable_prefill_is_recomputed_or_fails_by_policy(pdx_pair, single_reference):
+    cases.case_unreachable_prefill_is_recomputed_or_fails_by_policy(pdx_pair, single_reference)
 
 
 # The failure contract, on the same pair and on tcp only (one engine pair less), after the
