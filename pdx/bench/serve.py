@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -212,11 +213,18 @@ def _run_launched(
     args: argparse.Namespace, names: list[str], spec: WorkloadSpec, load: LoadSpec
 ) -> list:
     from pdx.bench.serve_fleet import LocalFleet
+    from pdx.config import load_topology
     from pdx.engines.lock import engine_lock
 
     runs = []
     modes = [True, False] if args.compare_no_store else [True]
-    with engine_lock():
+    has_engines = any(e.local is not None for e in load_topology(args.topology).engines)
+    if has_engines:
+        print(
+            "[pdx bench serve] taking the engine lock (waits while other engines run)",
+            file=sys.stderr,
+        )
+    with engine_lock() if has_engines else contextlib.nullcontext():
         for with_store in modes:
             print(f"[pdx bench serve] starting the fleet of {args.topology} "
                   f"({'with' if with_store else 'without'} the store)", file=sys.stderr)  # fmt: skip

@@ -132,10 +132,9 @@ class LocalFleet:
                 logger.warning("the installed PdxConnector does not accept %s: engines use their private "
                                "prefix caches only", dropped)  # fmt: skip
             self.store_connected = bool(extras)
-        model_dir = resolve_model_path(self.topology)
-        for engine in self.topology.engines:
-            if engine.local is None:
-                continue
+        local = [e for e in self.topology.engines if e.local is not None]
+        model_dir = resolve_model_path(self.topology) if local else ""
+        for engine in local:
             spec = engine_spec(self.topology, engine, model_dir)
             if (
                 extras

@@ -276,6 +276,47 @@ def test_cli_rejects_bad_combinations(capsys) -> None:
     assert "compare-no-store needs --launch" in capsys.readouterr().err
 
 
+def test_launch_starts_store_and_router_then_reruns_without_the_store(
+    harness: Harness, tmp_path
+) -> None:
+    """``--launch --compare-no-store`` on a topology of already-running (fake) engines: the real
+    ``pdx store`` and ``pdx route`` processes start and stop, and both runs report."""
+    from pdx.engines.process import free_port
+
+    fakes = [FakeEngine(f"f{i}", role="both", num_chunks=4) for i in range(2)]
+    urls = [harness.serve(f) for f in fakes]
+    store_port, router_port = free_port(), free_port()
+    sock = tmp_path / "store.sock"
+    topology = tmp_path / "fleet.yaml"
+    topology.write_text(
+        "model: {name: tiny}\nengines:\n"
+        + "".join(f"  - {{id: f{i}, url: '{u}', role: both, kind: vllm, kv_port: {free_port()}}}\n"
+                  for i, u in enumerate(urls))
+        + f"router: {{port: {router_port}, policies: {{disaggregate_min_tokens: 1000000}}, health: {{interval_s: 0.2}}}}\n"
+        f"storage: {{socket: '{sock}', capacity_gb: 0.05, http_port: {store_port}, connector: {{store_socket: '{sock}'}}}}\n"
+    )  # fmt: skip
+    out = tmp_path / "serve.json"
+    argv = ["--launch", "--topology", str(topology), "--compare-no-store", "--workload", "random",
+            "--qps", "10", "--duration", "0.5", "--random-tokens", "16", "--json", str(out), "--no-progress",
+            "--log-dir", str(tmp_path / "logs")]  # fmt: skip
+
+    async def in_thread() -> int:
+        return await asyncio.to_thread(serve.main, argv)
+
+    assert harness.call(in_thread(), timeout=120.0) == 0
+    doc = json.loads(out.read_text())
+    assert [(r["workload"], r["store"]) for r in doc["results"]] == [
+        ("random", True),
+        ("random", False),
+    ]
+    assert all(r["output_tokens_per_s"] > 0 and r["hit_rate"] == 0.0 for r in doc["results"])
+    assert (
+        sum(len(f.requests) for f in fakes) >= 2 * 2
+    )  # both runs went through the router to the engines
+    assert not sock.exists()  # the store was stopped and cleaned up
+    assert (tmp_path / "logs" / "store" / "store.log").exists()
+
+
 # -- a real two-engine vLLM CPU fleet (slow) ----------------------------------------------------
 
 
