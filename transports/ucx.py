@@ -27,6 +27,7 @@ import ctypes
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any
@@ -102,6 +103,9 @@ class _Runtime:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+        import gc
+
+        gc.collect()  # ucxx objects in cycles with the loop hold the UCX worker and its fds
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -111,10 +115,21 @@ async def _reset_ucxx() -> None:
     import gc
 
     import ucxx
+    from ucxx import core
 
+    await asyncio.sleep(0.05)  # let UCX finish cancelling aborted requests before their objects go
     gc.collect()  # endpoints of dropped connections still hold the context
     await asyncio.sleep(0)
+    if core._ctx is not None:  # the progress thread's callback keeps the worker (and its fds) alive
+        core._ctx.worker.stop_progress_thread()
     ucxx.reset()
+    from ucxx._lib_async import application_context
+
+    application_context.clear_progress_tasks()  # the progress task keeps the UCX worker alive
+
+
+async def _open(conn: _Conn, hello: bytes) -> None:
+    await conn.ensure(hello)  # returns nothing: a future holding the endpoint would keep UCX alive
 
 
 class _Conn:
@@ -134,16 +149,17 @@ class _Conn:
         if self.ep is None or self.ep.closed:
             ep = await asyncio.wait_for(ucxx.create_endpoint(self.host, self.port), CONNECT_TIMEOUT)
             self.broken = False
-            ep.set_close_callback(self._closed_by_peer, cb_args=(asyncio.get_running_loop(), ep))
+            # ucxx keeps the callback's arguments alive: refer to the endpoint weakly
+            ep.set_close_callback(self._closed_by_peer, cb_args=(asyncio.get_running_loop(), weakref.ref(ep)))
             await ep.send(np.array([HELLO, len(hello), 0, 0], dtype=np.int64))
             await ep.send(np.frombuffer(hello, dtype=np.uint8))
             self.ep = ep
         return self.ep
 
-    def _closed_by_peer(self, loop: asyncio.AbstractEventLoop, ep: Any) -> None:
+    def _closed_by_peer(self, loop: asyncio.AbstractEventLoop, ep_ref: Any) -> None:
         """ucxx's error/close callback (any thread): a pending send or receive may never finish."""
         def mark() -> None:
-            if self.ep is ep:
+            if self.ep is not None and self.ep is ep_ref():
                 self.broken = True
                 if self.task is not None:
                     self.task.cancel()
@@ -350,7 +366,7 @@ class UcxTransport(Transport):
         old = self._peers.get(desc.name)
         conn = old.state if old is not None and (old.state.host, old.state.port) == (host, port) else _Conn(host, port)
         try:
-            await asyncio.wrap_future(self._runtime.submit(conn.ensure(self.name.encode())))
+            await asyncio.wrap_future(self._runtime.submit(_open(conn, self.name.encode())))
         except Exception as exc:
             raise ConnectError(f"cannot reach ucx peer {desc.name} at {host}:{port} (stale descriptor, or the "
                                f"peer is gone): {exc!r}") from exc
