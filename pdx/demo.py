@@ -72,11 +72,12 @@ def main(argv: list[str]) -> int:
         print(f"pdx demo: {exc}", file=sys.stderr)
         return 1
     lock = open("/tmp/pdx-vllm.lock", "a")  # noqa: SIM115 - released at exit
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print("[pdx demo] another vLLM fleet runs on this machine; waiting for it to stop", file=sys.stderr)
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    if any(e.local is not None for e in topology.engines):  # one local vLLM fleet at a time
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("[pdx demo] another vLLM fleet runs on this machine; waiting for it to stop", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
     engines: list = []
     try:
         print(f"[pdx demo] {topology.source}: {len(topology.engines)} engines, {topology.protocol} protocol",
