@@ -103,7 +103,7 @@ class NixlTransport(Transport):
         return True
 
     def __init__(self, name: str | None = None, *, backends: tuple[str, ...] = ("UCX",),
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, progress_thread: bool = False) -> None:
         super().__init__(name)
         try:
             api = import_nixl()
@@ -113,7 +113,10 @@ class NixlTransport(Transport):
             ) from exc
         self.timeout = timeout
         config = api.nixl_agent_config(
-            backends=list(backends), sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+            backends=list(backends), sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
+            # NIXL's progress thread spins (no delay): a core per agent even when idle. The poller
+            # below already drives UCX progress through check_xfer_state / get_new_notifs.
+            enable_prog_thread=progress_thread,
         )
         try:
             self._agent = api.nixl_agent(self.name, config)

@@ -114,10 +114,12 @@ def _nixl_target(conn: Any, nbytes: int) -> None:
     from transports.nixl import import_nixl
 
     api = import_nixl()
-    agent = api.nixl_agent("bench-target", api.nixl_agent_config(backends=["UCX"]))
+    agent = api.nixl_agent("bench-target", api.nixl_agent_config(backends=["UCX"], enable_prog_thread=False))
     buf = np.zeros(nbytes, dtype=np.uint8)
     agent.register_memory([(buf.ctypes.data, nbytes, 0, "")], "DRAM")
     conn.send((agent.get_agent_metadata(), buf.ctypes.data))
+    while not conn.poll(0.001):  # without a progress thread, UCX moves only when called
+        agent.get_new_notifs()
     conn.recv()
 
 
@@ -131,7 +133,9 @@ def nixl_baseline(points: Points, posts: int) -> list[list[float]]:
     proc = ctx.Process(target=_nixl_target, args=(b, n), daemon=True)
     proc.start()
     meta, raddr = a.recv()
-    agent = api.nixl_agent("bench-initiator", api.nixl_agent_config(backends=["UCX"]))
+    # no progress thread, as pdx runs it: NIXL's spins a core per agent, which on a small box
+    # starves the copy (the busy poll below drives progress instead)
+    agent = api.nixl_agent("bench-initiator", api.nixl_agent_config(backends=["UCX"], enable_prog_thread=False))
     src = np.ones(n, dtype=np.uint8)
     agent.register_memory([(src.ctypes.data, n, 0, "")], "DRAM")
     remote = agent.add_remote_agent(meta)
