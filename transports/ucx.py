@@ -78,6 +78,7 @@ class _Runtime:
 
     def __init__(self) -> None:
         self.users = 0
+        self.dirty = False  # an exchange was cut off mid-flight: tearing ucxx down then can crash
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="pdx-ucxx", daemon=True)
         self.thread.start()
@@ -93,7 +94,7 @@ class _Runtime:
     def release(self) -> None:
         with _Runtime._lock:
             self.users -= 1
-            if self.users > 0:
+            if self.users > 0 or self.dirty:  # a dirty runtime stays up for the process's lifetime
                 return
             _Runtime._instance = None
         try:
@@ -217,6 +218,7 @@ class UcxTransfer(Transfer):
     def _fail(self, status: TransferStatus, kind: type[TransferError], error: str) -> None:
         if self._report is not None:
             return
+        self._transport._runtime.dirty = True
         self._future.cancel()
         try:  # the stream is mid-exchange: drop the connection; the next post reconnects
             self._transport._runtime.loop.call_soon_threadsafe(self._peer.state.drop)
@@ -427,11 +429,13 @@ class UcxTransport(Transport):
                 if done[0] != DONE or done[1] != conn.next_id:
                     raise ConnectionError(f"unexpected reply {done.tolist()}")
             except asyncio.CancelledError:
+                self._runtime.dirty = True
                 conn.drop()
                 if conn.broken:
                     raise ConnectionError("the peer closed the connection mid-transfer") from None
                 raise
             except BaseException:
+                self._runtime.dirty = True
                 conn.drop()
                 raise
             finally:
