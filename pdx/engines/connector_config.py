@@ -14,6 +14,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pdx.errors import ConfigError
 
 
+class _StoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    socket: str = Field(min_length=1)  # the node's `pdx store --socket`
+    timeout_s: float = Field(default=1.0, gt=0)  # one store call; then a miss / a dropped save
+    l2_budget_s: float = Field(default=0.5, ge=0)  # extra wait for a lookup/load that reaches L2
+    chunk_size: int = Field(default=256, gt=0)  # tokens per stored chunk; a multiple of block_size
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    socket: str
+    timeout_s: float = 1.0
+    l2_budget_s: float = 0.5
+    chunk_size: int = 256
+
+
 class _ExtraConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -28,6 +45,7 @@ class _ExtraConfig(BaseModel):
     stats_path: str | None = None  # D: append one JSON line of transfer figures per request
     debug_corrupt_block: bool = False  # tests only: D damages one landed block of every transfer
     debug_corrupt_prefix: str | None = None  # tests only: ... of transfers whose id starts with this
+    store: _StoreConfig | None = None  # the shared storage tier (prefix reuse); off when absent
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,7 @@ class ConnectorConfig:
     stats_path: str | None = None
     debug_corrupt_block: bool = False
     debug_corrupt_prefix: str | None = None
+    store: StoreConfig | None = None
 
     def should_corrupt(self, transfer_id: str) -> bool:
         prefix = self.debug_corrupt_prefix
@@ -57,4 +76,6 @@ class ConnectorConfig:
         values = parsed.model_dump()
         if not values["auth_token"]:
             values["auth_token"] = os.environ.get("PDX_KV_AUTH_TOKEN", "")
+        if values["store"] is not None:
+            values["store"] = StoreConfig(**values["store"])
         return cls(**values)

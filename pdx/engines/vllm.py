@@ -30,6 +30,7 @@ with one worker (TP = PP = 1) are supported.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -41,6 +42,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from pdx.engines.connector_config import ConnectorConfig
+from pdx.engines.store_side import StoreScheduler, StoreWorker, key_extras
 from pdx.engines.vllm_metadata import PdxConnectorMetadata, PdxKVConnectorStats
 from pdx.engines.vllm_scheduler import PdxScheduler
 from pdx.engines.vllm_worker import PdxWorker
@@ -56,6 +58,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
 
 
 class PdxConnector(KVConnectorBase_V1, SupportsHMA):
@@ -79,22 +83,39 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
         block_size = vllm_config.cache_config.block_size
         self.scheduler: PdxScheduler | None = None
         self.worker: PdxWorker | None = None
+        self.store_scheduler: StoreScheduler | None = None
+        self.store_worker: StoreWorker | None = None
+        store = self.cfg.store
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler = PdxScheduler(block_size, ktc.is_kv_producer, ktc.is_kv_consumer)
+            if store is not None:
+                self.store_scheduler = StoreScheduler(store, block_size, key_extras(vllm_config))
+                if getattr(ktc, "kv_load_failure_policy", "recompute") != "recompute":
+                    logger.warning("pdx store: kv_load_failure_policy is not 'recompute': a chunk that "
+                                   "fails to load fails its request instead of being recomputed")
         else:
             self.worker = PdxWorker(self.cfg, block_size, ktc.is_kv_producer, ktc.is_kv_consumer,
                                     ktc.engine_id or "pdx")
+            if store is not None:
+                self.store_worker = StoreWorker(store, block_size)
 
     # -- worker side ------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self.worker is not None
         self.worker.register_kv_caches(kv_caches)
+        if self.store_worker is not None:
+            self.store_worker.register_kv_caches(kv_caches, self.worker.regions)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self.worker is not None
         meta = self._get_connector_metadata()
         assert isinstance(meta, PdxConnectorMetadata)
         self.worker.start_load_kv(meta)
+        if self.store_worker is not None:
+            for save in meta.store_saves:  # first: a finished request's blocks may be reused next
+                self.store_worker.save(save)
+            for load in meta.store_loads:
+                self.store_worker.load(load)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # D admits a request only once its whole KV landed: nothing to wait for per layer.
@@ -113,11 +134,20 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         assert self.worker is not None
-        return self.worker.get_finished()
+        sending, recving = self.worker.get_finished()
+        if self.store_worker is None:
+            return sending, recving
+        saved, loaded = self.store_worker.pop_finished()
+        sending = (sending or set()) | saved
+        recving = (recving or set()) | loaded
+        return sending or None, recving or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self.worker is not None
-        return self.worker.pop_load_errors()
+        errors = self.worker.pop_load_errors()
+        if self.store_worker is not None:
+            errors |= self.store_worker.pop_load_errors()
+        return errors
 
     def get_kv_connector_stats(self) -> PdxKVConnectorStats | None:
         return self.worker.pop_stats() if self.worker is not None else None
@@ -128,6 +158,9 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
     def shutdown(self) -> None:
         if self.worker is not None:
             self.worker.shutdown()
+        for side in (self.store_worker, self.store_scheduler):
+            if side is not None:
+                side.shutdown()
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> PdxKVConnectorStats | None:
@@ -145,15 +178,30 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self.scheduler is not None
-        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        n, is_async = self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        if n or is_async or self.store_scheduler is None or self.scheduler.is_decode_leg(request):
+            return n, is_async
+        return self.store_scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         assert self.scheduler is not None
+        if self.store_scheduler is not None and self.store_scheduler.update_state_after_alloc(
+                request, blocks, num_external_tokens):
+            return
         self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        if num_external_tokens and self.store_scheduler is not None and \
+                self.store_scheduler.is_loading(request.request_id):
+            return {CacheHitSource.HOST: num_external_tokens}
+        return super().get_external_cache_hit_sources(request, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self.scheduler is not None
-        return self.scheduler.build_connector_meta(scheduler_output)
+        meta = self.scheduler.build_connector_meta(scheduler_output)
+        if self.store_scheduler is not None:
+            meta.store_loads, meta.store_saves = self.store_scheduler.take_specs()
+        return meta
 
     def on_new_request(self, request: Request) -> None:
         assert self.scheduler is not None
@@ -162,14 +210,24 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         assert self.scheduler is not None
         self.scheduler.update_connector_output(connector_output)
+        if self.store_scheduler is not None:
+            self.store_scheduler.on_finished(set(connector_output.finished_sending or ()),
+                                             set(connector_output.finished_recving or ()))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self.scheduler is not None
-        return self.scheduler.request_finished(request, block_ids)
+        is_held, params = self.scheduler.request_finished(request, block_ids)
+        if self.store_scheduler is not None:
+            is_held = self.store_scheduler.request_finished(request, block_ids, is_held_elsewhere=is_held) \
+                or is_held
+        return is_held, params
 
     def request_finished_all_groups(self, request: Request,
                                     block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
         return self.request_finished(request, block_ids[0] if block_ids else [])
 
     def has_pending_push_work(self) -> bool:
-        return self.scheduler is not None and self.scheduler.has_pending_push_work()
+        if self.scheduler is None:
+            return False
+        store = self.store_scheduler is not None and self.store_scheduler.has_pending_work()
+        return store or self.scheduler.has_pending_push_work()

@@ -62,12 +62,37 @@ class ReleaseSpec:
     is_reserved: bool  # a RecvSpec was issued, so the worker must report finished_recving
 
 
+@dataclass(frozen=True)
+class StoreLoadSpec:
+    """Store -> paged blocks: chunk i of ``keys`` fills ``block_ids[first_block + i*bpc ...]``
+    (bpc = chunk_size // block_size); blocks before ``skip_blocks`` are the engine's own hit."""
+
+    req_id: str
+    keys: tuple[bytes, ...]  # chunk digests, in prompt order
+    block_ids: tuple[int, ...]  # the request's blocks
+    first_block: int
+    skip_blocks: int
+
+
+@dataclass(frozen=True)
+class StoreSaveSpec:
+    """Paged blocks -> store: chunk i of ``keys`` is ``block_ids[i*bpc:(i+1)*bpc]``.
+    ``is_held``: the request's blocks are held for this save; report it finished_sending."""
+
+    req_id: str
+    keys: tuple[bytes, ...]
+    block_ids: tuple[int, ...]
+    is_held: bool
+
+
 @dataclass
 class PdxConnectorMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     recvs: list[RecvSpec] = field(default_factory=list)
     finishes: list[FinishSpec] = field(default_factory=list)
     releases: list[ReleaseSpec] = field(default_factory=list)
+    store_saves: list[StoreSaveSpec] = field(default_factory=list)
+    store_loads: list[StoreLoadSpec] = field(default_factory=list)
 
 
 @dataclass

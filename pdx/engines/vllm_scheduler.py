@@ -65,6 +65,10 @@ class PdxScheduler:
         self._releases: list[ReleaseSpec] = []
         self._figures: dict[str, dict[str, Any]] = {}  # req_id -> transfer figures from the worker
 
+    def is_decode_leg(self, request: Request) -> bool:
+        p = _params(request)
+        return p is not None and p.role == protocol.DECODE
+
     # -- D: admission ------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         p = _params(request)

@@ -69,6 +69,11 @@ class PdxWorker:
     def control_port(self) -> int | None:
         return self._prefill.server.port if self._prefill is not None else None
 
+    @property
+    def regions(self) -> KVRegions:
+        assert self._regions is not None, "register_kv_caches first"
+        return self._regions
+
     # -- start-up --------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from transports import create_transport

@@ -1,0 +1,255 @@
+"""PdxConnector and the shared storage tier (``pdx store``): prefix reuse across engines.
+
+Scheduler side (``StoreScheduler``)
+    get_num_new_matched_tokens   keys of the prompt's full chunks (``pdx.keys``); the store's
+                                 longest stored prefix beyond the engine's own prefix hit, in
+                                 whole chunks, never the last prompt token -> ``(n, True)``
+    update_state_after_alloc     -> ``StoreLoadSpec`` (chunks -> the request's blocks)
+    request_finished             full chunks of the computed tokens not yet stored ->
+                                 ``StoreSaveSpec``; the blocks are held until the worker copied them
+Worker side (``StoreWorker``)
+    start_load_kv                saves first (the blocks may be reused right after), then loads;
+                                 both copy synchronously, straight between the paged blocks and
+                                 the store's shared arena (one copy, no staging)
+    get_finished                 saves done -> finished_sending, loads done -> finished_recving;
+                                 a chunk not loaded -> its blocks are load errors (recomputed)
+
+Chunk bytes: for each layer in model order, the chunk's ``chunk_size // block_size``
+blocks in token order, each block's bytes as vLLM holds them. The key's extras name the
+model, dtype, block size and KV shape, so engines that would lay bytes out differently
+never share chunks. A store that is slow or gone costs at most ``timeout_s`` (+
+``l2_budget_s``) per call and then behaves as a miss; nothing raises into the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from pdx.engines.connector_config import StoreConfig
+from pdx.engines.vllm_metadata import StoreLoadSpec, StoreSaveSpec
+from pdx.errors import ConfigError
+from pdx.keys import KeyExtras, chunk_keys
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.request import Request
+
+    from pdx.engines.kv_regions import KVRegions
+
+logger = logging.getLogger(__name__)
+
+_NORMAL_FINISH = ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED")
+
+
+def _client(cfg: StoreConfig) -> Any:
+    from pdx.storage.client import StoreClient
+
+    return StoreClient(cfg.socket, timeout_s=cfg.timeout_s, l2_budget_s=cfg.l2_budget_s)
+
+
+def _blocks_per_chunk(cfg: StoreConfig, block_size: int) -> int:
+    if cfg.chunk_size % block_size:
+        raise ConfigError(
+            f"store chunk_size {cfg.chunk_size} must be a multiple of the engine's block_size {block_size}"
+        )
+    return cfg.chunk_size // block_size
+
+
+def key_extras(vllm_config: VllmConfig) -> KeyExtras:
+    """Everything besides token ids that decides a chunk's bytes on this engine."""
+    mc, cc, par = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    layout = (
+        f"vllm-paged-v1:device={vllm_config.device_config.device_type}:block={cc.block_size}"
+        f":layers={mc.get_num_layers(par)}:kv_heads={mc.get_num_kv_heads(par)}:head={mc.get_head_size()}"
+    )
+    return KeyExtras(mc.model, f"{mc.dtype}/{cc.cache_dtype}", layout)
+
+
+class StoreScheduler:
+    def __init__(self, cfg: StoreConfig, block_size: int, extras: KeyExtras) -> None:
+        self.cfg = cfg
+        self.block_size = block_size
+        self.bpc = _blocks_per_chunk(cfg, block_size)
+        self.extras = extras
+        self.client = _client(cfg)
+        self._planned: dict[str, tuple[tuple[bytes, ...], int, int]] = {}  # rid -> (keys, chunk0, hit)
+        self._attempted: set[str] = set()  # a load is tried once per request
+        self._loading: dict[str, int] = {}  # rid -> tokens being loaded (until finished_recving)
+        self._held: set[str] = set()  # finished, blocks held for a save
+        self._loads: list[StoreLoadSpec] = []
+        self._saves: list[StoreSaveSpec] = []
+
+    def _keys(self, tokens: Any, num_tokens: int) -> list[bytes]:
+        keys = chunk_keys(tokens[:num_tokens], self.extras, self.cfg.chunk_size, include_partial=False)
+        return [k.digest for k in keys]
+
+    # -- load ------------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        rid = request.request_id
+        if rid in self._attempted:
+            return 0, False
+        # Leave the last prompt token to compute: vLLM needs one token to sample from.
+        keys = self._keys(request.prompt_token_ids, request.num_prompt_tokens - 1)
+        chunk0 = num_computed_tokens // self.cfg.chunk_size
+        if chunk0 >= len(keys):
+            return 0, False
+        n = self.client.lookup_prefix(keys[chunk0:])
+        end = (chunk0 + n) * self.cfg.chunk_size
+        if end <= num_computed_tokens:
+            return 0, False
+        self._planned[rid] = (tuple(keys[chunk0:chunk0 + n]), chunk0, num_computed_tokens)
+        return end - num_computed_tokens, True
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> bool:
+        """True if this is a store load (the request now waits for it)."""
+        rid = request.request_id
+        plan = self._planned.pop(rid, None)
+        if plan is None or num_external_tokens <= 0 or rid in self._attempted:
+            return False
+        keys, chunk0, hit = plan
+        self._attempted.add(rid)
+        block_ids = tuple(blocks.get_block_ids()[0])
+        self._loads.append(StoreLoadSpec(rid, keys, block_ids, chunk0 * self.bpc, hit // self.block_size))
+        self._loading[rid] = num_external_tokens
+        return True
+
+    def is_loading(self, rid: str) -> bool:
+        return rid in self._loading
+
+    # -- per step --------------------------------------------------------------------------
+    def take_specs(self) -> tuple[list[StoreLoadSpec], list[StoreSaveSpec]]:
+        out = (self._loads, self._saves)
+        self._loads, self._saves = [], []
+        return out
+
+    def on_finished(self, sending: set[str], recving: set[str]) -> None:
+        self._held -= sending
+        for rid in recving:
+            self._loading.pop(rid, None)
+
+    def has_pending_work(self) -> bool:
+        return bool(self._held or self._loads or self._saves)
+
+    # -- save ------------------------------------------------------------------------------
+    def request_finished(self, request: Request, block_ids: list[int], *, is_held_elsewhere: bool) -> bool:
+        """Queue a save of the request's new full chunks; True if its blocks must be held for it.
+
+        ``is_held_elsewhere``: the blocks are held anyway (a PD prefill), so the save rides on that.
+        """
+        rid = request.request_id
+        self._planned.pop(rid, None)
+        self._attempted.discard(rid)
+        self._loading.pop(rid, None)
+        if request.status.name not in _NORMAL_FINISH or not block_ids:
+            return False
+        num = min(request.num_computed_tokens, len(block_ids) * self.block_size)
+        keys = self._keys(request.all_token_ids, num)
+        if not keys:
+            return False
+        first = self.client.lookup_prefix(keys)  # never save what the store already holds
+        if first >= len(keys):
+            return False
+        chunk_blocks = tuple(block_ids[first * self.bpc:len(keys) * self.bpc])
+        is_held = not is_held_elsewhere
+        self._saves.append(StoreSaveSpec(rid, tuple(keys[first:]), chunk_blocks, is_held))
+        if is_held:
+            self._held.add(rid)
+        return is_held
+
+    def shutdown(self) -> None:
+        self.client.close()
+
+
+class StoreWorker:
+    def __init__(self, cfg: StoreConfig, block_size: int) -> None:
+        self.cfg = cfg
+        self.block_size = block_size
+        self.bpc = _blocks_per_chunk(cfg, block_size)
+        self.client = _client(cfg)
+        self._layers: list[np.ndarray] = []  # per layer: [num_blocks, ...] uint8 view of the KV
+        self._block_nbytes = 0
+        self._sent: set[str] = set()
+        self._received: set[str] = set()
+        self._load_errors: set[int] = set()
+
+    @property
+    def chunk_nbytes(self) -> int:
+        return len(self._layers) * self.bpc * self._block_nbytes
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], regions: KVRegions) -> None:
+        import torch
+
+        self._layers = []
+        for layer in regions.layers:
+            t = kv_caches[layer.name]
+            if t.device.type != "cpu":
+                raise ConfigError("the store connector needs the KV cache in host memory (vLLM CPU)")
+            self._layers.append(t.view(torch.uint8).numpy())
+        self._block_nbytes = regions.block_nbytes
+
+    def _block_span(self, layer: int, j: int) -> slice:
+        off = ((layer * self.bpc) + j) * self._block_nbytes
+        return slice(off, off + self._block_nbytes)
+
+    def save(self, spec: StoreSaveSpec) -> None:
+        import numpy as np
+
+        sizes = [self.chunk_nbytes] * len(spec.keys)
+        try:
+            with self.client.write_views(spec.keys, sizes) as views:
+                for i, view in enumerate(views):
+                    if view is None:
+                        continue  # stored already, being saved elsewhere, or no room
+                    for layer, kv in enumerate(self._layers):
+                        for j in range(self.bpc):
+                            src = kv[spec.block_ids[i * self.bpc + j]]
+                            np.copyto(view[self._block_span(layer, j)].reshape(src.shape), src)
+        except Exception:
+            logger.warning("saving %d chunks of %s to the store failed; skipped", len(spec.keys),
+                           spec.req_id, exc_info=True)
+        if spec.is_held:
+            self._sent.add(spec.req_id)
+
+    def load(self, spec: StoreLoadSpec) -> None:
+        import numpy as np
+
+        loaded = 0
+        try:
+            with self.client.read_views(spec.keys) as views:
+                for i, view in enumerate(views):
+                    if view.nbytes != self.chunk_nbytes:
+                        logger.warning("stored chunk has %d bytes, expected %d", view.nbytes, self.chunk_nbytes)
+                        break
+                    for layer, kv in enumerate(self._layers):
+                        for j in range(self.bpc):
+                            b = spec.first_block + i * self.bpc + j
+                            if b < spec.skip_blocks:
+                                continue  # the engine's own prefix hit: shared blocks, leave them
+                            dst = kv[spec.block_ids[b]]
+                            np.copyto(dst, view[self._block_span(layer, j)].reshape(dst.shape))
+                    loaded += 1
+        except Exception:
+            logger.warning("loading chunks of %s from the store failed", spec.req_id, exc_info=True)
+        if loaded < len(spec.keys):
+            first_bad = spec.first_block + loaded * self.bpc
+            end = spec.first_block + len(spec.keys) * self.bpc
+            self._load_errors.update(spec.block_ids[b] for b in range(max(first_bad, spec.skip_blocks), end))
+            logger.info("store load of %s: %d of %d chunks; the rest is recomputed", spec.req_id, loaded,
+                        len(spec.keys))
+        self._received.add(spec.req_id)
+
+    def pop_finished(self) -> tuple[set[str], set[str]]:
+        out = (self._sent, self._received)
+        self._sent, self._received = set(), set()
+        return out
+
+    def pop_load_errors(self) -> set[int]:
+        out, self._load_errors = self._load_errors, set()
+        return out
+
+    def shutdown(self) -> None:
+        self.client.close()
