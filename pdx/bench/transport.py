@@ -147,7 +147,7 @@ def _machine(args: argparse.Namespace, post_bytes: int, posts: int) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     os.environ.setdefault("UCX_NET_DEVICES", "lo")  # keep UCX on loopback
-    os.environ.setdefault("NIXL_LOG_LEVEL", "WARNING")  # NIXL logs INFO lines to stdout otherwise
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")  # NIXL logs INFO lines to stdout otherwise
     from tqdm import tqdm
 
     import transports
