@@ -1,0 +1,157 @@
+"""PdxConnector's store side against a real ``pdx store``, without an engine.
+
+Paged KV tensors shaped like vLLM CPU's; scheduler-side requests are plain objects with
+the fields vLLM's ``Request`` has. Saved blocks come back byte-exact into other blocks
+of another "engine"; a store that is gone turns loads into load errors and saves into
+no-ops, never exceptions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm")
+torch = pytest.importorskip("torch")
+
+from pdx.engines.connector_config import StoreConfig  # noqa: E402
+from pdx.engines.kv_regions import describe_kv_caches  # noqa: E402
+from pdx.engines.store_side import StoreScheduler, StoreWorker  # noqa: E402
+from pdx.errors import ConfigError  # noqa: E402
+from pdx.keys import KeyExtras  # noqa: E402
+from tests.storage.helpers import StoreProc  # noqa: E402
+
+BLOCK = 16
+CHUNK = 32  # 2 blocks per chunk
+EXTRAS = KeyExtras("test-model", "float32", "test-layout")
+
+
+def kv_caches(seed: int, num_blocks: int = 12) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"model.layers.{i}.attn": torch.randn(num_blocks, 2, BLOCK, 8, generator=g) for i in range(3)}
+
+
+@dataclass
+class FakeRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    num_computed_tokens: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(name="FINISHED_LENGTH_CAPPED"))
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+
+class FakeBlocks:
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+
+    def get_block_ids(self) -> tuple[list[int]]:
+        return (self.ids,)
+
+
+@pytest.fixture
+def store(tmp_path):
+    proc = StoreProc(tmp_path, capacity_gb=0.02, slab_mb=1.0)
+    yield proc
+    if proc.proc.poll() is None:
+        assert proc.stop() == 0
+
+
+def sides(store: StoreProc, caches: dict[str, torch.Tensor]) -> tuple[StoreScheduler, StoreWorker]:
+    cfg = StoreConfig(store.socket, timeout_s=0.5, l2_budget_s=0.0, chunk_size=CHUNK)
+    worker = StoreWorker(cfg, BLOCK)
+    worker.register_kv_caches(caches, describe_kv_caches(caches))
+    return StoreScheduler(cfg, BLOCK, EXTRAS), worker
+
+
+def test_chunks_saved_by_one_engine_load_byte_exact_into_another(store):
+    prompt = list(range(100, 100 + 3 * CHUNK + 5))  # 3 full chunks + a tail
+    a_caches, b_caches = kv_caches(1), kv_caches(2)
+    a_sched, a_worker = sides(store, a_caches)
+    b_sched, b_worker = sides(store, b_caches)
+    try:
+        # A computed the prompt into blocks 5..11 and finished: its 3 full chunks are saved.
+        a_blocks = [5, 6, 7, 8, 9, 10, 11]
+        done = FakeRequest("a", prompt, num_computed_tokens=len(prompt))
+        assert a_sched.request_finished(done, a_blocks, is_held_elsewhere=False) is True
+        _, saves = a_sched.take_specs()
+        (save,) = saves
+        a_worker.save(save)
+        assert a_worker.pop_finished() == ({"a"}, set())
+        # Saving again stores nothing new: request_finished finds every chunk stored.
+        assert a_sched.request_finished(FakeRequest("a2", prompt, len(prompt)), a_blocks,
+                                        is_held_elsewhere=False) is False
+
+        # B has the first block locally (a 16-token prefix-cache hit) and loads the rest.
+        req = FakeRequest("b", prompt)
+        assert b_sched.get_num_new_matched_tokens(req, BLOCK) == (3 * CHUNK - BLOCK, True)
+        b_blocks = [0, 1, 2, 3, 4, 11, 10]
+        before_hit = b_caches["model.layers.0.attn"][0].clone()
+        assert b_sched.update_state_after_alloc(req, FakeBlocks(b_blocks), 3 * CHUNK - BLOCK)
+        loads, _ = b_sched.take_specs()
+        b_worker.load(loads[0])
+        assert b_worker.pop_finished() == (set(), {"b"})
+        assert b_worker.pop_load_errors() == set()
+        for name in a_caches:
+            for i in range(1, 6):  # blocks of the 3 chunks beyond B's own hit
+                assert torch.equal(b_caches[name][b_blocks[i]], a_caches[name][a_blocks[i]]), (name, i)
+        assert torch.equal(b_caches["model.layers.0.attn"][0], before_hit)  # B's hit left alone
+        # A request is offered a load once.
+        assert b_sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    finally:
+        for side in (a_sched, a_worker, b_sched, b_worker):
+            side.shutdown()
+
+
+def test_never_offers_the_last_prompt_token(store):
+    prompt = list(range(7, 7 + 2 * CHUNK))  # exactly two chunks
+    caches = kv_caches(3)
+    sched, worker = sides(store, caches)
+    try:
+        sched.request_finished(FakeRequest("a", prompt, len(prompt)), list(range(4)), is_held_elsewhere=False)
+        worker.save(sched.take_specs()[1][0])
+        # Two chunks stored, but the second holds the last prompt token: only one is offered.
+        assert sched.get_num_new_matched_tokens(FakeRequest("b", prompt), 0) == (CHUNK, True)
+    finally:
+        sched.shutdown()
+        worker.shutdown()
+
+
+def test_store_gone_means_misses_and_load_errors_never_exceptions(store):
+    prompt = list(range(50, 50 + 2 * CHUNK + 1))
+    caches = kv_caches(4)
+    sched, worker = sides(store, caches)
+    try:
+        sched.request_finished(FakeRequest("a", prompt, len(prompt)), list(range(5)), is_held_elsewhere=False)
+        worker.save(sched.take_specs()[1][0])
+        worker.pop_finished()
+        req = FakeRequest("b", prompt)
+        assert sched.get_num_new_matched_tokens(req, 0) == (2 * CHUNK, True)
+        sched.update_state_after_alloc(req, FakeBlocks([6, 7, 8, 9, 10]), 2 * CHUNK)
+        loads, _ = sched.take_specs()
+        store.kill()
+        worker.load(loads[0])  # the lookup said yes, the store died before the copy
+        assert worker.pop_finished() == (set(), {"b"})
+        assert worker.pop_load_errors() == {6, 7, 8, 9}
+        assert sched.get_num_new_matched_tokens(FakeRequest("c", prompt), 0) == (0, False)
+        # A save while the store is gone is dropped, and the held blocks are still released.
+        assert sched.request_finished(FakeRequest("d", prompt, len(prompt)), list(range(5)), is_held_elsewhere=False)
+        worker.save(sched.take_specs()[1][0])
+        assert worker.pop_finished() == ({"d"}, set())
+    finally:
+        sched.shutdown()
+        worker.shutdown()
+
+
+def test_chunk_size_must_be_whole_blocks(store):
+    with pytest.raises(ConfigError, match="multiple of the engine's block_size"):
+        StoreScheduler(StoreConfig(store.socket, chunk_size=24), BLOCK, EXTRAS)
