@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compare-no-store", action="store_true", help="with --launch: rerun without the store"
     )
+    p.add_argument("--no-store-first", action="store_true",
+                   help="with --compare-no-store: run the no-store fleet first (order effects)")  # fmt: skip
     p.add_argument("--log-dir", default="/tmp/pdx-bench-serve")
     p.add_argument(
         "--quick", action="store_true", help="short runs: the whole comparison under 15 minutes"
@@ -218,6 +220,8 @@ def _run_launched(
 
     runs = []
     modes = [True, False] if args.compare_no_store else [True]
+    if args.no_store_first:
+        modes.reverse()
     has_engines = any(e.local is not None for e in load_topology(args.topology).engines)
     if has_engines:
         print(
