@@ -142,6 +142,7 @@ class LocalFleet:
                 and spec.kv_transfer_config.get("kv_connector") == "PdxConnector"
             ):
                 kv = dict(spec.kv_transfer_config)
+                kv.setdefault("kv_load_failure_policy", "recompute")  # a chunk not loaded is recomputed
                 kv["kv_connector_extra_config"] = {
                     **kv.get("kv_connector_extra_config", {}),
                     **extras,
