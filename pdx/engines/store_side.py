@@ -90,7 +90,7 @@ class StoreScheduler:
     # -- load ------------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         rid = request.request_id
-        if rid in self._attempted:
+        if rid in self._attempted or request.prompt_token_ids is None:
             return 0, False
         # Leave the last prompt token to compute: vLLM needs one token to sample from.
         keys = self._keys(request.prompt_token_ids, request.num_prompt_tokens - 1)

@@ -61,6 +61,15 @@ def _stored_tokens(prompt: list[int]) -> int:
     return (len(prompt) - 1) // CHUNK * CHUNK  # whole chunks, never the last prompt token
 
 
+def _wait_blocks_free(engine, timeout_s: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while engine.scrape_metrics().sum("vllm:kv_cache_usage_perc") > 0:
+        assert time.monotonic() < deadline, "KV blocks still held after every request finished"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def store_proc(tmp_path_factory, engine_lock):
     from tests.storage.helpers import StoreProc
@@ -79,6 +88,7 @@ def test_second_engine_loads_prefix_from_store_then_survives_store_loss(
         run_completions(a.url, [completion_body(WARMUP_PROMPT)])
         assert_outputs_match(single_reference, _serve(a, PROMPTS))
         new_reference = _serve(a, NEW_PROMPTS)
+        _wait_blocks_free(a)
     want_chunks = sum(_stored_tokens(p) // CHUNK for p in PROMPTS)
     stats = store_proc.wait_stat("num_chunks", want_chunks)
     assert stats["num_chunks"] >= want_chunks, stats
@@ -99,6 +109,8 @@ def test_second_engine_loads_prefix_from_store_then_survives_store_loss(
         assert loaded > 0
         assert delta("external_kv_transfer") == loaded
         assert delta("local_compute") == sum(len(p) for p in PROMPTS) - loaded
+
+        _wait_blocks_free(b)  # blocks held for saves were released
 
         # The store dies: B keeps serving, recomputing what it cannot load.
         store_proc.kill()
