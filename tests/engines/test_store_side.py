@@ -155,3 +155,15 @@ def test_store_gone_means_misses_and_load_errors_never_exceptions(store):
 def test_chunk_size_must_be_whole_blocks(store):
     with pytest.raises(ConfigError, match="multiple of the engine's block_size"):
         StoreScheduler(StoreConfig(store.socket, chunk_size=24), BLOCK, EXTRAS)
+
+
+def test_store_setting_is_validated():
+    from pdx.engines.connector_config import ConnectorConfig
+
+    cfg = ConnectorConfig.from_extra_config({"store": {"socket": "/tmp/s.sock", "timeout_s": 0.2}})
+    assert cfg.store == StoreConfig("/tmp/s.sock", timeout_s=0.2)
+    assert ConnectorConfig.from_extra_config({}).store is None
+    for bad in ({"socket": ""}, {"socket": "/s", "chunk_size": 0}, {"socket": "/s", "timeout_s": 0},
+                {"socket": "/s", "bogus": 1}, {"timeout_s": 1.0}):
+        with pytest.raises(ConfigError, match="kv_connector_extra_config"):
+            ConnectorConfig.from_extra_config({"store": bad})
