@@ -187,7 +187,12 @@ async def run_workloads(
                 records = await run_load(workload, client, target.url, target.model, load, spec.output_tokens,
                                          on_done=lambda _r: bar.update(1))  # fmt: skip
             after = await _scrape(client, target.engine_urls)
-            result = summarize(name, target.store, records, sources_delta(before, after))
+            sources = sources_delta(before, after)
+            result = summarize(name, target.store, records, sources)
+            if sources is not None:
+                print(f"[pdx bench serve] {label}: prompt tokens {sources.local_compute:.0f} computed, "
+                      f"{sources.local_cache_hit:.0f} from the engine's prefix cache, "
+                      f"{sources.external_kv_transfer:.0f} loaded through the connector", file=sys.stderr)  # fmt: skip
             errors = [r.error for r in records if not r.is_ok]
             logger.info("%s: %d requests, %d errors%s", label, len(records), len(errors),
                         f" (first: {errors[0]})" if errors else "")  # fmt: skip

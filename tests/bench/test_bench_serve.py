@@ -317,6 +317,19 @@ def test_launch_starts_store_and_router_then_reruns_without_the_store(
     assert (tmp_path / "logs" / "store" / "store.log").exists()
 
 
+def test_launch_passes_only_the_store_settings_the_connector_accepts() -> None:
+    from pdx.bench.serve_fleet import connector_store_extras
+    from pdx.config import load_topology
+
+    storage = dict(load_topology("configs/local-2x-store.yaml").storage)
+    accepted, dropped = connector_store_extras(storage)
+    assert (
+        dropped == [] and accepted["store"]["socket"] == storage["socket"]
+    )  # the shipped config is in use
+    accepted, dropped = connector_store_extras({"connector": {"store_socket": "/x", "lease_s": 5}})
+    assert accepted == {"lease_s": 5} and dropped == ["store_socket"]
+
+
 # -- a real two-engine vLLM CPU fleet (slow) ----------------------------------------------------
 
 
