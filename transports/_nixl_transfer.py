@@ -68,7 +68,7 @@ class NixlTransfer(Transfer):
             try:
                 await asyncio.wait_for(asyncio.shield(self._future), timeout)
             except asyncio.TimeoutError:
-                self._finish(TransferStatus.FAILED, "timed out", TransferTimeout, abort=True,
+                self._finish(TransferStatus.ABORTED, "timed out", TransferTimeout, abort=True,
                              message=f"nixl transfer to {self._peer.name} did not complete within {timeout}s")
         report = self.report
         assert report is not None
