@@ -220,7 +220,7 @@ def ucx_baseline(points: Points, posts: int) -> list[list[float]]:
 
     # ucxx binds to one loop per process; pdx's ucx transport owns a private loop thread,
     # so the bare baseline runs on one of its own.
-    from transports.ucx import _Runtime
+    from transports._ucx_runtime import _Runtime
 
     runtime = _Runtime.acquire()
     try:
