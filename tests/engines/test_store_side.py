@@ -167,3 +167,26 @@ def test_store_setting_is_validated():
                 {"socket": "/s", "bogus": 1}, {"timeout_s": 1.0}):
         with pytest.raises(ConfigError, match="kv_connector_extra_config"):
             ConnectorConfig.from_extra_config({"store": bad})
+
+
+def test_a_pd_prefill_saves_without_a_hold_of_its_own(store):
+    prompt = list(range(900, 900 + CHUNK + 3))
+    caches = kv_caches(5)
+    sched, worker = sides(store, caches)
+    try:
+        # P's blocks are held for its decoder anyway: the save rides on that hold.
+        assert sched.request_finished(FakeRequest("p", prompt, len(prompt)), [0, 1, 2],
+                                      is_held_elsewhere=True) is False
+        (save,) = sched.take_specs()[1]
+        assert not save.is_held and not sched.has_pending_work()
+        worker.save(save)
+        assert worker.pop_finished() == (set(), set())  # P's own transfer reports the release
+        assert sched.get_num_new_matched_tokens(FakeRequest("q", prompt), 0) == (CHUNK, True)
+        # An aborted request saves nothing.
+        aborted = FakeRequest("x", list(range(5000, 5000 + 2 * CHUNK)), 2 * CHUNK)
+        aborted.status = SimpleNamespace(name="FINISHED_ABORTED")
+        assert sched.request_finished(aborted, [3, 4, 5, 6], is_held_elsewhere=False) is False
+        assert sched.take_specs() == ([], [])
+    finally:
+        sched.shutdown()
+        worker.shutdown()
