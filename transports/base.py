@@ -426,7 +426,7 @@ class Transport(abc.ABC):
         buf = np.zeros(nbytes, dtype=np.uint8)
         return self.register(buf)
 
-    def _register(self, region: MemoryRegion) -> None:
+    def _register(self, region: MemoryRegion) -> None:  # noqa: B027 (optional hook)
         """Backend hook: make the region usable (pin, register with the NIC, ...)."""
 
     def _deregister(self, region: MemoryRegion) -> None:
@@ -445,7 +445,7 @@ class Transport(abc.ABC):
     async def connect(self, descriptor: bytes) -> Peer:
         """Connect to the peer a descriptor names. Raises ``DescriptorError`` or ``ConnectError``."""
 
-    async def disconnect(self, peer: Peer) -> None:
+    async def disconnect(self, peer: Peer) -> None:  # noqa: B027 (optional hook)
         """Forget a peer; in-flight transfers to it fail. Idempotent."""
 
     # -- transfers ------------------------------------------------------------------
