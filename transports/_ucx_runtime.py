@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Coroutine
@@ -27,64 +28,89 @@ def _view(addr: int, nbytes: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8)
 
 
+def open_fds() -> set[str]:
+    """This process's open fds as ``"N->target"`` (the transport suite's leak-check format)."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.add(f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            pass
+    return out
+
+
 class _Runtime:
-    """The process's ucxx event loop thread, shared by its ucx transports (reference-counted:
-    the last ``release`` resets ucxx and stops the thread, so a closed transport leaves nothing)."""
+    """The process's ucxx runtime: its event loop thread, UCX context, worker and progress thread.
+
+    Like a CUDA context it is a once-per-process resource: started by the first ucx transport and
+    kept until the process exits (tearing ucxx down while a cut-off exchange is still being cancelled
+    crashes UCX). ``fds`` are the file descriptors it owns (epoll, eventfds, shared-memory segments),
+    recorded after a warm-up exchange so the lazily opened ones are included; anything a transport
+    opens after that (listeners, endpoints) is that transport's to close.
+    """
 
     _instance: _Runtime | None = None
     _lock = threading.Lock()
 
     def __init__(self) -> None:
-        self.users = 0
-        self.dirty = False  # an exchange was cut off mid-flight: tearing ucxx down then can crash
+        before = open_fds()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="pdx-ucxx", daemon=True)
         self.thread.start()
+        try:
+            self.submit(_warm_up()).result(CONNECT_TIMEOUT + 5)
+        except Exception:
+            logger.warning("ucxx warm-up failed; the runtime's fds may be under-counted", exc_info=True)
+        self.fds = frozenset(open_fds() - before)
 
     @classmethod
     def acquire(cls) -> _Runtime:
         with cls._lock:
             if cls._instance is None:
                 cls._instance = cls()
-            cls._instance.users += 1
             return cls._instance
 
-    def release(self) -> None:
-        with _Runtime._lock:
-            self.users -= 1
-            if self.users > 0 or self.dirty:  # a dirty runtime stays up for the process's lifetime
-                return
-            _Runtime._instance = None
-        try:
-            self.submit(_reset_ucxx()).result(10)
-        except Exception:
-            logger.warning("ucxx did not reset cleanly", exc_info=True)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-        import gc
-
-        gc.collect()  # ucxx objects in cycles with the loop hold the UCX worker and its fds
+    @classmethod
+    def owned_fds(cls) -> frozenset[str]:
+        """fds of the running runtime (none before the first ucx transport of the process)."""
+        inst = cls._instance
+        return inst.fds if inst is not None else frozenset()
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
 
-async def _reset_ucxx() -> None:
+async def _warm_up() -> None:
+    """One tiny exchange through a throwaway listener, so UCX opens what it opens lazily now."""
     import gc
 
     import ucxx
-    from ucxx import core
 
-    await asyncio.sleep(0.05)  # let UCX finish cancelling aborted requests before their objects go
-    gc.collect()  # endpoints of dropped connections still hold the context
-    await asyncio.sleep(0)
-    if core._ctx is not None:  # the progress thread's callback keeps the worker (and its fds) alive
-        core._ctx.worker.stop_progress_thread()
-    ucxx.reset()
-    from ucxx._lib_async import application_context
+    got: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    application_context.clear_progress_tasks()  # the progress task keeps the UCX worker alive
+    async def serve(ep: Any) -> None:
+        buf = np.zeros(1, dtype=np.int64)
+        try:
+            await ep.recv(buf)
+            await ep.send(buf)
+        finally:
+            if not got.done():
+                got.set_result(None)
+
+    listener = ucxx.create_listener(serve, 0)
+    try:
+        ep = await asyncio.wait_for(ucxx.create_endpoint("127.0.0.1", listener.port), CONNECT_TIMEOUT)
+        await ep.send(np.ones(1, dtype=np.int64))
+        await ep.recv(np.zeros(1, dtype=np.int64))
+        await asyncio.wait_for(got, CONNECT_TIMEOUT)
+        await ep.close()
+        del ep
+    finally:
+        listener.close()
+        del listener
+    for _ in range(10):  # let UCX finish closing the throwaway endpoints
+        gc.collect()
+        await asyncio.sleep(0.02)
 
 
 async def _open(conn: _Conn, hello: bytes) -> None:

@@ -175,7 +175,7 @@ class Endpoint:
         deadline = time.monotonic() + 5
         while True:  # threads finishing their last socket call may need a moment to exit
             threads = [t.name for t in threading.enumerate() if t not in self._threads and t.is_alive()]
-            fds = sorted(_open_fds() - self._fds)
+            fds = sorted(_open_fds() - self._fds - _process_fds(self.transport))
             if (not threads and not fds) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
@@ -194,6 +194,12 @@ class Endpoint:
         if offset < 0 or offset + nbytes > region.nbytes:
             raise ValueError(f"range [{offset}, {offset + nbytes}) outside region of {region.nbytes} bytes")
         return np.frombuffer(memory_view(region.addr + offset, nbytes), dtype=np.uint8)
+
+
+def _process_fds(transport: Any) -> frozenset[str]:
+    """fds of the transport's process-wide library runtime (``process_fds()``), which outlive it."""
+    hook = getattr(type(transport), "process_fds", None)
+    return frozenset(hook()) if hook is not None else frozenset()
 
 
 def _open_fds() -> set[str]:

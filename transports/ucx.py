@@ -107,7 +107,6 @@ class UcxTransfer(Transfer):
     def _fail(self, status: TransferStatus, kind: type[TransferError], error: str) -> None:
         if self._report is not None:
             return
-        self._transport._runtime.dirty = True
         self._future.cancel()
         try:  # the stream is mid-exchange: drop the connection; the next post reconnects
             self._transport._runtime.loop.call_soon_threadsafe(self._peer.state.drop)
@@ -146,6 +145,7 @@ class UcxTransport(Transport):
 
     kind = "ucx"
     supports_read = False
+    process_threads = ("pdx-ucxx",)  # the process-wide ucxx runtime's loop thread (see _Runtime)
     devices = ("cpu",)
 
     @classmethod
@@ -168,11 +168,12 @@ class UcxTransport(Transport):
         self._peers: dict[str, Peer] = {}
         self._inflight: set[UcxTransfer] = set()
         self._handlers: set[asyncio.Task[None]] = set()
-        try:
-            self._listener = self._call(self._listen())
-        except BaseException:
-            self._runtime.release()
-            raise
+        self._listener = self._call(self._listen())
+
+    @classmethod
+    def process_fds(cls) -> frozenset[str]:
+        """fds (``"N->target"``) of the process-wide ucxx runtime, kept until the process exits."""
+        return _Runtime.owned_fds()
 
     def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return self._runtime.submit(coro).result(CONNECT_TIMEOUT + 5)
@@ -318,13 +319,11 @@ class UcxTransport(Transport):
                 if done[0] != DONE or done[1] != conn.next_id:
                     raise ConnectionError(f"unexpected reply {done.tolist()}")
             except asyncio.CancelledError:
-                self._runtime.dirty = True
                 conn.drop()
                 if conn.broken:
                     raise ConnectionError("the peer closed the connection mid-transfer") from None
                 raise
             except BaseException:
-                self._runtime.dirty = True
                 conn.drop()
                 raise
             finally:
@@ -344,7 +343,6 @@ class UcxTransport(Transport):
             await asyncio.wait_for(asyncio.wrap_future(self._runtime.submit(self._shutdown())), 15)
         finally:
             self._peers.clear()
-            self._runtime.release()
 
     async def _shutdown(self) -> None:
         self._listener.close()

@@ -1,4 +1,4 @@
-"""ucx specifics: the shared ucxx runtime stops with the last transport and starts again."""
+"""ucx specifics: the ucxx runtime is once per process, and transports come and go over it cleanly."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import transports
 from transports.base import SegmentPairs
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
+TRANSPORT_KIND = "ucx"  # the leak check accepts the ucxx runtime's threads and fds
 pytestmark = [pytest.mark.ucx, pytest.mark.skipif("ucx" not in transports.available_transports(),
                                                   reason="ucxx not installed")]
 
@@ -29,8 +30,21 @@ async def _round_trip(payload: bytes) -> None:
     await b.aclose()
 
 
-def test_runtime_thread_stops_after_last_close_and_restarts():
+def _fds() -> set[str]:
+    from transports._ucx_runtime import open_fds
+
+    return open_fds()
+
+
+def test_runtime_is_shared_and_transports_leave_only_it_behind():
     asyncio.run(_round_trip(b"first"))
-    assert not [t.name for t in threading.enumerate() if t.name == "pdx-ucxx"]
-    asyncio.run(_round_trip(b"second"))
-    assert not [t.name for t in threading.enumerate() if t.name == "pdx-ucxx"]
+    cls = transports.transport_class("ucx")
+    runtime_fds = cls.process_fds()
+    assert runtime_fds, "the ucxx runtime reports no fds of its own"
+    threads = {t.name for t in threading.enumerate()}
+    fds = _fds()
+    asyncio.run(_round_trip(b"second"))  # the same runtime serves new transports on a new event loop
+    assert cls.process_fds() == runtime_fds
+    assert [t.name for t in threading.enumerate()].count("pdx-ucxx") == 1
+    assert {t.name for t in threading.enumerate()} <= threads | set(cls.process_threads)
+    assert not (_fds() - fds - runtime_fds), "closed ucx transports left fds open"
