@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,6 +258,10 @@ def _run_launched(
     return runs
 
 
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -284,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[pdx bench serve] workloads {names}, {load.qps} QPS for {load.duration_s:.0f} s each, "
           f"{spec.num_users} chat users", file=sys.stderr)  # fmt: skip
     if args.launch:
+        signal.signal(signal.SIGTERM, _raise_exit)  # SIGTERM unwinds: the fleet is stopped
         runs = _run_launched(args, names, spec, load)
     else:
         url = args.url.rstrip("/")
