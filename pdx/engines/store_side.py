@@ -5,11 +5,12 @@ Scheduler side (``StoreScheduler``)
                                  longest stored prefix beyond the engine's own prefix hit, in
                                  whole chunks, never the last prompt token -> ``(n, True)``
     update_state_after_alloc     -> ``StoreLoadSpec`` (chunks -> the request's blocks)
-    request_finished             full chunks of the computed tokens not yet stored ->
-                                 ``StoreSaveSpec``; the blocks are held until the worker copied them
+    request_finished             full chunks of the computed tokens -> ``StoreSaveSpec``; the
+                                 blocks are held until the worker copied them
 Worker side (``StoreWorker``)
-    start_load_kv                saves first (the blocks may be reused right after), then loads;
-                                 both copy synchronously, straight between the paged blocks and
+    start_load_kv                saves go to a saver thread (lookup, then copy only the chunks the
+                                 store lacks; a PD prefill's are copied at once); loads copy
+                                 synchronously. Both copy straight between the paged blocks and
                                  the store's shared arena (one copy, no staging)
     get_finished                 saves done -> finished_sending, loads done -> finished_recving;
                                  a chunk not loaded -> its blocks are load errors (recomputed)
@@ -24,6 +25,8 @@ never share chunks. A store that is slow or gone costs at most ``timeout_s`` (+
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from typing import TYPE_CHECKING, Any
 
 from pdx.engines.connector_config import StoreConfig
@@ -150,12 +153,10 @@ class StoreScheduler:
         keys = self._keys(request.all_token_ids, num)
         if not keys:
             return False
-        first = self.client.lookup_prefix(keys)  # never save what the store already holds
-        if first >= len(keys):
-            return False
-        chunk_blocks = tuple(block_ids[first * self.bpc:len(keys) * self.bpc])
+        # The worker looks the keys up first and stores only the chunks the store lacks.
+        chunk_blocks = tuple(block_ids[:len(keys) * self.bpc])
         is_held = not is_held_elsewhere
-        self._saves.append(StoreSaveSpec(rid, tuple(keys[first:]), chunk_blocks, is_held))
+        self._saves.append(StoreSaveSpec(rid, tuple(keys), chunk_blocks, is_held))
         if is_held:
             self._held.add(rid)
         return is_held
@@ -169,12 +170,17 @@ class StoreWorker:
         self.cfg = cfg
         self.block_size = block_size
         self.bpc = _blocks_per_chunk(cfg, block_size)
-        self.client = _client(cfg)
+        self.client = _client(cfg)  # loads, on the model runner's thread
+        self.saver = _client(cfg)  # saves, on the saver thread
         self._layers: list[np.ndarray] = []  # per layer: [num_blocks, ...] uint8 view of the KV
         self._block_nbytes = 0
         self._sent: set[str] = set()
         self._received: set[str] = set()
         self._load_errors: set[int] = set()
+        self._lock = threading.Lock()
+        self._save_queue: queue.SimpleQueue[StoreSaveSpec | None] = queue.SimpleQueue()
+        self._saver_thread = threading.Thread(target=self._save_loop, name="pdx-store-save", daemon=True)
+        self._saver_thread.start()
 
     @property
     def chunk_nbytes(self) -> int:
@@ -196,23 +202,41 @@ class StoreWorker:
         return slice(off, off + self._block_nbytes)
 
     def save(self, spec: StoreSaveSpec) -> None:
+        """Blocks held for this save (``is_held``) are copied on the saver thread, off the
+        forward pass, and reported finished_sending once copied; otherwise (a PD prefill,
+        whose hold ends on its decoder's schedule) they are copied here and now."""
+        if spec.is_held:
+            self._save_queue.put(spec)
+        else:
+            self._save_now(spec)
+
+    def _save_loop(self) -> None:
+        while True:
+            spec = self._save_queue.get()
+            if spec is None:
+                return
+            self._save_now(spec)
+            with self._lock:
+                self._sent.add(spec.req_id)
+
+    def _save_now(self, spec: StoreSaveSpec) -> None:
         import numpy as np
 
-        sizes = [self.chunk_nbytes] * len(spec.keys)
         try:
-            with self.client.write_views(spec.keys, sizes) as views:
-                for i, view in enumerate(views):
+            first = self.saver.lookup_prefix(spec.keys)  # never save what the store holds
+            keys = spec.keys[first:]
+            if not keys:
+                return
+            with self.saver.write_views(keys, [self.chunk_nbytes] * len(keys)) as views:
+                for i, view in enumerate(views, start=first):
                     if view is None:
-                        continue  # stored already, being saved elsewhere, or no room
+                        continue  # stored meanwhile, being saved elsewhere, or no room
                     for layer, kv in enumerate(self._layers):
                         for j in range(self.bpc):
                             src = kv[spec.block_ids[i * self.bpc + j]]
                             np.copyto(view[self._block_span(layer, j)].reshape(src.shape), src)
         except Exception:
-            logger.warning("saving %d chunks of %s to the store failed; skipped", len(spec.keys),
-                           spec.req_id, exc_info=True)
-        if spec.is_held:
-            self._sent.add(spec.req_id)
+            logger.warning("saving chunks of %s to the store failed; skipped", spec.req_id, exc_info=True)
 
     def load(self, spec: StoreLoadSpec) -> None:
         import numpy as np
@@ -240,11 +264,13 @@ class StoreWorker:
             self._load_errors.update(spec.block_ids[b] for b in range(max(first_bad, spec.skip_blocks), end))
             logger.info("store load of %s: %d of %d chunks; the rest is recomputed", spec.req_id, loaded,
                         len(spec.keys))
-        self._received.add(spec.req_id)
+        with self._lock:
+            self._received.add(spec.req_id)
 
     def pop_finished(self) -> tuple[set[str], set[str]]:
-        out = (self._sent, self._received)
-        self._sent, self._received = set(), set()
+        with self._lock:
+            out = (self._sent, self._received)
+            self._sent, self._received = set(), set()
         return out
 
     def pop_load_errors(self) -> set[int]:
@@ -252,4 +278,7 @@ class StoreWorker:
         return out
 
     def shutdown(self) -> None:
+        self._save_queue.put(None)
+        self._saver_thread.join(timeout=10)
         self.client.close()
+        self.saver.close()

@@ -66,6 +66,21 @@ def store(tmp_path):
         assert proc.stop() == 0
 
 
+def wait_saved(worker: StoreWorker, rid: str, timeout_s: float = 10.0) -> None:
+    """The saver thread reports the held request finished_sending once its chunks are copied."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        sent, recved = worker.pop_finished()
+        assert not recved
+        if sent:
+            assert sent == {rid}
+            return
+        assert time.monotonic() < deadline, f"save of {rid} never finished"
+        time.sleep(0.01)
+
+
 def sides(store: StoreProc, caches: dict[str, torch.Tensor]) -> tuple[StoreScheduler, StoreWorker]:
     cfg = StoreConfig(store.socket, timeout_s=0.5, l2_budget_s=0.0, chunk_size=CHUNK)
     worker = StoreWorker(cfg, BLOCK)
@@ -86,10 +101,15 @@ def test_chunks_saved_by_one_engine_load_byte_exact_into_another(store):
         _, saves = a_sched.take_specs()
         (save,) = saves
         a_worker.save(save)
-        assert a_worker.pop_finished() == ({"a"}, set())
-        # Saving again stores nothing new: request_finished finds every chunk stored.
+        wait_saved(a_worker, "a")
+        assert store.stats()["num_chunks"] == 3
+        # Saving again stores nothing new (the worker looks the chunks up first).
         assert a_sched.request_finished(FakeRequest("a2", prompt, len(prompt)), a_blocks,
-                                        is_held_elsewhere=False) is False
+                                        is_held_elsewhere=False) is True
+        a_worker.save(a_sched.take_specs()[1][0])
+        wait_saved(a_worker, "a2")
+        assert store.stats()["num_chunks"] == 3
+        assert a_worker.saver.stats().num_saved == 3
 
         # B has the first block locally (a 16-token prefix-cache hit) and loads the rest.
         req = FakeRequest("b", prompt)
@@ -119,6 +139,7 @@ def test_never_offers_the_last_prompt_token(store):
     try:
         sched.request_finished(FakeRequest("a", prompt, len(prompt)), list(range(4)), is_held_elsewhere=False)
         worker.save(sched.take_specs()[1][0])
+        wait_saved(worker, "a")
         # Two chunks stored, but the second holds the last prompt token: only one is offered.
         assert sched.get_num_new_matched_tokens(FakeRequest("b", prompt), 0) == (CHUNK, True)
     finally:
@@ -133,7 +154,7 @@ def test_store_gone_means_misses_and_load_errors_never_exceptions(store):
     try:
         sched.request_finished(FakeRequest("a", prompt, len(prompt)), list(range(5)), is_held_elsewhere=False)
         worker.save(sched.take_specs()[1][0])
-        worker.pop_finished()
+        wait_saved(worker, "a")
         req = FakeRequest("b", prompt)
         assert sched.get_num_new_matched_tokens(req, 0) == (2 * CHUNK, True)
         sched.update_state_after_alloc(req, FakeBlocks([6, 7, 8, 9, 10]), 2 * CHUNK)
@@ -146,7 +167,7 @@ def test_store_gone_means_misses_and_load_errors_never_exceptions(store):
         # A save while the store is gone is dropped, and the held blocks are still released.
         assert sched.request_finished(FakeRequest("d", prompt, len(prompt)), list(range(5)), is_held_elsewhere=False)
         worker.save(sched.take_specs()[1][0])
-        assert worker.pop_finished() == ({"d"}, set())
+        wait_saved(worker, "d")
     finally:
         sched.shutdown()
         worker.shutdown()
