@@ -24,6 +24,7 @@ import contextlib
 import logging
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[pdx bench serve] workloads {names}, {load.qps} QPS for {load.duration_s:.0f} s each, "
           f"{spec.num_users} chat users", file=sys.stderr)  # fmt: skip
     if args.launch:
-        signal.signal(signal.SIGTERM, _raise_exit)  # SIGTERM unwinds: the fleet is stopped
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_exit)  # SIGTERM unwinds: the fleet is stopped
         runs = _run_launched(args, names, spec, load)
     else:
         url = args.url.rstrip("/")
