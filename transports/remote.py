@@ -19,6 +19,7 @@ connector does; commands arrive on the main thread.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import multiprocessing as mp
@@ -172,9 +173,12 @@ class Endpoint:
         self.foreign.clear()
         self.posted.clear()
         self.peers.clear()
+        shared = getattr(type(self.transport), "process_threads", ())  # once-per-process library threads
         deadline = time.monotonic() + 5
         while True:  # threads finishing their last socket call may need a moment to exit
-            threads = [t.name for t in threading.enumerate() if t not in self._threads and t.is_alive()]
+            threads = [t.name for t in threading.enumerate()
+                       if t not in self._threads and t.is_alive() and t.name not in shared]
+            gc.collect()  # unreachable library objects (ucxx endpoints sit in cycles) hold fds until collected
             fds = sorted(_open_fds() - self._fds - _process_fds(self.transport))
             if (not threads and not fds) or time.monotonic() > deadline:
                 break

@@ -168,6 +168,7 @@ class UcxTransport(Transport):
         self._peers: dict[str, Peer] = {}
         self._inflight: set[UcxTransfer] = set()
         self._handlers: set[asyncio.Task[None]] = set()
+        self._exchanges: set[asyncio.Task[Any]] = set()  # on the runtime loop; they read region memory
         self._listener = self._call(self._listen())
 
     @classmethod
@@ -295,6 +296,16 @@ class UcxTransport(Transport):
     async def _exchange(self, conn: _Conn, table: np.ndarray, sources: list[np.ndarray],
                         notif: bytes | None) -> list[int]:
         """Run one write exchange on the runtime loop; returns the failed row indices."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._exchanges.add(task)
+        try:
+            return await self._exchange_locked(conn, table, sources, notif)
+        finally:
+            self._exchanges.discard(task)
+
+    async def _exchange_locked(self, conn: _Conn, table: np.ndarray, sources: list[np.ndarray],
+                               notif: bytes | None) -> list[int]:
         if conn.lock is None:
             conn.lock = asyncio.Lock()
         async with conn.lock:
@@ -338,11 +349,20 @@ class UcxTransport(Transport):
             tr._fail(TransferStatus.ABORTED, TransferAborted, "transport closed")
         for peer in list(self._peers.values()):
             await self.disconnect(peer)
-        await super().aclose()
+        # UCX may still read a cut-off exchange's source memory, or receive into a target region:
+        # settle both directions before super().aclose() frees the regions
         try:
+            await asyncio.wait_for(asyncio.wrap_future(self._runtime.submit(self._settle())), 15)
             await asyncio.wait_for(asyncio.wrap_future(self._runtime.submit(self._shutdown())), 15)
         finally:
             self._peers.clear()
+            await super().aclose()
+
+    async def _settle(self) -> None:
+        if self._exchanges:
+            await asyncio.wait(list(self._exchanges), timeout=10)
+            await asyncio.sleep(0.1)  # the aborted endpoints' requests are cancelled on the next progress
+            await _collect_endpoints()
 
     async def _shutdown(self) -> None:
         self._listener.close()
@@ -351,3 +371,14 @@ class UcxTransport(Transport):
             task.cancel()
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=5)
+        await _collect_endpoints()
+
+
+async def _collect_endpoints() -> None:
+    """Free closed ucxx endpoints now: ucxx objects sit in reference cycles, and UCX closes an
+    endpoint's socket only when its object goes."""
+    import gc
+
+    for _ in range(5):
+        gc.collect()
+        await asyncio.sleep(0.02)
