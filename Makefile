@@ -18,7 +18,7 @@ run: venv
 	$(VENV)/bin/pdx demo
 
 test: venv
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs --durations=25 $(PYTEST_ARGS)
 
 test-fast: venv
 	$(PY) -m pytest -q -rs -m "not vllm and not slow" $(PYTEST_ARGS)

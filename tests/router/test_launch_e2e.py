@@ -6,7 +6,6 @@ Holds /tmp/pdx-vllm.lock while engines run (one engine fleet on the machine at a
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -18,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pdx.engines.lock import engine_lock
 from pdx.engines.metrics import parse_prometheus_text
 from pdx.engines.process import free_port
 
@@ -57,8 +57,11 @@ def fleet(request, tmp_path_factory):
     text = text.replace("port: 8000", f"port: {ports['router']}")
     topo = work / "fleet.yaml"
     topo.write_text(text)
-    lock = open("/tmp/pdx-vllm.lock", "a")  # noqa: SIM115 - held for the whole session
-    fcntl.flock(lock, fcntl.LOCK_EX)  # queue behind any other fleet (the test's timeout bounds the wait)
+    # Queue behind any other fleet; if this pytest process already holds the lock (the e2e
+    # fixtures keep it for the whole session) it is not taken again: a second flock on a new
+    # open file would wait for ourselves until the timeout.
+    lock = engine_lock()
+    lock.__enter__()
     log = open(work / "launch.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "pdx.cli", "launch", "--topology", str(topo), "--log-dir", str(work)],
@@ -89,8 +92,7 @@ def fleet(request, tmp_path_factory):
         for pid in _engine_pids([ports["p"], ports["d"]]):
             os.kill(pid, signal.SIGKILL)
         log.close()
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        lock.close()
+        lock.__exit__(None, None, None)
 
 
 def test_requests_flow_through_a_launched_fleet_with_kv_transferred(fleet):
