@@ -2,11 +2,12 @@
 
     pdx bench pd [--quick] [--json FILE] [--transport tcp|shm|nixl|ucx|auto]
                  [--sizes 1024,4096] [--reps N] [--systems single,vllm-nixl,pdx]
+                 [--model-layers 2]
 
-It builds the tiny model, then for each system in turn starts its engines (P on
-core 0, D on core 1; the single engine on core 0), sends warm-up requests, then
-for each prompt size ``--reps`` streaming requests one at a time, and stops the
-engines. Every request is a distinct seeded random prompt (the same set for every
+It builds the tiny model (``--model-layers`` decoder layers), then for each system
+in turn starts its engines (P on core 0, D on core 1; the single engine on core 0),
+sends warm-up requests, then for each prompt size ``--reps`` streaming requests one
+at a time, and stops the engines. Every request is a distinct seeded random prompt (the same set for every
 system), so vLLM's prefix cache (left at its default) never hits. TTFT is from
 sending the request (P's leg included) to D's first streamed token; e2e is to
 the end of the stream (16 output tokens). A system that fails to start or serve
@@ -14,7 +15,8 @@ gets an ``error`` entry; the others still run.
 
 JSON: ``{"results": [{"system", "prompt_tokens", "ttft_ms_p50", "ttft_ms_p99",
 "e2e_ms_p50", ...}], "pdx_exposed_transfer_fraction": <at the largest size>,
-"transport": ...}``. Engines hold the machine-wide engine lock while they run.
+"transport": ..., "model_layers": ...}``. Engines hold the machine-wide engine lock
+while they run.
 """
 
 from __future__ import annotations
@@ -175,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--nixl-threads", type=int, default=None, help="NixlConnector num_threads (vLLM: 4)"
     )
+    parser.add_argument(
+        "--model-layers",
+        type=int,
+        default=2,
+        help="tiny model decoder layers (default 2; real models have 24-80)",
+    )
     parser.add_argument("--log-dir", default=None, help="engine logs (default: a temp dir)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -184,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(systems) - set(SYSTEMS)
     if unknown or not sizes or min(sizes) < 1:
         parser.error(f"unknown systems {sorted(unknown)} or bad sizes {args.sizes!r}")
+    if args.model_layers < 1:
+        parser.error("--model-layers must be at least 1")
     reps = args.reps or (QUICK_REPS if args.quick else FULL_REPS)
 
     from pdx.engines.lock import engine_lock
@@ -191,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     from pdx.models.tiny import build_tiny_model
 
     max_model_len = max(sizes) + 512
-    model = build_tiny_model(max_model_len=max(8192, max_model_len))
+    model = build_tiny_model(max_model_len=max(8192, max_model_len), num_layers=args.model_layers)
     base = EngineSpec(model=str(model), port=0, max_model_len=max_model_len, max_num_seqs=4)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pdx-bench-pd-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -213,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             pdx_at_largest[0].get("exposed_transfer_fraction") if pdx_at_largest else None
         ),
         "transport": args.transport,
+        "model": str(model),
+        "model_layers": args.model_layers,
         "nixl_num_threads": args.nixl_threads,
         "reps": reps,
         "max_tokens": 16,
@@ -223,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(format_table(results))
     print(
-        f"pdx exposed-transfer fraction at {max(sizes)} tokens: {report['pdx_exposed_transfer_fraction']}"
+        f"pdx exposed-transfer fraction at {max(sizes)} tokens ({args.model_layers}-layer model): "
+        f"{report['pdx_exposed_transfer_fraction']}"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """The built-in tiny model: a Llama-style model directory built offline, in about 2 s.
 
-``pdx make-tiny-model [--out DIR] [--seed 0] [--max-model-len 8192] [--force]``
+``pdx make-tiny-model [--out DIR] [--seed 0] [--max-model-len 8192] [--num-layers 2] [--force]``
 
 It exists so that end-to-end tests and benchmarks run real vLLM engines with no
 download. The directory holds:
@@ -10,14 +10,19 @@ download. The directory holds:
   Python standard library's ``.py`` files;
 - ``tokenizer_config.json``: ``PreTrainedTokenizerFast``, ``add_bos_token`` false,
   and a small chat template so ``/v1/chat/completions`` works;
-- ``config.json``: ``LlamaForCausalLM``, hidden 256, 2 layers, 4 heads, 2 KV heads,
-  head_dim 64, float32;
+- ``config.json``: ``LlamaForCausalLM``, hidden 256, 2 layers (``num_layers``), 4 heads,
+  2 KV heads, head_dim 64, float32;
 - ``model.safetensors``: *seeded random* weights (about 3.3M parameters). Never use
   ``--load-format dummy`` instead: with dummy weights the output depends only on the
   last prompt token, so a test cannot notice wrong KV. With these weights, changing
   the first of 500 prompt tokens changes the output.
-- ``pdx-tiny-model.json``: what built it (builder version, seed, max_model_len,
-  corpus digest). A directory whose manifest matches is reused as is.
+- ``pdx-tiny-model.json``: what built it (builder version, spec, corpus digest). A
+  directory whose manifest matches is reused as is.
+
+The default directory is keyed on the spec: the default spec builds into
+``default_model_dir()``, any other spec into a sibling named after the fields that
+differ (``tiny-llama-layers8``), so builds of different shapes never replace each
+other's files under a running engine.
 
 The weights are a pure function of the seed (same seed, same bytes, on any
 machine). The tokenizer is a pure function of the corpus, whose digest is
@@ -84,10 +89,20 @@ class TinyModelSpec:
     head_dim: int = 64
 
 
-def default_model_dir() -> Path:
-    """``$PDX_TINY_MODEL_DIR`` or ``~/.cache/pdx/tiny-llama``."""
+# Directory-name tags of spec fields (a field without one is tagged by its own name).
+_DIR_TAGS = {"num_layers": "layers", "max_model_len": "len"}
+
+
+def default_model_dir(spec: TinyModelSpec | None = None) -> Path:
+    """``$PDX_TINY_MODEL_DIR`` or ``~/.cache/pdx/tiny-llama`` for the default spec; for any
+    other spec a sibling whose name lists the fields that differ (``tiny-llama-layers8``)."""
     env = os.environ.get("PDX_TINY_MODEL_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "pdx" / "tiny-llama"
+    base = Path(env) if env else Path.home() / ".cache" / "pdx" / "tiny-llama"
+    if spec is None:
+        return base
+    default = asdict(TinyModelSpec())
+    tags = [f"{_DIR_TAGS.get(k, k)}{v}" for k, v in asdict(spec).items() if v != default[k]]
+    return base.with_name("-".join([base.name, *tags])) if tags else base
 
 
 def corpus_paths() -> list[Path]:
@@ -240,16 +255,19 @@ def build_tiny_model(
     *,
     seed: int = 0,
     max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+    num_layers: int = 2,
     force: bool = False,
 ) -> Path:
-    """Build the tiny model into ``out_dir`` (default ``default_model_dir()``) and return it.
+    """Build the tiny model into ``out_dir`` (default ``default_model_dir(spec)``) and return it.
 
     An existing directory whose manifest matches (builder version, spec, corpus) is
     reused unless ``force``. The build goes to a temporary sibling directory that is
     renamed into place, so concurrent builders never see a half-written model.
     """
-    spec = TinyModelSpec(seed=seed, max_model_len=max_model_len)
-    out = Path(out_dir).expanduser() if out_dir is not None else default_model_dir()
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+    spec = TinyModelSpec(seed=seed, max_model_len=max_model_len, num_layers=num_layers)
+    out = Path(out_dir).expanduser() if out_dir is not None else default_model_dir(spec)
     paths = corpus_paths()
     expected = _manifest(spec, corpus_digest(paths))
     if not force and _is_current(out, expected):
@@ -273,7 +291,7 @@ def build_tiny_model(
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("built tiny model (seed %d) at %s", seed, out)
+    logger.info("built tiny model (seed %d, %d layers) at %s", seed, num_layers, out)
     return out
 
 
@@ -282,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="pdx make-tiny-model", description="Build the built-in tiny Llama model offline."
     )
     parser.add_argument(
-        "--out", default=None, help=f"output directory (default {default_model_dir()})"
+        "--out",
+        default=None,
+        help=f"output directory (default {default_model_dir()}, or a sibling named after "
+        "the options that differ from their defaults)",
     )
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument(
@@ -291,12 +312,19 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_MAX_MODEL_LEN,
         help=f"max_position_embeddings (default {DEFAULT_MAX_MODEL_LEN})",
     )
+    parser.add_argument("--num-layers", type=int, default=2, help="decoder layers (default 2)")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
     if args.max_model_len < 64:
         parser.error("--max-model-len must be at least 64")
+    if args.num_layers < 1:
+        parser.error("--num-layers must be at least 1")
     out = build_tiny_model(
-        args.out, seed=args.seed, max_model_len=args.max_model_len, force=args.force
+        args.out,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        num_layers=args.num_layers,
+        force=args.force,
     )
     print(out)
     return 0

@@ -69,3 +69,35 @@ def test_bad_arguments_exit_with_usage(capsys):
     with pytest.raises(SystemExit):
         pd.main(["--systems", "single,nope"])
     assert "unknown systems" in capsys.readouterr().err
+
+
+def test_model_layers_builds_that_model_and_is_recorded(monkeypatch, tmp_path, capsys):
+    import contextlib
+    import json
+
+    from pdx.engines import lock
+    from pdx.models import tiny
+
+    built, ran = [], []
+    monkeypatch.setattr(
+        tiny, "build_tiny_model", lambda **kw: built.append(kw) or tmp_path / "model"
+    )
+    monkeypatch.setattr(lock, "engine_lock", contextlib.nullcontext)
+
+    def fake_run(name, base, log_dir, transport, sizes, reps, nixl_threads=None):
+        ran.append((name, base.model))
+        return [{"system": name, "prompt_tokens": s, "ttft_ms_p50": 1.0, "ttft_ms_p99": 1.0,
+                 "e2e_ms_p50": 2.0, "exposed_transfer_fraction": 0.1} for s in sizes]  # fmt: skip
+
+    monkeypatch.setattr(pd, "run_system", fake_run)
+    out = tmp_path / "r.json"
+    argv = ["--systems", "pdx", "--sizes", "64", "--model-layers", "8", "--json", str(out),
+            "--log-dir", str(tmp_path / "logs")]  # fmt: skip
+    assert pd.main(argv) == 0
+    assert built[0]["num_layers"] == 8
+    assert ran == [("pdx", str(tmp_path / "model"))]
+    report = json.loads(out.read_text())
+    assert report["model_layers"] == 8 and report["pdx_exposed_transfer_fraction"] == 0.1
+    assert "8-layer model" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        pd.main(["--model-layers", "0"])

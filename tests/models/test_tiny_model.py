@@ -96,3 +96,39 @@ def test_cli_prints_the_directory(tmp_path, capsys):
     assert tiny.main(["--out", str(tmp_path / "m"), "--seed", "3"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "m")
     assert json.loads((tmp_path / "m" / tiny.MANIFEST).read_text())["seed"] == 3
+
+
+def test_layer_count_sets_config_and_weights_and_keys_the_default_dir(monkeypatch, tmp_path):
+    from safetensors.numpy import load_file
+
+    monkeypatch.setenv("PDX_TINY_MODEL_DIR", str(tmp_path / "tiny-llama"))
+    shallow = tiny.build_tiny_model()
+    deep = tiny.build_tiny_model(num_layers=3)
+    assert shallow == tmp_path / "tiny-llama"
+    assert deep == tmp_path / "tiny-llama-layers3"  # a different spec never replaces the default
+    for model, num_layers in ((shallow, 2), (deep, 3)):
+        config = json.loads((model / "config.json").read_text())
+        assert config["num_hidden_layers"] == num_layers
+        weights = load_file(str(model / "model.safetensors"))
+        assert len(weights) == 3 + 9 * num_layers
+        assert f"model.layers.{num_layers - 1}.mlp.down_proj.weight" in weights
+        assert json.loads((model / tiny.MANIFEST).read_text())["num_layers"] == num_layers
+    assert tiny.build_tiny_model() == shallow  # both stay current side by side
+    assert json.loads((shallow / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_default_dir_names_every_field_that_differs(monkeypatch, tmp_path):
+    monkeypatch.setenv("PDX_TINY_MODEL_DIR", str(tmp_path / "m"))
+    assert (
+        tiny.default_model_dir() == tiny.default_model_dir(tiny.TinyModelSpec()) == tmp_path / "m"
+    )
+    spec = tiny.TinyModelSpec(seed=1, max_model_len=16384, num_layers=8)
+    assert tiny.default_model_dir(spec) == tmp_path / "m-seed1-len16384-layers8"
+
+
+def test_bad_layer_count_is_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match="num_layers"):
+        tiny.build_tiny_model(tmp_path / "m", num_layers=0)
+    with pytest.raises(SystemExit):
+        tiny.main(["--out", str(tmp_path / "m"), "--num-layers", "0"])
+    assert "--num-layers" in capsys.readouterr().err
