@@ -8,8 +8,11 @@
     arena.py      the L1 POSIX shared-memory arena
     allocator.py  slab allocator over the arena
     index.py      chunk key -> slot, LRU eviction, pins, read leases
-    client.py     ``StoreClient``, used inside engine processes
+    client.py     ``StoreClient``, used inside engine processes; ``create_client(address)``
     channel.py    one client connection (timeouts, reconnect back-off)
+    remote_server.py  the door for other nodes: arena on a transport, TCP control port
+    remote_client.py  ``RemoteStoreClient``: the client API over a transport
+    remote_channel.py one control connection to a remote store
     buffers.py    keys and chunk buffers as the client handles them
     l2/           L2 adapters behind one interface (``create_l2(url)``)
     metrics.py    counters and their Prometheus rendering

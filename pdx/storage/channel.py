@@ -95,25 +95,46 @@ class StoreChannel:
             return self._sock
         if time.monotonic() < self._retry_at:
             raise StoreUnavailable(f"store at {self.socket_path} is down; retrying later")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock: socket.socket | None = None
         try:
-            sock.settimeout(self.timeout_s)
-            sock.connect(self.socket_path)
-            sock.sendall(encode_frame({"op": "hello", "version": VERSION}))
+            sock = self._open()
+            sock.sendall(encode_frame(self._hello()))
             hello = recv_frame(sock)
+            if not hello.get("ok", True):
+                raise ProtocolError(f"store refused the connection: {hello.get('error')}")
             if hello.get("version") != VERSION:
                 raise ProtocolError(
                     f"store speaks protocol v{hello.get('version')}, client v{VERSION}"
                 )
-            self.arena = self._attach_arena(str(hello["arena"]), int(hello["arena_bytes"]))
-            self.array = self.arena.array
-            self.has_l2 = bool(hello.get("has_l2"))
-        except (OSError, ProtocolError, KeyError, ValueError) as exc:
-            sock.close()
+            self._attach(hello)
+        except (OSError, ProtocolError, StorageError, KeyError, ValueError) as exc:
+            if sock is not None:
+                sock.close()
             self._fail()
             raise StoreUnavailable(
-                f"cannot connect to the store at {self.socket_path}: {exc!r}"
+                f"cannot connect to the store at {self.socket_path}: {exc}"
             ) from exc
         self._sock = sock
         self._num_failures = 0
         return sock
+
+    # -- hooks (``pdx.storage.remote_channel`` overrides them for remote stores) ---------------
+    def _open(self) -> socket.socket:
+        """A connected blocking socket with ``timeout_s`` set."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout_s)
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _hello(self) -> dict[str, Any]:
+        return {"op": "hello", "version": VERSION}
+
+    def _attach(self, hello: dict[str, Any]) -> None:
+        """Map what the hello reply names (here: the node's arena)."""
+        self.arena = self._attach_arena(str(hello["arena"]), int(hello["arena_bytes"]))
+        self.array = self.arena.array
+        self.has_l2 = bool(hello.get("has_l2"))

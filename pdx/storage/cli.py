@@ -68,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("lease_ttl_s", 60.0),
         help="longest a lease may live",
     )
+    p.add_argument("--remote-listen", default=_env("remote_listen", None), metavar="HOST:PORT",
+                   help="serve engines on other nodes on this TCP port (0 = any); off by default")
+    p.add_argument("--remote-transport", choices=["tcp", "nixl", "auto"],
+                   default=_env("remote_transport", "tcp"), help="transport remote clients move chunks over")
+    p.add_argument("--remote-token", default=_env("remote_token", ""),
+                   help="token remote clients must present (prefer the env PDX_STORE_REMOTE_TOKEN)")
+    p.add_argument("--remote-advertise", default=_env("remote_advertise", None),
+                   help="host remote clients dial for data (tcp; default: the listen host)")
+    p.add_argument("--remote-data-port", type=int, default=_env("remote_data_port", 0),
+                   help="tcp data port (0 = any free port)")
     p.add_argument("--prefault", action="store_true", help="touch the whole arena at start")
     p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default=_env("loop", "auto"),
                    help="event loop; auto = uvloop when installed (lower per-call latency)")  # fmt: skip
@@ -80,6 +90,14 @@ def config_from_args(args: argparse.Namespace) -> StoreConfig:
     slab = int(float(args.slab_mb) * MB)
     if capacity <= 0 or slab <= 0:
         raise ValueError("--capacity-gb and --slab-mb must be positive")
+    if args.remote_listen:
+        from pdx.storage.remote_server import parse_listen
+
+        parse_listen(args.remote_listen)
+        if not args.remote_token:
+            logging.getLogger(__name__).warning(
+                "--remote-listen without --remote-token: any host that reaches the port can use the store"
+            )
     return StoreConfig(
         socket_path=args.socket,
         capacity_bytes=capacity,
@@ -91,6 +109,11 @@ def config_from_args(args: argparse.Namespace) -> StoreConfig:
         l2_workers=max(1, int(args.l2_workers)),
         lease_ttl_s=float(args.lease_ttl_s),
         prefault=bool(args.prefault),
+        remote_listen=args.remote_listen or None,
+        remote_transport=str(args.remote_transport),
+        remote_token=str(args.remote_token or ""),
+        remote_advertise=args.remote_advertise or None,
+        remote_data_port=int(args.remote_data_port),
     )
 
 
@@ -106,9 +129,10 @@ async def serve(config: StoreConfig) -> None:
         await server.start()
         assert server.arena is not None
         http = f"http://{config.http_host}:{server.http_port}" if server.http_port else "off"
+        remote = "off" if server.remote is None else f"{server.remote.host}:{server.remote.port}"
         print(
             f"pdx store ready: socket={config.socket_path} http={http} arena={server.arena.name} "
-            f"capacity_bytes={server.arena.nbytes} l2={config.l2_url or 'none'}",
+            f"capacity_bytes={server.arena.nbytes} l2={config.l2_url or 'none'} remote={remote}",
             flush=True,
         )
         await stop.wait()

@@ -58,6 +58,17 @@ from pdx.storage.checksum import checksum
 logger = logging.getLogger(__name__)
 
 
+def create_client(address: str, **options: Any) -> StoreClient:
+    """A client for ``address``: a unix socket path (this node's store, through its shared
+    arena) or ``pdx-store://HOST:PORT`` (a store on another node, through a transport;
+    ``options`` may add ``token`` and ``transport_options``)."""
+    if address.startswith("pdx-store://"):
+        from pdx.storage.remote_client import RemoteStoreClient
+
+        return RemoteStoreClient(address, **options)
+    return StoreClient(address, **options)
+
+
 @dataclass(frozen=True)
 class ClientStats:
     num_loaded: int  # chunks read out of the store
@@ -88,9 +99,9 @@ class StoreClient:
         self.verify_loads = verify_loads
         self._arena: SharedArena | None = None
         self._arena_lock = threading.Lock()
-        self._ctl = StoreChannel(self.socket_path, timeout_s, retry_s, self._attach_arena)
+        self._ctl = self._new_channel(retry_s)
         self._ctl_lock = threading.Lock()  # one request at a time on the caller's socket
-        self._saver = StoreChannel(self.socket_path, timeout_s, retry_s, self._attach_arena)
+        self._saver = self._new_channel(retry_s)
         self._save_queue: queue.Queue[tuple[list[Any], list[np.ndarray], Future[int]]]
         self._save_queue = queue.Queue(save_queue)
         self._inflight: set[Future[int]] = set()
@@ -210,7 +221,7 @@ class StoreClient:
         except BaseException:
             if lease is not None:
                 with self._ctl_lock:
-                    self._ctl.send({"op": "abort", "lease": lease})
+                    self._abort(self._ctl, lease)
             raise
         num = 0
         if lease is not None:
@@ -303,7 +314,13 @@ class StoreClient:
         self._add(num_saved=num, saved_bytes=nbytes, save_seconds=copy_s)
         return num
 
+    def _abort(self, channel: StoreChannel, lease: int) -> None:
+        channel.send({"op": "abort", "lease": lease})
+
     # -- helpers ---------------------------------------------------------------------------
+    def _new_channel(self, retry_s: float) -> StoreChannel:
+        return StoreChannel(self.socket_path, self.timeout_s, retry_s, self._attach_arena)
+
     def _call(
         self, channel: StoreChannel, msg: dict[str, Any], *, l2: bool = False
     ) -> dict[str, Any] | None:

@@ -21,3 +21,8 @@ class StoreConfig:
     lease_ttl_s: float = 60.0  # a read or write lease not ended by then is ended by the server
     max_budget_s: float = 5.0  # cap on the L2 time one lookup/acquire may spend
     prefault: bool = False  # touch every arena page at start (MAP_POPULATE)
+    remote_listen: str | None = None  # HOST:PORT of the control port for other nodes; None = off
+    remote_transport: str = "tcp"  # transport the arena is registered on for remote clients
+    remote_token: str = ""  # remote clients must present it in their hello
+    remote_advertise: str | None = None  # host remote clients dial for data (tcp; default: listen host)
+    remote_data_port: int = 0  # tcp data port; 0 = any free port

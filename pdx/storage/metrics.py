@@ -34,6 +34,12 @@ class StoreCounters:
     l2_promotions: int = 0
     l2_errors: int = 0  # backend unreachable or failed
     l2_corrupt: int = 0  # values that failed their checks (served as misses)
+    remote_loaded_chunks: int = 0  # chunks remote clients read over the transport (released leases)
+    remote_loaded_bytes: int = 0
+    remote_saved_chunks: int = 0  # chunks remote clients wrote and committed
+    remote_saved_bytes: int = 0
+    remote_save_corrupt: int = 0  # remotely written chunks whose bytes did not match at commit
+    remote_refused: int = 0  # remote connections refused: bad token or hello, malformed frame
 
     def record_copy(self, kind: str, nbytes: int, seconds: float) -> None:
         if kind == "load":
@@ -74,6 +80,13 @@ _METRICS: list[tuple[str, str, str, str, dict[str, str]]] = [
     ("l2_promotions", "pdx_store_l2_promotions_total", "counter", "Chunks promoted from L2 to L1", {}),
     ("l2_errors", "pdx_store_l2_errors_total", "counter", "L2 operations that failed", {}),
     ("l2_corrupt", "pdx_store_l2_corrupt_total", "counter", "L2 values that failed their checks", {}),
+    ("remote_loaded_chunks", "pdx_store_remote_loaded_chunks_total", "counter", "Chunks read by remote clients", {}),
+    ("remote_loaded_bytes", "pdx_store_remote_loaded_bytes_total", "counter", "Bytes read by remote clients", {}),
+    ("remote_saved_chunks", "pdx_store_remote_saved_chunks_total", "counter", "Chunks saved by remote clients", {}),
+    ("remote_saved_bytes", "pdx_store_remote_saved_bytes_total", "counter", "Bytes saved by remote clients", {}),
+    ("remote_save_corrupt", "pdx_store_remote_save_corrupt_total", "counter", "Remote saves refused at commit (checksum)", {}),
+    ("remote_refused", "pdx_store_remote_refused_total", "counter", "Remote connections refused", {}),
+    ("remote_clients", "pdx_store_remote_clients", "gauge", "Remote clients connected", {}),
     ("capacity_bytes", "pdx_store_capacity_bytes", "gauge", "L1 arena capacity", {}),
     ("used_bytes", "pdx_store_used_bytes", "gauge", "L1 slot bytes in use", {}),
     ("num_chunks", "pdx_store_chunks", "gauge", "Chunks stored in L1", {}),

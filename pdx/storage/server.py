@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdx.storage.allocator import SlabAllocator
 from pdx.storage.arena import SharedArena, sweep_stale_arenas
@@ -23,6 +23,9 @@ from pdx.storage.index import ChunkIndex, Entry, ReserveStatus
 from pdx.storage.metrics import StoreCounters
 from pdx.storage.protocol import VERSION, ProtocolError, encode_frame, parse_keys, read_frame
 from pdx.storage.tier import L2Tier
+
+if TYPE_CHECKING:
+    from pdx.storage.remote_server import RemoteFrontend
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class StoreServer:
         self.index: ChunkIndex | None = None
         self.tier: L2Tier | None = None  # write-through and promotion, when --l2 is set
         self.http_port: int | None = None
+        self.remote: RemoteFrontend | None = None  # the door for other nodes (--remote-listen)
         self._leases: dict[int, Lease] = {}
         self._lease_ids = itertools.count(1)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -83,6 +87,12 @@ class StoreServer:
         self._tasks.append(asyncio.create_task(self._sweep_leases()))
         self._servers.append(await asyncio.start_unix_server(self._on_client, path=cfg.socket_path))
         self._is_socket_owner = True
+        if cfg.remote_listen:
+            from pdx.storage.remote_server import RemoteFrontend
+
+            self.remote = RemoteFrontend(self, cfg.remote_listen, cfg.remote_transport, cfg.remote_token,
+                                         cfg.remote_advertise, cfg.remote_data_port)  # fmt: skip
+            await self.remote.start()
         if cfg.http_port >= 0:
             http = await start_http(self, cfg.http_host, cfg.http_port)
             self._servers.append(http)
@@ -94,6 +104,8 @@ class StoreServer:
             srv.close()
         for writer in list(self._conn_writers):
             writer.close()
+        if self.remote is not None:
+            await self.remote.aclose()  # before the arena goes: its transport stops writing into it
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -284,6 +296,7 @@ class StoreServer:
             "num_pinned": self.index.num_pinned,
             "num_leases": len(self._leases),
             "l2_queue_depth": 0 if self.tier is None else self.tier.queue_depth,
+            "remote_clients": 0 if self.remote is None else self.remote.num_clients,
             "l2_url": self.config.l2_url,
             "arena": self.arena.name,
         }

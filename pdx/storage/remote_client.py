@@ -1,0 +1,342 @@
+"""``RemoteStoreClient``: a store on another node, reached over a pdx transport.
+
+    client = RemoteStoreClient("pdx-store://10.0.0.7:8301", token="...")   # or create_client(url)
+    n = client.lookup_prefix(keys)
+    n = client.load(keys[:n], dst_views)     # one-sided transport read of the leased slots
+    client.save(new_keys, src_views)         # reserve -> transport write -> commit
+    client.close()
+
+The same API and contract as ``StoreClient`` (read_views, write_views, flush, stats).
+Lookups and leases go over a TCP control connection (``remote_channel.py``); chunk
+bytes move between the store's arena, registered on its transport, and a registered
+staging buffer here:
+
+- load: ``acquire`` (read lease) -> ``post_read`` of every leased slot into staging ->
+  ``release`` -> each chunk's xxh3 checked against the store's; the run ends at the
+  first chunk that fails, so a partial or wrong chunk is never handed out.
+- save: ``reserve`` (FILLING slots) -> chunks copied into staging -> ``post_write`` into
+  the slots -> ``commit`` with checksums, which the store verifies before publishing; a
+  failed write drops the control connection, and the store frees the slots.
+
+A store that is slow or gone costs at most ``timeout_s`` per control call, and a transfer
+``timeout_s`` plus its bytes at ``MIN_TRANSFER_BPS``; then it is a miss or a dropped save,
+logged once and counted, as with the node-local client. ``close()`` releases the staging
+regions, the transport, its loop thread and the sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import threading
+from collections.abc import Coroutine, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pdx.errors import StoreUnavailable
+from pdx.storage.buffers import hex_keys
+from pdx.storage.channel import StoreChannel
+from pdx.storage.checksum import checksum
+from pdx.storage.client import StoreClient
+from pdx.storage.remote_channel import RemoteChannel, parse_address
+
+if TYPE_CHECKING:
+    from transports.base import MemoryRegion, Peer, Transport
+
+logger = logging.getLogger(__name__)
+
+MIN_TRANSFER_BPS = 100e6  # a transfer may take timeout_s plus its bytes at this rate
+STAGING_ROUND = 1 << 20  # staging buffers are allocated in whole MiB
+STAGING_KEEP = 4  # free staging buffers kept registered for reuse
+TOKEN_ENV = "PDX_STORE_REMOTE_TOKEN"
+
+
+@dataclass(frozen=True)
+class StorePeer:
+    """The store's transport endpoint as this client is connected to it."""
+
+    peer: Peer
+    region_id: int  # the store's arena region
+    descriptor: bytes
+
+
+@dataclass(frozen=True)
+class _Staged:
+    region: MemoryRegion
+    rows: list[tuple[int, int, int, int, int]]  # SegmentPairs rows: staging -> arena slot
+    store: StorePeer
+
+
+class RemoteStoreClient(StoreClient):
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        timeout_s: float = 1.0,
+        l2_budget_s: float = 2.0,
+        retry_s: float = 2.0,
+        save_queue: int = 64,
+        verify_loads: bool = True,  # remote loads are always verified; accepted for symmetry
+        transport_options: dict[str, Any] | None = None,
+    ):
+        parse_address(address)  # a malformed address is the caller's bug: ValueError now
+        self.address = address
+        self._token = os.environ.get(TOKEN_ENV, "") if token is None else token
+        self._transport_options = dict(transport_options or {})
+        self._loop = _LoopThread("pdx-store-remote")
+        self._transport: Transport | None = None
+        self._store: StorePeer | None = None
+        self._transport_lock = threading.Lock()
+        self._free: list[MemoryRegion] = []  # staging regions not in use
+        self._staged: dict[int, _Staged] = {}  # write lease -> its staging
+        self._pool_lock = threading.Lock()
+        super().__init__(address, timeout_s=timeout_s, l2_budget_s=l2_budget_s, retry_s=retry_s,
+                         save_queue=save_queue, verify_loads=False)  # fmt: skip
+
+    def _new_channel(self, retry_s: float) -> StoreChannel:
+        return RemoteChannel(self.address, self._token, self.timeout_s, retry_s, self._attach_store)
+
+    # -- reads -----------------------------------------------------------------------------
+    @contextmanager
+    def _leased(self, keys: Sequence[Any]) -> Iterator[tuple[list[np.ndarray], list[int]]]:
+        if not keys or self._is_closed:
+            yield [], []
+            return
+        msg = {"op": "acquire", "keys": hex_keys(keys), "budget_s": self.l2_budget_s}
+        with self._ctl_lock:
+            reply = self._call(self._ctl, msg, l2=True)
+            store = self._ctl.peer  # type: ignore[attr-defined]
+        if reply is None or reply["lease"] is None or store is None:
+            yield [], []
+            return
+        chunks = [(int(o), int(n), int(c)) for o, n, c in reply["chunks"]]
+        region: MemoryRegion | None = None
+        copy_s, is_read = 0.0, False
+        try:
+            region = self._take(sum(n for _, n, _ in chunks))
+            rows, pos = [], 0
+            for offset, nbytes, _ in chunks:
+                rows.append((region.region_id, pos, store.region_id, offset, nbytes))
+                pos += nbytes
+            is_read, copy_s = self._transfer(self._ctl, "read", store, rows)
+        except Exception as exc:
+            self._note_failure(exc)
+        finally:
+            with self._ctl_lock:
+                self._ctl.send({"op": "release", "lease": reply["lease"], "copy_s": copy_s})
+        views: list[np.ndarray] = []
+        checksums: list[int] = []
+        if is_read and region is not None:
+            pos = 0
+            for _, nbytes, want in chunks:
+                view = region.buffer[pos : pos + nbytes]
+                pos += nbytes
+                if checksum(view) != want:
+                    self._add(num_corrupt=1)
+                    logger.error("chunk %d read from %s failed its checksum; treating it as a miss",
+                                 len(views), self.address)  # fmt: skip
+                    break
+                view.flags.writeable = False
+                views.append(view)
+                checksums.append(want)
+        try:
+            yield views, checksums
+        finally:
+            del views
+            if region is not None:
+                self._give(region)
+            nbytes = sum(n for _, n, _ in chunks[: len(checksums)])
+            self._add(num_loaded=len(checksums), loaded_bytes=nbytes, load_seconds=copy_s)
+
+    # -- writes (hooks of StoreClient.write_views and its saver thread) ---------------------
+    def _reserve(
+        self, channel: StoreChannel, keys: Sequence[Any], sizes: Sequence[int]
+    ) -> tuple[int | None, list[np.ndarray | None]]:
+        msg = {"op": "reserve", "keys": hex_keys(keys), "sizes": [int(s) for s in sizes]}
+        reply = self._call(channel, msg)
+        store: StorePeer | None = getattr(channel, "peer", None)
+        if reply is None or reply["lease"] is None or store is None:
+            return None, [None] * len(keys)
+        lease = int(reply["lease"])
+        pairs = [(o, int(s)) for o, s in zip(reply["offsets"], sizes, strict=True)]
+        try:
+            region = self._take(sum(s for o, s in pairs if o is not None))
+        except Exception as exc:
+            self._note_failure(exc)
+            channel.send({"op": "abort", "lease": lease})
+            return None, [None] * len(keys)
+        views: list[np.ndarray | None] = []
+        rows, pos = [], 0
+        for offset, nbytes in pairs:
+            if offset is None:
+                views.append(None)
+                continue
+            views.append(region.buffer[pos : pos + nbytes])
+            rows.append((region.region_id, pos, store.region_id, int(offset), nbytes))
+            pos += nbytes
+        with self._pool_lock:
+            self._staged[lease] = _Staged(region, rows, store)
+        return lease, views
+
+    def _commit(
+        self, channel: StoreChannel, lease: int, views: list[np.ndarray | None], start: float
+    ) -> int:
+        with self._pool_lock:
+            staged = self._staged.pop(lease)
+        try:
+            is_written, _ = self._transfer(channel, "write", staged.store, staged.rows)
+            if not is_written:
+                return 0  # the control connection was dropped: the store frees the slots
+            return super()._commit(channel, lease, views, start)
+        finally:
+            self._give(staged.region)
+
+    def _abort(self, channel: StoreChannel, lease: int) -> None:
+        with self._pool_lock:
+            staged = self._staged.pop(lease, None)
+        if staged is not None:
+            self._give(staged.region)
+        channel.send({"op": "abort", "lease": lease})
+
+    # -- transport ---------------------------------------------------------------------------
+    def _transfer(
+        self, channel: StoreChannel, op: str, store: StorePeer, rows: list[tuple[int, int, int, int, int]]
+    ) -> tuple[bool, float]:
+        """One batched read or write; (True, seconds) when every byte moved, else (False, 0)
+        after dropping the control connection (its leases end) and the transport peer."""
+        if not rows:
+            return True, 0.0
+        from transports.base import SegmentPairs
+        from transports.errors import TransportError
+
+        pairs = SegmentPairs.from_tuples(rows).merged()
+        timeout = self.timeout_s + pairs.nbytes / MIN_TRANSFER_BPS
+        try:
+            report = self._loop.run(_post(self._transport, store.peer, pairs, op, timeout), timeout + 1.0)
+        except (TransportError, TimeoutError) as exc:
+            self._note_failure(StoreUnavailable(f"{op} of {pairs.nbytes} bytes from {self.address} failed: {exc}"))
+            channel._fail()
+            self._forget_store(store)
+            return False, 0.0
+        return True, report.seconds
+
+    def _attach_store(self, hello: dict[str, Any]) -> StorePeer:
+        """Called on each new control connection: connect the transport to the store's endpoint."""
+        from transports import create_transport
+        from transports.errors import TransportError
+
+        kind, region_id = str(hello["transport"]), int(hello["region"])
+        descriptor = base64.b64decode(hello["descriptor"])
+        with self._transport_lock:
+            if self._store is not None and self._store.descriptor == descriptor:
+                return StorePeer(self._store.peer, region_id, descriptor)
+            try:
+                if self._transport is None or self._transport.kind != kind:
+                    self._close_transport()
+                    options = {"connect_timeout": self.timeout_s} if kind == "tcp" else {}
+                    options.update(self._transport_options)
+                    self._transport = self._loop.run(_create(create_transport, kind, options))
+                elif self._store is not None:  # the store restarted: forget its old endpoint
+                    self._loop.run(self._transport.disconnect(self._store.peer))
+                self._store = None
+                peer = self._loop.run(self._transport.connect(descriptor), self.timeout_s + 10.0)
+            except TransportError as exc:
+                raise StoreUnavailable(f"cannot reach the {kind} endpoint of {self.address}: {exc}") from exc
+            self._store = StorePeer(peer, region_id, descriptor)
+            return self._store
+
+    def _forget_store(self, store: StorePeer) -> None:
+        with self._transport_lock:
+            if self._store is not None and self._store.peer is store.peer and self._transport is not None:
+                self._store = None
+                self._loop.run(self._transport.disconnect(store.peer))
+
+    def _close_transport(self) -> None:
+        """Release the staging regions and close the transport (caller holds ``_transport_lock``)."""
+        with self._pool_lock:
+            free, self._free = self._free, []
+        for region in free:
+            region.release()
+        transport, self._transport, self._store = self._transport, None, None
+        if transport is not None:
+            self._loop.run(transport.aclose())
+
+    # -- staging buffers -----------------------------------------------------------------------
+    def _take(self, nbytes: int) -> MemoryRegion:
+        with self._pool_lock:
+            fits = [r for r in self._free if r.nbytes >= nbytes and not r.is_released]
+            if fits:
+                region = min(fits, key=lambda r: r.nbytes)
+                self._free.remove(region)
+                return region
+        transport = self._transport
+        if transport is None:
+            raise StoreUnavailable(f"no transport to {self.address} yet")
+        size = -(-max(nbytes, 1) // STAGING_ROUND) * STAGING_ROUND
+        return transport.allocate(size)
+
+    def _give(self, region: MemoryRegion) -> None:
+        with self._pool_lock:
+            if region.is_released or self._is_closed:
+                drop = [region]
+            else:
+                self._free.append(region)
+                self._free.sort(key=lambda r: r.nbytes)
+                drop = self._free[:-STAGING_KEEP] if len(self._free) > STAGING_KEEP else []
+                del self._free[: len(drop)]
+        for r in drop:
+            r.release()
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the saver, close the sockets, release staging and the transport. Idempotent."""
+        if self._is_closed:
+            return
+        super().close()
+        with self._transport_lock:
+            self._close_transport()
+        self._loop.stop()
+
+    def _note_ok(self) -> None:
+        if self._is_down:
+            self._is_down = False
+            logger.info("store at %s is back", self.address)
+
+
+async def _create(factory: Any, kind: str, options: dict[str, Any]) -> Transport:
+    return factory(kind, **options)  # on the loop: transports that start tasks find it running
+
+
+async def _post(transport: Any, peer: Peer, pairs: Any, op: str, timeout: float) -> Any:
+    post = transport.post_read if op == "read" else transport.post_write
+    transfer = await post(peer, pairs)
+    return await transfer.wait(timeout)
+
+
+class _LoopThread:
+    """The transport's event loop, on a daemon thread; ``run`` waits for a coroutine there."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float | None = 30.0) -> Any:
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()

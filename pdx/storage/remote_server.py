@@ -1,0 +1,222 @@
+"""The store's door for engines on other nodes: its arena on a transport, a TCP control port.
+
+``pdx store --remote-listen HOST:PORT`` registers the whole L1 arena as one region on a
+pdx transport (``tcp`` by default, ``nixl`` or ``auto``) and serves the engine protocol
+(``protocol.py``) on a TCP port. A remote client's first frame is a hello with the auth
+token; the reply carries the transport kind, its descriptor and the arena's region id.
+After that the client sends the engine ops (``lookup``, ``acquire``, ``release``,
+``reserve``, ``commit``, ``abort``, ``stats``) and moves chunk bytes itself, one-sided:
+reads of the slots ``acquire`` leased, writes into the slots ``reserve`` handed out.
+
+What the store adds for remote clients:
+
+- ``commit`` checks every chunk's xxh3 against the bytes that landed before publishing it;
+  a chunk that differs (a torn or misdirected write) is freed, not stored (counted).
+- Leases belong to the control connection, as on the unix socket: a client that dies or
+  drops the connection ends its reads and frees its reserved slots.
+- A bad token, a frame that is not JSON or a hello that is not first gets an error reply
+  naming the problem, then the connection is closed; bad fields of an op get an error
+  reply and the connection stays.
+
+The transport's data port accepts only peers that present the descriptor's per-start
+nonce, which is handed out after the token check. Remote clients can write anywhere in
+the arena over it: give the token only to engines you trust with the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+from typing import TYPE_CHECKING, Any
+
+from pdx.errors import ConfigError
+from pdx.storage.checksum import checksum
+from pdx.storage.protocol import VERSION, ProtocolError, encode_frame, read_frame
+
+if TYPE_CHECKING:
+    from transports.base import MemoryRegion, Transport
+
+    from pdx.storage.server import StoreServer
+
+logger = logging.getLogger(__name__)
+
+REMOTE_OPS = frozenset({"lookup", "acquire", "release", "reserve", "commit", "abort", "stats"})
+HELLO_TIMEOUT_S = 10.0  # a connection that sends no hello by then is closed
+AUTO_MEDIA = ("nixl", "tcp")  # media of ``--remote-transport auto`` that reach other hosts
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) -> (host, port); ValueError naming the flag."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--remote-listen must be HOST:PORT (port 0 = any free port), got {value!r}")
+    return host, int(port)
+
+
+class RemoteFrontend:
+    """Owned by ``StoreServer``: started after the arena exists, closed before it goes."""
+
+    def __init__(self, server: StoreServer, listen: str, kind: str, token: str,
+                 advertise_host: str | None = None, data_port: int = 0) -> None:  # fmt: skip
+        self.server = server
+        self.host, self.port = parse_listen(listen)
+        self.kind = kind
+        self._token = token
+        self._advertise = advertise_host
+        self._data_port = data_port
+        self.transport: Transport | None = None
+        self.region: MemoryRegion | None = None
+        self._descriptor = ""  # base64 of the transport descriptor
+        self._listener: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def num_clients(self) -> int:
+        return len(self._writers)
+
+    async def start(self) -> None:
+        from transports import create_transport
+        from transports.errors import TransportError
+
+        assert self.server.arena is not None and self.server.arena.array is not None
+        tcp = {"host": self.host, "port": self._data_port, "advertise_host": self._advertise}
+        if self.kind == "tcp":
+            options: dict[str, Any] = tcp
+        elif self.kind == "auto":
+            options = {"media": AUTO_MEDIA, "tcp": tcp}
+        else:
+            options = {}
+        try:
+            self.transport = create_transport(self.kind, **options)
+        except TransportError as exc:
+            raise ConfigError(f"--remote-transport {self.kind}: {exc}") from exc
+        try:
+            self.region = self.transport.register(self.server.arena.array)
+            self._descriptor = base64.b64encode(self.transport.descriptor()).decode()
+            self._listener = await asyncio.start_server(self._on_client, self.host, self.port)
+        except BaseException:
+            await self.aclose()
+            raise
+        self.port = self._listener.sockets[0].getsockname()[1]
+        logger.info("remote clients: %s:%d, %s transport", self.host, self.port, self.kind)
+
+    async def aclose(self) -> None:
+        """Close the port and every client connection, release the region. Idempotent."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            await transport.aclose()  # releases the region
+        self.region = None
+
+    # -- connections -----------------------------------------------------------------------
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        counters = self.server.counters
+        conn: set[int] = set()  # lease ids owned by this connection
+        peer = writer.get_extra_info("peername")
+        try:
+            hello = await asyncio.wait_for(read_frame(reader), HELLO_TIMEOUT_S)
+            if hello is None:
+                return
+            error = self._check_hello(hello)
+            if error is not None:
+                counters.remote_refused += 1
+                logger.warning("remote store client %s refused: %s", peer, error)
+                await _reply(writer, {"ok": False, "error": error})
+                return
+            self._writers.add(writer)
+            await _reply(writer, self._welcome())
+            while (msg := await read_frame(reader)) is not None:
+                try:
+                    reply = await self._dispatch(msg, conn)
+                except (ValueError, KeyError, TypeError) as exc:
+                    reply = {"ok": False, "error": f"bad {msg.get('op')!r} request: {exc}"}
+                if not msg.get("noreply"):
+                    await _reply(writer, reply)
+        except ProtocolError as exc:
+            counters.remote_refused += 1
+            logger.warning("remote store client %s sent a malformed frame: %s", peer, exc)
+            await _reply(writer, {"ok": False, "error": f"malformed frame: {exc}"})
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            logger.debug("remote store client %s gone: %r", peer, exc)
+        finally:
+            for lease_id in list(conn):
+                self.server._end_lease(lease_id)
+            self._writers.discard(writer)
+            writer.close()
+
+    def _check_hello(self, hello: dict[str, Any]) -> str | None:
+        if hello.get("op") != "hello":
+            return f"the first frame must be a hello, got op {hello.get('op')!r}"
+        if hello.get("version") != VERSION:
+            return f"client speaks protocol v{hello.get('version')}, store v{VERSION}"
+        token = hello.get("token")
+        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._token.encode()):
+            return "bad auth token; use the store's --remote-token (PDX_STORE_REMOTE_TOKEN)"
+        return None
+
+    def _welcome(self) -> dict[str, Any]:
+        assert self.server.arena is not None and self.region is not None
+        return {
+            "ok": True,
+            "version": VERSION,
+            "transport": self.kind,
+            "descriptor": self._descriptor,
+            "region": self.region.region_id,
+            "arena_bytes": self.server.arena.nbytes,
+            "has_l2": self.server.tier is not None,
+        }
+
+    async def _dispatch(self, msg: dict[str, Any], conn: set[int]) -> dict[str, Any]:
+        op = msg.get("op")
+        if op not in REMOTE_OPS:
+            return {"ok": False, "error": f"op {op!r} is not served to remote clients ({sorted(REMOTE_OPS)})"}
+        counters = self.server.counters
+        lease = self.server._leases.get(int(msg["lease"])) if "lease" in msg else None
+        if lease is not None and lease.id not in conn:
+            lease = None  # another connection's: dispatch refuses it
+        if op == "release" and lease is not None and not lease.is_write:
+            counters.remote_loaded_chunks += len(lease.entries)
+            counters.remote_loaded_bytes += sum(e.nbytes for e in lease.entries)
+        if op == "commit" and lease is not None and lease.is_write:
+            msg = {**msg, "checksums": await self._verified(lease.entries, msg["checksums"])}
+            saved_bytes = counters.saved_bytes
+            reply = await self.server.dispatch(msg, conn)
+            counters.remote_saved_chunks += int(reply.get("num_committed", 0))
+            counters.remote_saved_bytes += counters.saved_bytes - saved_bytes
+            return reply
+        return await self.server.dispatch(msg, conn)
+
+    async def _verified(self, entries: list[Any], checksums: Any) -> list[int | None]:
+        """The client's checksums, with None where the landed bytes differ (those slots are freed)."""
+        if not isinstance(checksums, list) or len(checksums) != len(entries):
+            raise ValueError(f"'checksums' must be one int or null per reserved chunk ({len(entries)})")
+        arena = self.server.arena
+        assert arena is not None and arena.array is not None
+        array = arena.array
+        rows = [(e.offset, e.nbytes, c) for e, c in zip(entries, checksums, strict=True)]
+
+        def check() -> list[int | None]:
+            return [None if c is None or checksum(array[o : o + n]) != int(c) else int(c) for o, n, c in rows]
+
+        out = await asyncio.to_thread(check)
+        num_bad = sum(c is not None and v is None for c, v in zip(checksums, out, strict=True))
+        if num_bad:
+            self.server.counters.remote_save_corrupt += num_bad
+            logger.warning("%d remotely written chunk(s) did not match their checksum; not stored", num_bad)
+        return out
+
+
+async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+    try:
+        writer.write(encode_frame(reply))
+        await writer.drain()
+    except ConnectionError:
+        pass
