@@ -36,9 +36,8 @@ from pdx.storage.checksum import checksum
 from pdx.storage.protocol import VERSION, ProtocolError, encode_frame, read_frame
 
 if TYPE_CHECKING:
-    from transports.base import MemoryRegion, Transport
-
     from pdx.storage.server import StoreServer
+    from transports.base import MemoryRegion, Transport
 
 logger = logging.getLogger(__name__)
 
