@@ -46,12 +46,12 @@ def redis_server(tmp_path: Path) -> Iterator[RedisProc]:
 
 @pytest.fixture
 def client_factory() -> Iterator:
-    from pdx.storage.client import StoreClient
+    from pdx.storage.client import StoreClient, create_client
 
     clients: list[StoreClient] = []
 
     def make(address: str, **kwargs) -> StoreClient:
-        c = StoreClient(address, **kwargs)
+        c = create_client(address, **kwargs)
         clients.append(c)
         return c
 

@@ -58,11 +58,17 @@ class StoreProc:
         fields = dict(part.split("=", 1) for part in line.split()[3:])
         self.http = fields["http"]
         self.arena = fields["arena"]
+        self.remote_url = f"pdx-store://{fields['remote']}" if fields.get("remote", "off") != "off" else None
 
     def _read_ready(self, timeout: float) -> str:
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
+        deadline = time.monotonic() + timeout
+        line = ""
+        while not line.startswith("pdx store ready:"):  # libraries (NIXL) may print first
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = self.proc.stdout.readline() if ready else ""
+            if not line:
+                break
         if not line.startswith("pdx store ready:"):
             self.kill()
             raise RuntimeError(f"store did not start: {line!r}\n{self.log_path.read_text()}")
