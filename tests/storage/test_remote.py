@@ -52,31 +52,22 @@ def eventually(check, timeout_s: float = 15.0) -> bool:
     return True
 
 
-@pytest.mark.parametrize("kind", ["tcp", pytest.param("nixl", marks=pytest.mark.nixl)])
-def test_remote_and_local_clients_share_chunks_bit_exact(store_factory, client_factory, kind):
-    if kind == "nixl":
-        from transports.nixl import NixlTransport
-
-        if not NixlTransport.is_available():
-            pytest.skip("nixl is not installed")
-        os.environ.setdefault("UCX_NET_DEVICES", "lo")
-    store = remote_store(store_factory, kind)
+def test_remote_and_local_clients_share_chunks_bit_exact(store_factory, client_factory):
+    store = remote_store(store_factory)
     assert store.remote_url is not None
     local = client_factory(store.socket, timeout_s=5.0)
 
     # a remote client in another process saves; the node-local client reads the arena
-    keys = make_keys(6, f"r2l-{kind}")
-    assert run_worker("save", store.remote_url, f"r2l-{kind}", "6") == {"num_saved": 6}
+    keys = make_keys(6, "r2l")
+    assert run_worker("save", store.remote_url, "r2l", "6") == {"num_saved": 6}
     dsts = [np.zeros(CHUNK, np.uint8) for _ in keys]
     assert local.load(keys, dsts) == 6
     assert chunks_equal(dsts, keys)
 
     # the node-local client saves; a remote client in another process loads over the transport
-    keys = make_keys(5, f"l2r-{kind}")
+    keys = make_keys(5, "l2r")
     assert local.save(keys, [make_chunk(k) for k in keys]).result(10) == 5
-    assert run_worker("load", store.remote_url, f"l2r-{kind}", "5") == {
-        "num_loaded": 5, "intact": True, "lookup": 5,
-    }  # fmt: skip
+    assert run_worker("load", store.remote_url, "l2r", "5") == {"num_loaded": 5, "intact": True, "lookup": 5}
 
     stats = store.stats()
     assert stats["remote_saved_chunks"] == 6 and stats["remote_saved_bytes"] == 6 * CHUNK
@@ -86,6 +77,26 @@ def test_remote_and_local_clients_share_chunks_bit_exact(store_factory, client_f
         metrics = resp.read().decode()
     assert f"pdx_store_remote_loaded_bytes_total {float(5 * CHUNK)!r}" in metrics
     assert f"pdx_store_remote_saved_bytes_total {float(6 * CHUNK)!r}" in metrics
+
+
+@pytest.mark.nixl
+def test_remote_client_over_nixl(store_factory, client_factory, monkeypatch):
+    from transports.nixl import NixlTransport
+
+    if not NixlTransport.is_available():
+        pytest.skip("nixl is not installed")
+    monkeypatch.setenv("UCX_NET_DEVICES", "lo")
+    store = remote_store(store_factory, "nixl")
+    local = client_factory(store.socket, timeout_s=5.0)
+    remote = client_factory(store.remote_url, token=TOKEN, timeout_s=5.0)
+    keys = make_keys(6, "nixl")
+    assert remote.save(keys[:3], [make_chunk(k) for k in keys[:3]]).result(30) == 3
+    assert local.save(keys[3:], [make_chunk(k) for k in keys[3:]]).result(10) == 3
+    for client in (local, remote):
+        dsts = [np.zeros(CHUNK, np.uint8) for _ in keys]
+        assert client.load(keys, dsts) == 6 and chunks_equal(dsts, keys)
+    stats = store.stats()
+    assert stats["remote_saved_bytes"] == 3 * CHUNK and stats["remote_loaded_bytes"] == 6 * CHUNK
 
 
 def test_remote_lookup_and_load_stop_at_the_first_missing_chunk(store_factory, client_factory):
