@@ -81,8 +81,9 @@ def wait_saved(worker: StoreWorker, rid: str, timeout_s: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def sides(store: StoreProc, caches: dict[str, torch.Tensor]) -> tuple[StoreScheduler, StoreWorker]:
-    cfg = StoreConfig(store.socket, timeout_s=0.5, l2_budget_s=0.0, chunk_size=CHUNK)
+def sides(store: StoreProc, caches: dict[str, torch.Tensor], address: str | None = None,
+          token: str = "") -> tuple[StoreScheduler, StoreWorker]:  # fmt: skip
+    cfg = StoreConfig(address or store.socket, timeout_s=0.5, l2_budget_s=0.0, chunk_size=CHUNK, auth_token=token)
     worker = StoreWorker(cfg, BLOCK)
     worker.register_kv_caches(caches, describe_kv_caches(caches))
     return StoreScheduler(cfg, BLOCK, EXTRAS), worker
@@ -185,7 +186,7 @@ def test_store_setting_is_validated():
     assert cfg.store == StoreConfig("/tmp/s.sock", timeout_s=0.2)
     assert ConnectorConfig.from_extra_config({}).store is None
     for bad in ({"socket": ""}, {"socket": "/s", "chunk_size": 0}, {"socket": "/s", "timeout_s": 0},
-                {"socket": "/s", "bogus": 1}, {"timeout_s": 1.0}):
+                {"socket": "/s", "bogus": 1}, {"timeout_s": 1.0}, {"socket": "pdx-store://host-without-port"}):
         with pytest.raises(ConfigError, match="kv_connector_extra_config"):
             ConnectorConfig.from_extra_config({"store": bad})
 
@@ -211,3 +212,39 @@ def test_a_pd_prefill_saves_without_a_hold_of_its_own(store):
     finally:
         sched.shutdown()
         worker.shutdown()
+
+
+def test_an_engine_on_another_node_shares_chunks_through_a_remote_store(tmp_path):
+    """A's store setting is pdx-store://HOST:PORT (a transport to the store's arena); B is on the
+    store's node (shared memory). B loads A's chunks byte-exact, and A loads B's."""
+    store = StoreProc(tmp_path, capacity_gb=0.02, slab_mb=1.0,
+                      extra=["--remote-listen", "127.0.0.1:0", "--remote-token", "t0k"])  # fmt: skip
+    prompt = list(range(300, 300 + 2 * CHUNK + 1))
+    a_caches, b_caches = kv_caches(6), kv_caches(7)
+    a_sched, a_worker = sides(store, a_caches, store.remote_url, token="t0k")
+    b_sched, b_worker = sides(store, b_caches)
+    try:
+        a_side, b_side = (a_sched, a_worker, a_caches), (b_sched, b_worker, b_caches)
+        for (src, src_worker, src_caches), (dst, dst_worker, dst_caches), tag, shift in (
+            (a_side, b_side, "ab", 0), (b_side, a_side, "ba", 5000),  # remote -> local, local -> remote
+        ):
+            tokens = [t + shift for t in prompt]
+            assert src.request_finished(FakeRequest(f"{tag}-save", tokens, len(tokens)), [0, 1, 2, 3, 4],
+                                        is_held_elsewhere=False)  # fmt: skip
+            src_worker.save(src.take_specs()[1][0])
+            wait_saved(src_worker, f"{tag}-save")
+            req = FakeRequest(f"{tag}-load", tokens)
+            assert dst.get_num_new_matched_tokens(req, 0) == (2 * CHUNK, True)
+            dst.update_state_after_alloc(req, FakeBlocks([7, 8, 9, 10, 11]), 2 * CHUNK)
+            dst_worker.load(dst.take_specs()[0][0])
+            assert dst_worker.pop_finished() == (set(), {f"{tag}-load"})
+            assert dst_worker.pop_load_errors() == set()
+            for name in src_caches:
+                for i in range(4):
+                    assert torch.equal(dst_caches[name][7 + i], src_caches[name][i]), (tag, name, i)
+        stats = store.stats()
+        assert stats["remote_saved_chunks"] == 2 and stats["remote_loaded_chunks"] == 2
+    finally:
+        for side in (a_sched, a_worker, b_sched, b_worker):
+            side.shutdown()
+        assert store.stop() == 0
