@@ -5,6 +5,7 @@ errors; a remote client that dies or closes leaves nothing behind."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -230,3 +231,61 @@ def test_bad_remote_listen_is_refused(tmp_path):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2 and "--remote-listen must be HOST:PORT" in out.stderr
+
+
+def test_torn_writes_are_not_stored_and_damaged_chunks_are_not_loaded(store_factory, client_factory):
+    """The store checks each remotely written chunk against its checksum before publishing it;
+    a remote client checks each chunk it reads. Neither ever hands out a wrong chunk."""
+    import asyncio
+
+    from pdx.storage.arena import SharedArena
+    from pdx.storage.checksum import checksum
+    from transports import create_transport
+    from transports.base import SegmentPairs
+
+    store = remote_store(store_factory)
+    host, port = parse_address(store.remote_url)
+    key = make_keys(1, "torn")[0]
+    good = checksum(make_chunk(key))  # what every commit below claims
+
+    async def write(ctl: socket.socket, transport, peer, region_id: int, payload: np.ndarray) -> dict:
+        ctl.sendall(encode_frame({"op": "reserve", "keys": [key.hex()], "sizes": [CHUNK]}))
+        reserved = recv_frame(ctl)
+        local = transport.allocate(CHUNK)
+        local.buffer[:] = payload
+        pairs = SegmentPairs.from_tuples([(local.region_id, 0, region_id, reserved["offsets"][0], CHUNK)])
+        await (await transport.post_write(peer, pairs)).wait(10)
+        local.release()
+        ctl.sendall(encode_frame({"op": "commit", "lease": reserved["lease"], "checksums": [good]}))
+        return recv_frame(ctl)
+
+    async def main() -> None:
+        with socket.create_connection((host, port), timeout=10) as ctl:
+            ctl.sendall(encode_frame({"op": "hello", "version": VERSION, "token": TOKEN}))
+            hello = recv_frame(ctl)
+            transport = create_transport("tcp")
+            try:
+                peer = await transport.connect(base64.b64decode(hello["descriptor"]))
+                torn = make_chunk(key).copy()
+                torn[CHUNK // 2 :] = 0  # half of it never arrived
+                assert (await write(ctl, transport, peer, hello["region"], torn))["num_committed"] == 0
+                assert (await write(ctl, transport, peer, hello["region"], make_chunk(key)))["num_committed"] == 1
+            finally:
+                await transport.aclose()
+
+    asyncio.run(main())
+    stats = store.stats()
+    assert stats["remote_save_corrupt"] == 1 and stats["remote_saved_chunks"] == 1
+
+    remote = client_factory(store.remote_url, token=TOKEN, timeout_s=5.0)
+    dst = np.zeros(CHUNK, np.uint8)
+    assert remote.load([key], [dst]) == 1 and np.array_equal(dst, make_chunk(key))
+    with socket.socket(socket.AF_UNIX) as node:  # find the chunk's slot and damage it in the arena
+        node.connect(store.socket)
+        node.sendall(encode_frame({"op": "acquire", "keys": [key.hex()]}))
+        (offset, nbytes, _), = recv_frame(node)["chunks"]
+    arena = SharedArena.attach(store.arena, offset + nbytes)
+    arena.array[offset] ^= 0xFF
+    arena.close()
+    assert remote.load([key], [np.zeros(CHUNK, np.uint8)]) == 0
+    assert remote.stats().num_corrupt == 1
