@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -141,6 +142,24 @@ def test_store_killed_remote_client_gets_misses_then_recovers(store_factory, cli
     assert eventually(lambda: client.save(keys, [make_chunk(k) for k in keys]).result(10) == 4)
     assert client.load(keys, dsts) == 4 and chunks_equal(dsts, keys)
     assert again.stats()["num_leases"] == 0
+
+
+def test_frozen_store_costs_a_remote_client_a_bounded_wait(store_factory, client_factory):
+    store = remote_store(store_factory)
+    client = client_factory(store.remote_url, token=TOKEN, timeout_s=TIMEOUT_S, retry_s=0.2)
+    keys = make_keys(2, "frozen")
+    assert client.save(keys, [make_chunk(k) for k in keys]).result(10) == 2
+    dsts = [np.zeros(CHUNK, np.uint8) for _ in keys]
+    os.kill(store.proc.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        assert client.load(keys, dsts) == 0
+        assert client.save(make_keys(1, "f2"), [make_chunk(keys[0])]).result(BOUND_S) == 0
+        assert time.monotonic() - start < 2 * BOUND_S
+    finally:
+        os.kill(store.proc.pid, signal.SIGCONT)
+    assert eventually(lambda: client.load(keys, dsts) == 2)
+    assert chunks_equal(dsts, keys)
 
 
 def test_bad_token_and_malformed_requests_get_clear_errors(store_factory, client_factory, caplog):
