@@ -129,7 +129,10 @@ class RemoteStoreClient(StoreClient):
             self._note_failure(exc)
         finally:
             with self._ctl_lock:
-                self._ctl.send({"op": "release", "lease": reply["lease"], "copy_s": copy_s})
+                if is_read:
+                    self._ctl.send({"op": "release", "lease": reply["lease"], "copy_s": copy_s})
+                else:
+                    self._ctl._fail()  # the store ends the connection's leases
         views: list[np.ndarray] = []
         checksums: list[int] = []
         if is_read and region is not None:
@@ -192,7 +195,8 @@ class RemoteStoreClient(StoreClient):
         try:
             is_written, _ = self._transfer(channel, "write", staged.store, staged.rows)
             if not is_written:
-                return 0  # the control connection was dropped: the store frees the slots
+                channel._fail()  # the store frees the connection's reserved slots
+                return 0
             return super()._commit(channel, lease, views, start)
         finally:
             self._give(staged.region)
@@ -209,7 +213,8 @@ class RemoteStoreClient(StoreClient):
         self, channel: StoreChannel, op: str, store: StorePeer, rows: list[tuple[int, int, int, int, int]]
     ) -> tuple[bool, float]:
         """One batched read or write; (True, seconds) when every byte moved, else (False, 0)
-        after dropping the control connection (its leases end) and the transport peer."""
+        after dropping the transport peer; the caller then drops the control connection
+        (``channel._fail()``, under the lock that guards it), which ends its leases."""
         if not rows:
             return True, 0.0
         from transports.base import SegmentPairs
@@ -221,7 +226,6 @@ class RemoteStoreClient(StoreClient):
             report = self._loop.run(_post(self._transport, store.peer, pairs, op, timeout), timeout + 1.0)
         except (TransportError, TimeoutError) as exc:
             self._note_failure(StoreUnavailable(f"{op} of {pairs.nbytes} bytes from {self.address} failed: {exc}"))
-            channel._fail()
             self._forget_store(store)
             return False, 0.0
         return True, report.seconds

@@ -13,7 +13,8 @@ What the store adds for remote clients:
 - ``commit`` checks every chunk's xxh3 against the bytes that landed before publishing it;
   a chunk that differs (a torn or misdirected write) is freed, not stored (counted).
 - Leases belong to the control connection, as on the unix socket: a client that dies or
-  drops the connection ends its reads and frees its reserved slots.
+  drops the connection ends its reads at once and frees its reserved slots
+  ``WRITE_GRACE_S`` later (bytes of a write it was cut off in may still be landing).
 - A bad token, a frame that is not JSON or a hello that is not first gets an error reply
   naming the problem, then the connection is closed; bad fields of an op get an error
   reply and the connection stays.
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 REMOTE_OPS = frozenset({"lookup", "acquire", "release", "reserve", "commit", "abort", "stats"})
 HELLO_TIMEOUT_S = 10.0  # a connection that sends no hello by then is closed
+WRITE_GRACE_S = 2.0  # reserved slots of a lost connection are freed this much later
 AUTO_MEDIA = ("nixl", "tcp")  # media of ``--remote-transport auto`` that reach other hosts
 
 
@@ -146,8 +148,13 @@ class RemoteFrontend:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
             logger.debug("remote store client %s gone: %r", peer, exc)
         finally:
+            loop = asyncio.get_running_loop()
             for lease_id in list(conn):
-                self.server._end_lease(lease_id)
+                lease = self.server._leases.get(lease_id)
+                if lease is not None and lease.is_write:  # bytes of a cut-off write may still land
+                    loop.call_later(WRITE_GRACE_S, self.server._end_lease, lease_id)
+                else:
+                    self.server._end_lease(lease_id)
             self._writers.discard(writer)
             writer.close()
 

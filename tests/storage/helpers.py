@@ -46,7 +46,8 @@ class StoreProc:
     """A ``pdx store`` subprocess; ``stop()`` is a clean SIGTERM shutdown, ``kill()`` SIGKILL."""
 
     def __init__(self, tmp: Path, *, capacity_gb: float = 0.05, slab_mb: float = 1.0, l2: str | None = None,
-                 socket_path: str | None = None, extra: list[str] | None = None):  # fmt: skip
+                 socket_path: str | None = None, extra: list[str] | None = None,
+                 ready_timeout: float = 30.0):  # fmt: skip
         self.socket = socket_path or str(tmp / f"store-{time.monotonic_ns()}.sock")
         self.log_path = tmp / f"store-{time.monotonic_ns()}.log"
         args = [sys.executable, "-m", "pdx.cli", "store", "--socket", self.socket,
@@ -54,7 +55,7 @@ class StoreProc:
                 *(["--l2", l2] if l2 else []), *(extra or [])]  # fmt: skip
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        line = self._read_ready(timeout=30)
+        line = self._read_ready(timeout=ready_timeout)
         fields = dict(part.split("=", 1) for part in line.split()[3:])
         self.http = fields["http"]
         self.arena = fields["arena"]

@@ -88,7 +88,7 @@ def test_remote_client_over_nixl(store_factory, client_factory, monkeypatch):
     if not NixlTransport.is_available():
         pytest.skip("nixl is not installed")
     monkeypatch.setenv("UCX_NET_DEVICES", "lo")
-    store = remote_store(store_factory, "nixl")
+    store = remote_store(store_factory, "nixl", ready_timeout=120.0)  # NIXL starts slowly on a busy box
     local = client_factory(store.socket, timeout_s=5.0)
     remote = client_factory(store.remote_url, token=TOKEN, timeout_s=5.0)
     keys = make_keys(6, "nixl")
