@@ -243,7 +243,7 @@ class RemoteStoreClient(StoreClient):
             try:
                 if self._transport is None or self._transport.kind != kind:
                     self._close_transport()
-                    options = {"connect_timeout": self.timeout_s} if kind == "tcp" else {}
+                    options = _options(kind, self.timeout_s)
                     options.update(self._transport_options)
                     self._transport = self._loop.run(_create(create_transport, kind, options))
                 elif self._store is not None:  # the store restarted: forget its old endpoint
@@ -311,6 +311,15 @@ class RemoteStoreClient(StoreClient):
         if self._is_down:
             self._is_down = False
             logger.info("store at %s is back", self.address)
+
+
+def _options(kind: str, timeout_s: float) -> dict[str, Any]:
+    from pdx.storage.remote_server import AUTO_MEDIA
+
+    tcp = {"connect_timeout": timeout_s}
+    if kind == "auto":
+        return {"media": AUTO_MEDIA, "tcp": tcp}  # what the store offers; shm cannot cross hosts
+    return tcp if kind == "tcp" else {}
 
 
 async def _create(factory: Any, kind: str, options: dict[str, Any]) -> Transport:
