@@ -152,8 +152,10 @@ class RemoteStoreClient(StoreClient):
             yield views, checksums
         finally:
             del views
-            if region is not None:
+            if region is not None and is_read:
                 self._give(region)
+            elif region is not None:
+                self._discard(region)
             nbytes = sum(n for _, n, _ in chunks[: len(checksums)])
             self._add(num_loaded=len(checksums), loaded_bytes=nbytes, load_seconds=copy_s)
 
@@ -192,6 +194,7 @@ class RemoteStoreClient(StoreClient):
     ) -> int:
         with self._pool_lock:
             staged = self._staged.pop(lease)
+        is_written = False
         try:
             is_written, _ = self._transfer(channel, "write", staged.store, staged.rows)
             if not is_written:
@@ -199,7 +202,10 @@ class RemoteStoreClient(StoreClient):
                 return 0
             return super()._commit(channel, lease, views, start)
         finally:
-            self._give(staged.region)
+            if is_written:
+                self._give(staged.region)
+            else:
+                self._discard(staged.region)
 
     def _abort(self, channel: StoreChannel, lease: int) -> None:
         with self._pool_lock:
@@ -296,6 +302,11 @@ class RemoteStoreClient(StoreClient):
                 del self._free[: len(drop)]
         for r in drop:
             r.release()
+
+    def _discard(self, region: MemoryRegion) -> None:
+        """Never reuse a buffer a failed transfer used (late bytes may still land in it); its
+        release waits for the transport's I/O on it, so it runs off the caller's thread."""
+        threading.Thread(target=region.release, name="pdx-store-discard", daemon=True).start()
 
     # -- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:

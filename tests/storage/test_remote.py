@@ -144,6 +144,52 @@ def test_store_killed_remote_client_gets_misses_then_recovers(store_factory, cli
     assert again.stats()["num_leases"] == 0
 
 
+def test_store_lost_between_lease_and_transfer_gives_misses(store_factory, client_factory):
+    """The store dies after it leased the slots and before the bytes move: the transfer
+    fails, the load is a miss and the save is dropped, within the bound, never raised."""
+    port = free_port()
+    store = remote_store(store_factory, port=port)
+    client = client_factory(store.remote_url, token=TOKEN, timeout_s=TIMEOUT_S, retry_s=0.2)
+    keys = make_keys(3, "mid")
+    assert client.save(keys, [make_chunk(k) for k in keys]).result(10) == 3
+    call = client._call
+
+    def kill_after(op: str):
+        def call_then_kill(channel, msg, **kwargs):
+            reply = call(channel, msg, **kwargs)
+            if msg["op"] == op:
+                store.kill()
+            return reply
+        return call_then_kill
+
+    dsts = [np.zeros(CHUNK, np.uint8) for _ in keys]
+    client._call = kill_after("acquire")
+    start = time.monotonic()
+    assert client.load(keys, dsts) == 0
+    assert time.monotonic() - start < BOUND_S
+    assert not any(d.any() for d in dsts)
+
+    store = remote_store(store_factory, port=port)
+    client._call = kill_after("reserve")
+    new = make_keys(2, "mid-new")
+    assert eventually(lambda: client.lookup_prefix(keys) == 0 and store.stats()["remote_clients"] == 1)
+    dropped = client.stats().num_save_dropped
+    start = time.monotonic()
+    with client.write_views(new, [CHUNK] * 2) as slots:
+        for slot, key in zip(slots, new, strict=True):
+            if slot is not None:
+                slot[:] = make_chunk(key)
+    assert time.monotonic() - start < BOUND_S
+    assert all(s is not None for s in slots)  # the slots were handed out before the store died
+    assert client.stats().num_save_dropped == dropped + 2
+
+    client._call = call
+    again = remote_store(store_factory, port=port)
+    assert eventually(lambda: client.save(new, [make_chunk(k) for k in new]).result(10) == 2)
+    assert client.load(new, dsts[:2]) == 2 and chunks_equal(dsts[:2], new)
+    assert again.stats()["num_leases"] == 0
+
+
 def test_frozen_store_costs_a_remote_client_a_bounded_wait(store_factory, client_factory):
     store = remote_store(store_factory)
     client = client_factory(store.remote_url, token=TOKEN, timeout_s=TIMEOUT_S, retry_s=0.2)
