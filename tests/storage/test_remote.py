@@ -274,7 +274,10 @@ def test_remote_client_death_and_close_leave_nothing(store_factory, client_facto
     assert eventually(lambda: store.stats()["num_leases"] == 0 and store.stats()["remote_clients"] == 0)
     assert local.lookup_prefix(make_keys(3, "hold-new")) == 0  # reserved, never committed: freed
 
-    threads, fds = set(threading.enumerate()), set(os.listdir("/proc/self/fd"))
+    def store_fds() -> int:
+        return len(os.listdir(f"/proc/{store.proc.pid}/fd"))
+
+    threads, fds, num_store_fds = set(threading.enumerate()), set(os.listdir("/proc/self/fd")), store_fds()
     client = client_factory(store.remote_url, token=TOKEN, timeout_s=5.0)
     new = make_keys(3, "hold-new")
     assert client.save(new, [make_chunk(k) for k in new]).result(10) == 3
@@ -285,6 +288,7 @@ def test_remote_client_death_and_close_leave_nothing(store_factory, client_facto
     assert eventually(lambda: set(threading.enumerate()) <= threads, 5.0), threading.enumerate()
     assert set(os.listdir("/proc/self/fd")) <= fds
     assert eventually(lambda: store.stats()["remote_clients"] == 0, 5.0)
+    assert eventually(lambda: store_fds() <= num_store_fds, 5.0)  # control and data sockets closed
     assert store.stats()["num_leases"] == 0
     assert client.lookup_prefix(new) == 0 and client.save(new, [make_chunk(k) for k in new]).result(1) == 0
 
