@@ -23,6 +23,9 @@ Requests (``op`` and fields) and replies:
 until ``release`` (or the connection closes, or the lease TTL passes).
 ``reserve`` hands out FILLING slots under a write lease; ``commit`` publishes
 those whose checksum is given and frees the rest.
+
+Remote clients (``remote_server.py``) speak the same frames over TCP; their hello carries
+``token`` and its reply names the store's transport endpoint instead of the arena.
 """
 
 from __future__ import annotations
