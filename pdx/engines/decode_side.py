@@ -185,6 +185,9 @@ class DecodeSide:
             "wait_ms": round(1e3 * (t_done - state.t_registered), 3),
             "exposed_ms": round(1e3 * max(t_done - state.t_last_saved, 0.0), 3) if state.t_last_saved else None,
         }
+        if state.t_last_saved and state.t_last_posted:  # exposed_ms = last_post_ms + last_write_ms
+            figures["last_post_ms"] = round(1e3 * max(state.t_last_posted - state.t_last_saved, 0.0), 3)
+            figures["last_write_ms"] = round(1e3 * max(t_done - state.t_last_posted, 0.0), 3)
         with self._outcomes_lock:
             first = state.block_ids[state.first_block] if state.first_block < len(state.block_ids) else None
             self._outcomes.append(RecvOutcome(state.req_id, is_ok, failed, figures, first))

@@ -39,6 +39,7 @@ class RecvState:
     num_notifications: int = 0
     t_registered: float = 0.0  # wall clock
     t_last_saved: float = 0.0  # P's wall clock when it had computed the last layer that landed
+    t_last_posted: float = 0.0  # P's wall clock when it posted that layer's write (0: unknown)
     t_done: float = 0.0  # wall clock
     busy_s: float = 0.0  # sum over writes of (landed - posted by P), wall clocks
 
@@ -99,7 +100,9 @@ class RecvBook:
         state.add(layer, start, end)
         state.nbytes += nbytes
         state.num_notifications += 1
-        state.t_last_saved = max(state.t_last_saved, t_saved)
+        if t_saved >= state.t_last_saved:
+            state.t_last_saved = t_saved
+            state.t_last_posted = t_posted or 0.0
         if t_posted is not None:
             state.busy_s += max(now_wall - t_posted, 0.0)
         if state.is_complete():

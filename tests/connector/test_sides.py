@@ -10,6 +10,7 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 
 from pdx.engines.control import LayerDst
 from pdx.engines.decode_side import DecodeSide
@@ -97,6 +98,21 @@ def test_blocks_land_in_the_reserved_blocks_and_both_sides_release():
             f.p.finish("p-req", "ab" * 8, is_aborted=False)
             assert await f.released() == ["p-req"]
             assert f.p.book.num_held == 0 and f.d.book.num_reserved == 0
+    run(main())
+
+
+def test_figures_split_exposed_time_into_p_posting_and_the_last_write():
+    async def main():
+        async with Fleet() as f:
+            f.d.recv("d", "fe" * 8, f.peer, [0, 1], 0, 8)
+            await asyncio.sleep(0.05)
+            computed = time.time() - 0.2  # P computed the layers 200 ms before it got to post them
+            for layer in range(NUM_LAYERS):
+                f.p.save("p", "fe" * 8, [2, 3], 8, WriteItem(layer, 0, 8, computed))
+            (out,) = await f.outcomes()
+            fig = out.figures
+            assert out.is_ok and fig["last_post_ms"] >= 200.0 and fig["last_write_ms"] >= 0.0
+            assert fig["exposed_ms"] == pytest.approx(fig["last_post_ms"] + fig["last_write_ms"], abs=0.01)
     run(main())
 
 
