@@ -18,7 +18,8 @@ Scheduler side (``PdxScheduler``)
 Worker side (``PdxWorker``)
     register_kv_caches                                      register KV memory; P starts its control server
     start_load_kv                                           D: publish reserved blocks; P: finished requests
-    save_kv_layer                                           P: queue this layer's blocks (never blocks)
+    wait_for_layer_load, save_kv_layer                      P: queue this layer's blocks (never blocks), before
+                                                            its attention where the KV is already written
     get_finished, get_block_ids_with_load_errors            sent / landed / failed transfers
     get_kv_connector_stats, build_connector_worker_meta     transfer figures
 
@@ -62,6 +63,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def kv_written_before_attention(layer_name: str) -> bool:
+    """True for a plain ``Attention`` layer with its own KV cache whose backend writes the KV
+    (``unified_kv_cache_update``) before the attention op starts; anything else (MLA, KV
+    sharing, backends that write inside ``forward``) is sent after its attention."""
+    from vllm.model_executor.layers.attention.attention import Attention, get_attention_context
+
+    layer = get_attention_context(layer_name)[1]
+    return (
+        type(layer) is Attention
+        and not layer.attn_backend.forward_includes_kv_cache_update
+        and layer.kv_sharing_target_layer_name is None
+    )
+
+
 class PdxConnector(KVConnectorBase_V1, SupportsHMA):
     _cache_hit_source = CacheHitSource.P2P
 
@@ -85,6 +100,7 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
         self.worker: PdxWorker | None = None
         self.store_scheduler: StoreScheduler | None = None
         self.store_worker: StoreWorker | None = None
+        self._kv_written_before_attention: dict[str, bool] = {}  # layer name -> send it early
         store = self.cfg.store
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler = PdxScheduler(block_size, ktc.is_kv_producer, ktc.is_kv_consumer)
@@ -119,14 +135,34 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # D admits a request only once its whole KV landed: nothing to wait for per layer.
-        return
+        # P: vLLM calls this on entry to the layer's attention. Where the backend has already
+        # written the layer's KV (CPU, FlashAttention), the layer is sent from here, so its
+        # transfer overlaps the layer's own attention and MLP instead of starting after them.
+        assert self.worker is not None
+        if self.worker.is_producer and self._is_kv_written_before_attention(layer_name):
+            from vllm.model_executor.layers.attention.attention import get_attention_context
+
+            meta = self._get_connector_metadata()
+            assert isinstance(meta, PdxConnectorMetadata)
+            self.worker.save_kv_layer(layer_name, get_attention_context(layer_name)[2], meta)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
         assert self.worker is not None
+        if self.worker.is_producer and self._is_kv_written_before_attention(layer_name):
+            return  # sent from wait_for_layer_load
         meta = self._get_connector_metadata()
         assert isinstance(meta, PdxConnectorMetadata)
         self.worker.save_kv_layer(layer_name, kv_layer, meta)
+
+    def _is_kv_written_before_attention(self, layer_name: str) -> bool:
+        """Is this layer's KV in the cache when its attention starts (decided once per layer)?"""
+        is_early = self._kv_written_before_attention.get(layer_name)
+        if is_early is None:
+            is_early = kv_written_before_attention(layer_name)
+            self._kv_written_before_attention[layer_name] = is_early
+            logger.debug("pdx: layer %s is sent %s its attention", layer_name, "before" if is_early else "after")
+        return is_early
 
     def wait_for_save(self) -> None:
         # Writes are asynchronous; P's blocks stay held (delay_free) until they are released.

@@ -122,8 +122,9 @@ class PdxWorker:
                 self._loop.call(self._decode.release, rel.req_id, rel.transfer_id, rel.peer)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, meta: PdxConnectorMetadata) -> None:
-        # Called right after the layer's attention. On CPU its KV is already written; on GPU the
-        # kernel may still run, so the sender waits for an event recorded here (never the forward).
+        # Called once the layer's KV is in the cache (before or after the layer's attention, see
+        # PdxConnector.wait_for_layer_load). On CPU it is written; on GPU the kernel may still
+        # run, so the sender waits for an event recorded here (never the forward).
         if not meta.saves or self._prefill is None or self._loop is None:
             return
         layer = self._layer_index.get(layer_name)
