@@ -76,6 +76,18 @@ def _exposed_fraction(figures: dict[str, dict], transfer_ids: list[str]) -> floa
     return round(exposed / transfer, 4) if transfer > 0 else None
 
 
+def _figure_p50s(figures: dict[str, dict], transfer_ids: list[str]) -> dict[str, float]:
+    """p50 of D's per-transfer times: where exposed time goes (``exposed_ms`` = P posting
+    its last layer ``last_post_ms`` + that write ``last_write_ms``)."""
+    records = [figures[t] for t in transfer_ids if t in figures]
+    out = {}
+    for key in ("transfer_ms", "exposed_ms", "last_post_ms", "last_write_ms"):
+        values = [float(r[key]) for r in records if r.get(key) is not None]
+        if values:
+            out[f"{key}_p50"] = round(percentile(values, 50), 3)
+    return out
+
+
 def _error_entry(system: str, size: int, exc: BaseException) -> dict[str, Any]:
     message = " ".join(f"{type(exc).__name__}: {exc}".splitlines())
     return {"system": system, "prompt_tokens": size, "error": message[:400]}
@@ -101,7 +113,9 @@ async def _measure_size(system, client, size: int, reps: int) -> dict[str, Any]:
             entry[key] = int(after.sum(name, source=source) - before.sum(name, source=source))
     if system.stats_path is not None:
         tids = system.transfer_ids[first_tid:]
-        entry["exposed_transfer_fraction"] = _exposed_fraction(system.transfer_figures(), tids)
+        figures = system.transfer_figures()
+        entry["exposed_transfer_fraction"] = _exposed_fraction(figures, tids)
+        entry.update(_figure_p50s(figures, tids))
     return entry
 
 

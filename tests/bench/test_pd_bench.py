@@ -33,6 +33,20 @@ def test_exposed_fraction_uses_only_the_named_transfers():
     assert pd._exposed_fraction(figures, ["missing"]) is None
 
 
+def test_figure_p50s_split_exposed_time_over_the_named_transfers():
+    figures = {
+        "a": {"transfer_ms": 10.0, "exposed_ms": 3.0, "last_post_ms": 1.0, "last_write_ms": 2.0},
+        "b": {"transfer_ms": 20.0, "exposed_ms": 5.0},  # written before the split existed
+        "warm": {"transfer_ms": 99.0, "exposed_ms": 99.0, "last_post_ms": 99.0},
+    }
+    assert pd._figure_p50s(figures, ["a", "b"]) == {
+        "transfer_ms_p50": 10.0,
+        "exposed_ms_p50": 3.0,
+        "last_post_ms_p50": 1.0,
+        "last_write_ms_p50": 2.0,
+    }
+
+
 def test_table_shows_ratios_against_vllm_nixl_and_errors():
     results = [
         {"system": "single", "prompt_tokens": 1024, "ttft_ms_p50": 50.0, "ttft_ms_p99": 60.0, "e2e_ms_p50": 100.0},
