@@ -7,16 +7,20 @@
 It builds the tiny model (``--model-layers`` decoder layers), then for each system
 in turn starts its engines (P on core 0, D on core 1; the single engine on core 0),
 sends warm-up requests, then for each prompt size ``--reps`` streaming requests one
-at a time, and stops the engines. Every request is a distinct seeded random prompt (the same set for every
-system), so vLLM's prefix cache (left at its default) never hits. TTFT is from
-sending the request (P's leg included) to D's first streamed token; e2e is to
-the end of the stream (16 output tokens). A system that fails to start or serve
-gets an ``error`` entry; the others still run.
+at a time, and stops the engines. Every request is a distinct seeded random prompt
+(the same set for every system), so vLLM's prefix cache (left at its default) never
+hits. TTFT is from sending the request (P's leg included) to D's first streamed
+token; e2e is to the end of the stream (16 output tokens). A system that fails to
+start or serve gets an ``error`` entry; the others still run.
+
+pdx's exposed transfer time is measured two ways, both over ``transfer_ms``: from P
+having its last layer's KV written (``exposed_transfer_fraction``) and from P's last
+layer's attention done (``exposed_after_attention_fraction``), each to D's load complete.
 
 JSON: ``{"results": [{"system", "prompt_tokens", "ttft_ms_p50", "ttft_ms_p99",
 "e2e_ms_p50", ...}], "pdx_exposed_transfer_fraction": <at the largest size>,
-"transport": ..., "model_layers": ...}``. Engines hold the machine-wide engine lock
-while they run.
+"pdx_exposed_after_attention_fraction": ..., "transport": ..., "model_layers": ...}``.
+Engines hold the machine-wide engine lock while they run.
 """
 
 from __future__ import annotations
@@ -76,6 +80,28 @@ def _exposed_fraction(figures: dict[str, dict], transfer_ids: list[str]) -> floa
     return round(exposed / transfer, 4) if transfer > 0 else None
 
 
+def _exposed_after_attention_ms(record: dict[str, Any]) -> float | None:
+    """D's load complete minus P's last layer's attention done (P's and D's wall clocks)."""
+    if record.get("t_done") is None or record.get("t_attention_done") is None:
+        return None
+    return max(1e3 * (float(record["t_done"]) - float(record["t_attention_done"])), 0.0)
+
+
+def _exposed_after_attention_fraction(
+    figures: dict[str, dict], transfer_ids: list[str]
+) -> float | None:
+    records = [figures[t] for t in transfer_ids if t in figures]
+    exposed = [_exposed_after_attention_ms(r) for r in records]
+    if not records or any(e is None for e in exposed):
+        return None
+    transfer = math.fsum(float(r.get("transfer_ms") or 0.0) for r in records)
+    return (
+        round(math.fsum(e for e in exposed if e is not None) / transfer, 4)
+        if transfer > 0
+        else None
+    )
+
+
 def _figure_p50s(figures: dict[str, dict], transfer_ids: list[str]) -> dict[str, float]:
     """p50 of D's per-transfer times: where exposed time goes (``exposed_ms`` = P posting
     its last layer ``last_post_ms`` + that write ``last_write_ms``)."""
@@ -85,6 +111,9 @@ def _figure_p50s(figures: dict[str, dict], transfer_ids: list[str]) -> dict[str,
         values = [float(r[key]) for r in records if r.get(key) is not None]
         if values:
             out[f"{key}_p50"] = round(percentile(values, 50), 3)
+    after = [e for e in map(_exposed_after_attention_ms, records) if e is not None]
+    if after:
+        out["exposed_after_attention_ms_p50"] = round(percentile(after, 50), 3)
     return out
 
 
@@ -115,6 +144,7 @@ async def _measure_size(system, client, size: int, reps: int) -> dict[str, Any]:
         tids = system.transfer_ids[first_tid:]
         figures = system.transfer_figures()
         entry["exposed_transfer_fraction"] = _exposed_fraction(figures, tids)
+        entry["exposed_after_attention_fraction"] = _exposed_after_attention_fraction(figures, tids)
         entry.update(_figure_p50s(figures, tids))
     return entry
 
@@ -236,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         "pdx_exposed_transfer_fraction": (
             pdx_at_largest[0].get("exposed_transfer_fraction") if pdx_at_largest else None
         ),
+        "pdx_exposed_after_attention_fraction": (
+            pdx_at_largest[0].get("exposed_after_attention_fraction") if pdx_at_largest else None
+        ),
         "transport": args.transport,
         "model": str(model),
         "model_layers": args.model_layers,
@@ -250,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     print(
         f"pdx exposed-transfer fraction at {max(sizes)} tokens ({args.model_layers}-layer model): "
-        f"{report['pdx_exposed_transfer_fraction']}"
+        f"{report['pdx_exposed_transfer_fraction']} from its KV written, "
+        f"{report['pdx_exposed_after_attention_fraction']} from its attention done"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -6,7 +6,8 @@
 - ``pdx``: ``PdxConnector`` 1P1D on the chosen transport; the client sends both
   legs at once with one transfer id (``pdx.engines.protocol``) and streams from D.
   D appends one JSON line per transfer to a stats file (``exposed_ms``,
-  ``transfer_ms``), which gives the exposed-transfer fraction.
+  ``transfer_ms``, ``t_done``), which gives the exposed-transfer fraction; P appends
+  when each transfer's last layer finished its attention (``t_attention_done``).
 
 Every system uses the same model, dtype, block size and engine settings.
 """
@@ -69,6 +70,7 @@ class System:
     decode: VllmEngine  # the engine that streams the answer (and shows decode metrics)
     prefill: VllmEngine | None = None
     stats_path: Path | None = None  # pdx: D's per-transfer JSON lines
+    prefill_stats_path: Path | None = None  # pdx: P's per-transfer JSON lines
     prefill_kv_port: int | None = None  # pdx: P's connector control port
     transfer_ids: list[str] = field(default_factory=list)
 
@@ -104,15 +106,22 @@ class System:
         return replace(timing, transfer_id=tid)
 
     def transfer_figures(self) -> dict[str, dict[str, Any]]:
-        """pdx: D's per-transfer figures by transfer id (empty for other systems)."""
-        if self.stats_path is None or not self.stats_path.exists():
-            return {}
-        out = {}
-        for line in self.stats_path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                out[str(record.get("transfer_id"))] = record
+        """pdx: D's per-transfer figures by transfer id, with P's ``t_attention_done`` added
+        (empty for other systems)."""
+        out: dict[str, dict[str, Any]] = {}
+        for record in _json_lines(self.stats_path):
+            out[str(record.get("transfer_id"))] = record
+        for record in _json_lines(self.prefill_stats_path):
+            tid = str(record.get("transfer_id"))
+            if tid in out and "t_attention_done" in record:
+                out[tid]["t_attention_done"] = record["t_attention_done"]
         return out
+
+
+def _json_lines(path: Path | None) -> list[dict[str, Any]]:
+    if path is None or not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _spec(base: EngineSpec, name: str, cpu: str, **changes: Any) -> EngineSpec:
@@ -145,11 +154,14 @@ def make_pdx(base: EngineSpec, log_dir: Path, transport: str) -> System:
     control_port = free_port()
     token = secrets.token_hex(16)
     stats_path = log_dir / "pdx-transfers.jsonl"
+    prefill_stats_path = log_dir / "pdx-prefill-transfers.jsonl"
     stats_path.unlink(missing_ok=True)
+    prefill_stats_path.unlink(missing_ok=True)
     kv = {"kv_connector": "PdxConnector", "kv_connector_module_path": "pdx.engines.vllm"}
     extra = {"transport": transport, "auth_token": token}
     prefill_kv = {**kv, "kv_role": "kv_producer",
-                  "kv_connector_extra_config": {**extra, "control_port": control_port}}  # fmt: skip
+                  "kv_connector_extra_config": {**extra, "control_port": control_port,
+                                                "stats_path": str(prefill_stats_path)}}  # fmt: skip
     decode_kv = {**kv, "kv_role": "kv_consumer", "kv_load_failure_policy": "recompute",
                  "kv_connector_extra_config": {**extra, "stats_path": str(stats_path)}}  # fmt: skip
     # NIXL/UCX transports also need a side channel; harmless for the others.
@@ -169,5 +181,6 @@ def make_pdx(base: EngineSpec, log_dir: Path, transport: str) -> System:
         decode=decode,
         prefill=prefill,
         stats_path=stats_path,
+        prefill_stats_path=prefill_stats_path,
         prefill_kv_port=control_port,
     )

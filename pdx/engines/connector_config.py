@@ -53,7 +53,7 @@ class _ExtraConfig(BaseModel):
     lease_s: float = Field(default=30.0, gt=0)  # P: hold finished blocks at most this long for D
     recv_timeout_s: float = Field(default=30.0, gt=0)  # D: registration to last layer landed
     write_timeout_s: float = Field(default=10.0, gt=0)  # P: one posted write
-    stats_path: str | None = None  # D: append one JSON line of transfer figures per request
+    stats_path: str | None = None  # D: one JSON line of figures per request; P: one per transfer
     debug_corrupt_block: bool = False  # tests only: D damages one landed block of every transfer
     debug_corrupt_prefix: str | None = None  # tests only: ... of transfers whose id starts with this
     store: _StoreConfig | None = None  # the shared storage tier (prefix reuse); off when absent

@@ -184,6 +184,7 @@ class DecodeSide:
             "transfer_ms": round(1e3 * state.busy_s, 3),
             "wait_ms": round(1e3 * (t_done - state.t_registered), 3),
             "exposed_ms": round(1e3 * max(t_done - state.t_last_saved, 0.0), 3) if state.t_last_saved else None,
+            "t_done": round(t_done, 6),  # wall clock: all of it landed
         }
         if state.t_last_saved and state.t_last_posted:  # exposed_ms = last_post_ms + last_write_ms
             figures["last_post_ms"] = round(1e3 * max(state.t_last_posted - state.t_last_saved, 0.0), 3)

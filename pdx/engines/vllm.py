@@ -149,10 +149,11 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
         assert self.worker is not None
-        if self.worker.is_producer and self._is_kv_written_before_attention(layer_name):
-            return  # sent from wait_for_layer_load
         meta = self._get_connector_metadata()
         assert isinstance(meta, PdxConnectorMetadata)
+        if self.worker.is_producer and self._is_kv_written_before_attention(layer_name):
+            self.worker.attention_done(layer_name, meta)  # sent from wait_for_layer_load
+            return
         self.worker.save_kv_layer(layer_name, kv_layer, meta)
 
     def _is_kv_written_before_attention(self, layer_name: str) -> bool:

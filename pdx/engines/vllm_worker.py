@@ -63,6 +63,7 @@ class PdxWorker:
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._load_errors: set[int] = set()
         self._figures: dict[str, dict[str, Any]] = {}
+        self._attention_done: dict[str, float] = {}  # P, with stats_path: transfer id -> wall clock
         self._stats = PdxKVConnectorStats()
 
     @property
@@ -140,9 +141,27 @@ class PdxWorker:
         for s in meta.saves:
             self._loop.call(self._prefill.save, s.req_id, s.transfer_id, list(s.block_ids), s.num_tokens,
                             WriteItem(layer, s.start, s.end, now, ready))
+        self.attention_done(layer_name, meta, now)
+
+    def attention_done(self, layer_name: str, meta: PdxConnectorMetadata, now: float | None = None) -> None:
+        """P, after a layer's attention: with ``stats_path``, note when each transfer's last layer
+        finished its attention (``t_attention_done``), the reference of ``exposed_after_attention``."""
+        if not self.cfg.stats_path or not meta.saves or self._prefill is None:
+            return
+        if self._layer_index.get(layer_name) != len(self._layer_index) - 1:
+            return
+        now = time.time() if now is None else now
+        for s in meta.saves:
+            if s.end >= s.num_tokens:
+                self._attention_done[s.transfer_id] = now
 
     def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
         sending = set(self._prefill.pop_released()) if self._prefill is not None else set()
+        if self._attention_done and self.cfg.stats_path:
+            done, self._attention_done = self._attention_done, {}
+            with open(self.cfg.stats_path, "a") as fh:
+                for tid, t in done.items():
+                    fh.write(json.dumps({"side": "prefill", "transfer_id": tid, "t_attention_done": t}) + "\n")
         recving: set[str] = set()
         if self._decode is not None:
             for out in self._decode.pop_outcomes():

@@ -47,6 +47,33 @@ def test_figure_p50s_split_exposed_time_over_the_named_transfers():
     }
 
 
+def test_exposed_after_attention_is_clipped_at_zero_and_needs_both_clocks():
+    figures = {
+        "a": {"transfer_ms": 10.0, "t_done": 100.004, "t_attention_done": 100.001},  # 3 ms late
+        "b": {"transfer_ms": 10.0, "t_done": 100.0, "t_attention_done": 100.5},  # landed first
+        "c": {"transfer_ms": 10.0, "t_done": 100.0},  # P wrote no stats
+    }
+    assert pd._exposed_after_attention_fraction(figures, ["a", "b"]) == pytest.approx(0.15)
+    assert pd._exposed_after_attention_fraction(figures, ["a", "c"]) is None
+    assert pd._figure_p50s(figures, ["b"])["exposed_after_attention_ms_p50"] == 0.0
+
+
+def test_transfer_figures_join_p_and_d_lines_by_transfer_id(tmp_path):
+    import json
+
+    from pdx.bench.pd_systems import System
+
+    d_path, p_path = tmp_path / "d.jsonl", tmp_path / "p.jsonl"
+    d_path.write_text(json.dumps({"transfer_id": "t1", "transfer_ms": 4.0, "t_done": 2.0}) + "\n")
+    lines = [{"side": "prefill", "transfer_id": "t1", "t_attention_done": 1.5},
+             {"side": "prefill", "transfer_id": "gone", "t_attention_done": 1.0}]  # fmt: skip
+    p_path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    system = System("pdx", [], decode=None, stats_path=d_path, prefill_stats_path=p_path)
+    assert system.transfer_figures() == {
+        "t1": {"transfer_id": "t1", "transfer_ms": 4.0, "t_done": 2.0, "t_attention_done": 1.5}
+    }
+
+
 def test_table_shows_ratios_against_vllm_nixl_and_errors():
     results = [
         {"system": "single", "prompt_tokens": 1024, "ttft_ms_p50": 50.0, "ttft_ms_p99": 60.0, "e2e_ms_p50": 100.0},

@@ -27,10 +27,14 @@ class Worker:
     def __init__(self, is_producer=True):
         self.is_producer = is_producer
         self.sent: list[str] = []
+        self.attention_done_for: list[str] = []
 
     def save_kv_layer(self, layer_name, kv_layer, meta):
         assert meta.saves and kv_layer == f"kv-{layer_name}"
         self.sent.append(layer_name)
+
+    def attention_done(self, layer_name, meta):
+        self.attention_done_for.append(layer_name)
 
 
 @pytest.fixture
@@ -62,6 +66,7 @@ def _run_layer(c, name):
 
 def test_a_layer_whose_kv_is_written_first_is_sent_before_its_attention_once(connector):
     assert _run_layer(connector, "early") == (["early"], ["early"])
+    assert connector.worker.attention_done_for == ["early"]  # its attention time still noted
 
 
 @pytest.mark.parametrize("name", ["writes_in_forward", "shared", "subclass"])
@@ -73,3 +78,25 @@ def test_a_decoder_sends_nothing(connector):
     connector.worker = Worker(is_producer=False)
     connector.wait_for_layer_load("early")
     assert connector.worker.sent == []
+
+
+def test_p_notes_when_each_transfers_last_layer_finished_attention(tmp_path):
+    import json
+
+    from pdx.engines.connector_config import ConnectorConfig
+    from pdx.engines.vllm_worker import PdxWorker
+
+    stats = tmp_path / "p.jsonl"
+    worker = PdxWorker(ConnectorConfig(stats_path=str(stats)), 16, True, False, "p")
+    worker._prefill = SimpleNamespace(pop_released=lambda: [])
+    worker._layer_index = {"l0": 0, "l1": 1}
+    first_step = PdxConnectorMetadata(saves=[SaveSpec("r", "t", (1,), 0, 8, 16)])
+    last_step = PdxConnectorMetadata(saves=[SaveSpec("r", "t", (1, 2), 8, 16, 16)])
+    worker.attention_done("l1", first_step, 1.0)  # prompt not done yet
+    worker.attention_done("l0", last_step, 2.0)  # not the last layer
+    worker.attention_done("l1", last_step, 3.0)
+    assert worker.get_finished() == (None, None)
+    lines = [json.loads(x) for x in stats.read_text().splitlines()]
+    assert lines == [{"side": "prefill", "transfer_id": "t", "t_attention_done": 3.0}]
+    worker.get_finished()
+    assert len(stats.read_text().splitlines()) == 1  # written once
