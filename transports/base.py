@@ -163,10 +163,11 @@ class SegmentPairs:
             (LOCAL_REGION, LOCAL_OFFSET, local, "local"),
             (REMOTE_REGION, REMOTE_OFFSET, remote, "remote"),
         ):
-            ids = np.unique(t[:, col_r])
-            for rid in ids.tolist():
+            col = t[:, col_r]
+            is_one = len(col) > 0 and bool((col == col[0]).all())  # one region: no hash, no row masks
+            for rid in [int(col[0])] if is_one else np.unique(col).tolist():
                 size = regions.get(rid)
-                rows = t[:, col_r] == rid
+                rows = np.ones(len(col), dtype=bool) if is_one else col == rid
                 if size is None:
                     first = int(np.flatnonzero(rows)[0])
                     raise SegmentError(

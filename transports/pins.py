@@ -15,6 +15,28 @@ import numpy as np
 from transports.base import MemoryRegion
 
 
+def region_ids_of(column: np.ndarray) -> list[int]:
+    """The distinct region ids of a table column; one region needs no sort or hash."""
+    if len(column) == 0:
+        return []
+    first = int(column[0])
+    if len(column) == 1 or bool((column == first).all()):
+        return [first]
+    return np.unique(column).tolist()
+
+
+def region_addresses(region_ids: np.ndarray, regions: dict[int, tuple[int, int, memoryview]]) -> np.ndarray:
+    """Base address of each row's region (0 where the region is not in ``regions``), int64."""
+    ids = region_ids_of(region_ids)
+    if len(ids) == 1:
+        return np.full(len(region_ids), regions[ids[0]][0] if ids[0] in regions else 0, dtype=np.int64)
+    base = np.zeros(len(region_ids), dtype=np.int64)
+    for rid in ids:
+        if rid in regions:
+            base[region_ids == rid] = regions[rid][0]
+    return base
+
+
 def memory_view(addr: int, nbytes: int) -> memoryview:
     """A writable byte memoryview over raw process memory."""
     return memoryview((ctypes.c_ubyte * nbytes).from_address(addr)).cast("B")
@@ -60,9 +82,10 @@ class RegionPins:
         pinned: list[int] = []
         regions: dict[int, tuple[int, int, memoryview]] = {}
         ends = offsets + nbytes
+        ids = region_ids_of(region_ids)
         with self._cond:
-            for rid in np.unique(region_ids).tolist():
-                rows = region_ids == rid
+            for rid in ids:
+                rows = region_ids == rid if len(ids) > 1 else True  # one region (the common case): every row
                 entry = self._live.get(rid)
                 if entry is None:
                     bad |= rows

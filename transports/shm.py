@@ -11,6 +11,11 @@ Where the kernel forbids cross-memory attach (Yama ``ptrace_scope`` >= 2, or
 processes of different users) the handshake probe fails and the payload goes
 through the unix socket instead (the ``tcp`` receive path: ``recv_into``
 straight into the target memory).
+
+Options: ``copy_threads`` (default 2): threads the target uses to pull one
+frame of at least 2 MiB, the receiving thread included (``cma.py``; 1 copies on
+the receiving thread only); ``allow_cma`` (default True; False forces the socket
+path); ``num_streams``, ``split_bytes``, ``connect_timeout`` as for ``tcp``.
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ class ShmTransport(StreamTransport):
     kind = "shm"
     allow_cma = True
 
-    def __init__(self, name: str | None = None, allow_cma: bool = True, **options: Any) -> None:
+    def __init__(self, name: str | None = None, allow_cma: bool = True, copy_threads: int = 2, **options: Any) -> None:
+        if copy_threads < 1:
+            raise ValueError("copy_threads must be >= 1")
         self.allow_cma = allow_cma
+        self.copy_threads = copy_threads
         super().__init__(name, **options)
 
     @classmethod

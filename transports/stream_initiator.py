@@ -2,8 +2,11 @@
 
 Each stream has a sender thread (frames, with the payload gathered straight from
 the registered memory by ``sendmsg``) and a reader thread (acks, in order; read
-payloads land straight in local memory). A post larger than ``split_bytes`` is
-cut into one part per stream. A dead stream fails every transfer on the
+payloads land straight in local memory). A small payload-free frame (``cma``
+mode) posted to an idle stream is sent by the posting thread itself: the
+target is waiting for it and the socket buffer is empty, so the send cannot
+block, and the post skips a thread wake-up. A post larger than ``split_bytes``
+is cut into one part per stream. A dead stream fails every transfer on the
 connection with ``PeerLost``; the reader fails in-flight parts only after the
 sender has stopped, so memory is never touched after its transfer settled.
 """
@@ -25,6 +28,7 @@ from transports.wire import (
     ACK_MAGIC,
     FRAME,
     FRAME_MAGIC,
+    MODE_CMA,
     MODE_INLINE,
     OP_READ,
     OP_WRITE,
@@ -52,17 +56,50 @@ class Part:
     notif: bytes | None
 
 
+INLINE_FRAME_BYTES = 64 << 10  # frames up to this size may be sent by the posting thread
+
+
 class Stream:
     def __init__(self, sock: socket.socket, conn: StreamConnection, index: int) -> None:
         self.sock = sock
         self.conn = conn
         self.queue: queue.SimpleQueue[Part | None] = queue.SimpleQueue()
         self.inflight: collections.deque[Part] = collections.deque()
+        # guards the socket's send side: at most one thread sends, frames leave in submit order
+        self._cond = threading.Condition(threading.Lock())
+        self._num_queued = 0  # parts put on the queue and not yet sent
+        self._is_sending = False
+        self._is_dead = False  # the reader stopped: nothing may join ``inflight`` any more
         tag = f"{conn.peer_name}/{index}"
         self.sender = threading.Thread(target=self._send_loop, name=f"pdx-send-{tag}", daemon=True)
         self.reader = threading.Thread(target=self._read_loop, name=f"pdx-ack-{tag}", daemon=True)
         self.sender.start()
         self.reader.start()
+
+    def submit(self, part: Part) -> None:
+        """Send the part's frame now when the stream is idle and the frame small and payload-free,
+        else queue it for the sender thread."""
+        is_inline = part.mode == MODE_CMA and part.table.nbytes + len(part.notif or b"") <= INLINE_FRAME_BYTES
+        with self._cond:
+            if self._is_dead:
+                is_inline = False  # the sender thread drains it and fails it
+            elif is_inline and not (self._num_queued or self._is_sending or self.inflight):
+                self._is_sending = True
+                self.inflight.append(part)  # before sending: the ack may come back at once
+            else:
+                is_inline = False
+            if not is_inline:
+                self._num_queued += 1
+                self.queue.put(part)
+                return
+        try:
+            send_views(self.sock, _frame(part))
+        except OSError as exc:
+            self.conn.lose(f"sending to {self.conn.peer_name!r} failed: {exc}")
+        finally:
+            with self._cond:
+                self._is_sending = False
+                self._cond.notify_all()
 
     def _send_loop(self) -> None:
         try:
@@ -70,13 +107,17 @@ class Stream:
                 part = self.queue.get()
                 if part is None:
                     return
-                self.inflight.append(part)  # before sending: the ack may come back at once
-                head = FRAME.pack(FRAME_MAGIC, part.op, part.mode, 0, part.transfer.transfer_id, part.part,
-                                  part.num_parts, len(part.table), len(part.notif or b""))
-                bufs: list[object] = [head, part.table.tobytes(), part.notif or b""]
-                if part.op == OP_WRITE and part.mode == MODE_INLINE:
-                    bufs.extend(part.local)
-                send_views(self.sock, bufs)
+                with self._cond:
+                    self._cond.wait_for(lambda: not self._is_sending)
+                    self._num_queued -= 1
+                    self._is_sending = True
+                    self.inflight.append(part)  # before sending: the ack may come back at once
+                try:
+                    send_views(self.sock, _frame(part))
+                finally:
+                    with self._cond:
+                        self._is_sending = False
+                        self._cond.notify_all()
         except OSError as exc:
             self.conn.lose(f"sending to {self.conn.peer_name!r} failed: {exc}")
         finally:
@@ -112,7 +153,10 @@ class Stream:
         except (OSError, ProtocolError) as exc:
             self.conn.lose(f"connection to {self.conn.peer_name!r} lost: {exc}")
         finally:
-            # fail what is still in flight, once the sender no longer reads that memory
+            # fail what is still in flight, once no sender reads that memory
+            with self._cond:
+                self._is_dead = True
+                self._cond.wait_for(lambda: not self._is_sending)
             self.queue.put(None)
             self.sender.join()
             while self.inflight:
@@ -166,8 +210,18 @@ class StreamConnection:
             for p in parts:
                 stream = self.streams[self._next % len(self.streams)]
                 self._next += 1
-                stream.queue.put(p)
+                stream.submit(p)
         return True
+
+
+def _frame(part: Part) -> list[object]:
+    """The buffers of one frame: header, table, notification, inline write payload."""
+    head = FRAME.pack(FRAME_MAGIC, part.op, part.mode, 0, part.transfer.transfer_id, part.part,
+                      part.num_parts, len(part.table), len(part.notif or b""))
+    bufs: list[object] = [head, part.table.tobytes(), part.notif or b""]
+    if part.op == OP_WRITE and part.mode == MODE_INLINE:
+        bufs.extend(part.local)
+    return bufs
 
 
 def split(nbytes: np.ndarray, num_parts: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

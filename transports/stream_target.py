@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from transports.base import Notification
-from transports.pins import RegionPins
+from transports.cma import CmaCopier, cma_probe
+from transports.pins import RegionPins, region_addresses
 from transports.wire import (
     ACK,
     ACK_MAGIC,
@@ -31,8 +32,6 @@ from transports.wire import (
     OP_WRITE,
     TABLE_COLUMNS,
     ProtocolError,
-    cma_copy,
-    cma_probe,
     discard,
     recv_exact,
     recv_json,
@@ -60,6 +59,7 @@ class StreamServer:
         pins: RegionPins,
         deliver: Callable[[Notification], None],
         allow_cma: bool,
+        copy_threads: int = 1,
     ) -> None:
         self._listener = listener
         self._wake = wake  # connects to the listener once, to unblock accept()
@@ -68,6 +68,7 @@ class StreamServer:
         self.pins = pins
         self.deliver = deliver  # hands a notification to the transport's box
         self.allow_cma = allow_cma
+        self._copier = CmaCopier(copy_threads, name)  # threads that pull one large cma frame
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._parts: dict[tuple[str, int], list[Any]] = {}  # (session, transfer) -> [parts left, failed, notif]
@@ -92,6 +93,7 @@ class StreamServer:
             _shutdown(sock)
         for _, thread in conns:
             thread.join(10)
+        self._copier.close()
 
     def break_connections(self) -> None:
         """Drop every stream (frees pins held by a stalled initiator)."""
@@ -157,12 +159,12 @@ class StreamServer:
         payload: list[memoryview] = []
         try:
             if mode == MODE_CMA:
-                ok = ~bad
-                if ok.any():
-                    base = np.array([regions[r][0] if ok[i] else 0 for i, r in enumerate(rids.tolist())], dtype=np.int64)
-                    failed = cma_copy(cma_pid, base[ok] + offs[ok], peer_addrs[ok], sizes[ok], op == OP_WRITE)
+                ok = np.flatnonzero(~bad) if error else slice(None)  # all rows valid (the common case): no gather
+                local = region_addresses(rids, regions) + offs
+                if len(local[ok]):
+                    failed = self._copier.copy(cma_pid, local[ok], peer_addrs[ok], sizes[ok], op == OP_WRITE)
                     if failed.any():
-                        bad[np.flatnonzero(ok)[failed]] = True
+                        bad[np.arange(len(bad))[ok][failed]] = True
                         error = "cross-memory copy failed (initiator memory gone?)"
             elif op == OP_WRITE:
                 views: list[memoryview] = []

@@ -40,7 +40,7 @@ from transports.errors import (
     SegmentError,
     TransportUnavailable,
 )
-from transports.pins import RegionPins
+from transports.pins import RegionPins, region_addresses
 from transports.stream_initiator import Part, StreamConnection, split
 from transports.stream_target import MAX_ROWS, StreamServer
 from transports.transfer import ThreadTransfer
@@ -55,6 +55,7 @@ RELEASE_TIMEOUT = 10.0  # seconds a region release waits for I/O on it before dr
 class StreamTransport(Transport):
     supports_read = True
     allow_cma = False  # may the target pull/push with cross-memory attach
+    copy_threads = 1  # threads the target uses to pull one large cma frame
 
     def __init__(
         self,
@@ -77,7 +78,8 @@ class StreamTransport(Transport):
         except OSError as exc:
             raise TransportUnavailable(f"{self.kind} cannot listen: {exc}; pick another host/port") from exc
         self._server = StreamServer(
-            listener, self._wake_listener, self.name, self._instance, self._pins, self._deliver, self.allow_cma
+            listener, self._wake_listener, self.name, self._instance, self._pins, self._deliver, self.allow_cma,
+            self.copy_threads,
         )
 
     def _deliver(self, note: Notification) -> None:
@@ -198,21 +200,23 @@ class StreamTransport(Transport):
             raise SegmentError(f"segment {int(np.flatnonzero(bad)[0])}: local region was released")
         total = int(t[:, NBYTES].sum())
         num_parts = len(conn.streams) if len(conn.streams) > 1 and total >= conn.split_bytes else 1
-        cuts = split(t[:, NBYTES], num_parts) if num_parts > 1 else [(np.arange(len(t)), np.zeros(len(t), np.int64), t[:, NBYTES])]
+        cuts = split(t[:, NBYTES], num_parts) if num_parts > 1 else [(None, 0, t[:, NBYTES])]
         transfer = ThreadTransfer(next(_transfer_ids), len(t), total, len(cuts), on_done=lambda _: self._pins.unpin(pinned))
-        base = np.array([regions[r][0] for r in t[:, LOCAL_REGION].tolist()], dtype=np.int64)
+        local_addr = region_addresses(t[:, LOCAL_REGION], regions) + t[:, LOCAL_OFFSET]
         parts = []
         for index, (rows, start, length) in enumerate(cuts):
-            wire = np.empty((len(rows), 4), dtype=np.int64)
-            wire[:, 0] = t[rows, REMOTE_REGION]
-            wire[:, 1] = t[rows, REMOTE_OFFSET] + start
+            sub = t if rows is None else t[rows]  # one part (the common case): no row gather
+            wire = np.empty((len(sub), 4), dtype=np.int64)
+            wire[:, 0] = sub[:, REMOTE_REGION]
+            wire[:, 1] = sub[:, REMOTE_OFFSET] + start
             wire[:, 2] = length
-            local_off = t[rows, LOCAL_OFFSET] + start
-            wire[:, 3] = base[rows] + local_off
+            wire[:, 3] = (local_addr if rows is None else local_addr[rows]) + start
             views = [] if conn.mode == MODE_CMA else [
-                regions[r][2][o : o + n] for r, o, n in zip(t[rows, LOCAL_REGION].tolist(), local_off.tolist(), length.tolist(), strict=True)
+                regions[r][2][o : o + n] for r, o, n in
+                zip(sub[:, LOCAL_REGION].tolist(), (sub[:, LOCAL_OFFSET] + start).tolist(), length.tolist(), strict=True)
             ]
-            parts.append(Part(transfer, op, conn.mode, index, len(cuts), rows, wire, views, notif if index == 0 else None))
+            global_rows = np.arange(len(t)) if rows is None else rows
+            parts.append(Part(transfer, op, conn.mode, index, len(cuts), global_rows, wire, views, notif if index == 0 else None))
         if not conn.submit(parts):
             transfer.fail("PeerLost", conn.lost_reason or "connection lost")
             raise PeerLost(f"{self.kind} peer {peer.name!r} is gone ({conn.lost_reason}); connect again")

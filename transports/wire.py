@@ -1,4 +1,4 @@
-"""Wire format and socket/CMA helpers of the stream transports (``tcp``, ``shm``).
+"""Wire format and socket helpers of the stream transports (``tcp``, ``shm``).
 
 One connection = one or more streams (sockets). On each stream the initiator
 sends frames and the target answers every frame with an ack, in order::
@@ -12,18 +12,15 @@ sends frames and the target answers every frame with an ack, in order::
 
 In ``cma`` mode (same host, cross-memory attach permitted) no payload crosses
 the socket: the target copies with ``process_vm_readv``/``process_vm_writev``
-straight between the initiator's and its own memory.
+straight between the initiator's and its own memory (``cma.py``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import socket
 import struct
 from typing import Any
-
-import numpy as np
 
 FRAME = struct.Struct("<4sBBHQIIII")  # magic, op, mode, 0, transfer_id, part, num_parts, num_segments, notif_len
 ACK = struct.Struct("<4sBBHQIII")  # magic, op, 0, 0, transfer_id, part, num_failed, error_len
@@ -31,7 +28,7 @@ FRAME_MAGIC, ACK_MAGIC = b"PDXF", b"PDXA"
 OP_WRITE, OP_READ = 1, 2
 MODE_INLINE, MODE_CMA = 0, 1
 TABLE_COLUMNS = 4
-IOV_MAX = 1024
+IOV_MAX = 1024  # buffers per sendmsg/recvmsg call
 MAX_HELLO = 1 << 16
 
 
@@ -106,53 +103,3 @@ def discard(sock: socket.socket, nbytes: int, scratch: memoryview) -> None:
         n = min(nbytes, len(scratch))
         recv_views(sock, [scratch[:n]])
         nbytes -= n
-
-
-# -- cross-memory attach ---------------------------------------------------------------
-_libc: Any = None
-
-
-def _cma() -> Any:
-    global _libc
-    if _libc is None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        for fn in (libc.process_vm_readv, libc.process_vm_writev):
-            fn.restype = ctypes.c_ssize_t
-            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
-        _libc = libc
-    return _libc
-
-
-def cma_copy(pid: int, local: np.ndarray, remote: np.ndarray, nbytes: np.ndarray, is_read: bool) -> np.ndarray:
-    """Copy rows between this process (``local`` addresses) and ``pid`` (``remote`` addresses).
-
-    ``is_read`` pulls remote -> local. Returns a bool mask of rows that failed.
-    """
-    fn = _cma().process_vm_readv if is_read else _cma().process_vm_writev
-    n = len(nbytes)
-    failed = np.zeros(n, dtype=bool)
-    liov = np.empty((n, 2), dtype=np.uint64)
-    riov = np.empty((n, 2), dtype=np.uint64)
-    liov[:, 0], liov[:, 1] = local, nbytes
-    riov[:, 0], riov[:, 1] = remote, nbytes
-    for start in range(0, n, IOV_MAX):
-        k = min(IOV_MAX, n - start)
-        want = int(nbytes[start : start + k].sum())
-        done = fn(pid, liov[start:].ctypes.data, k, riov[start:].ctypes.data, k, 0)
-        if done == want:
-            continue
-        # partial transfers stop at an iovec boundary: redo row by row to find the bad ones
-        for row in range(start, start + k):
-            one = fn(pid, liov[row:].ctypes.data, 1, riov[row:].ctypes.data, 1, 0)
-            failed[row] = one != int(nbytes[row])
-    return failed
-
-
-def cma_probe(pid: int, addr: int, expected: bytes) -> bool:
-    """Whether this process may read ``pid``'s memory (same host, ptrace permission)."""
-    buf = np.zeros(len(expected), dtype=np.uint8)
-    try:
-        failed = cma_copy(pid, np.array([buf.ctypes.data]), np.array([addr]), np.array([len(expected)]), True)
-    except (OSError, AttributeError):
-        return False
-    return not failed[0] and buf.tobytes() == expected
