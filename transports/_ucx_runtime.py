@@ -1,16 +1,23 @@
-"""The ucx transport's plumbing: the process's ucxx loop thread and one initiator connection.
+"""The ucx transport's plumbing: the process's ucxx loop thread, and ucxx requests that outlive a cancel.
 
 See ``transports/ucx.py`` for the protocol.
+
+A ucxx request does not keep its buffer alive, and UCX keeps writing into (receive) or reading
+from (send) that buffer until the request ends: done, failed, or cancelled because its endpoint
+was aborted. Cancelling the coroutine that awaits ``ep.send``/``ep.recv`` does not end the
+request, so every ucxx call here runs through ``run_op``: the call is a task of its own that
+holds its buffer until UCX is done with it, and whoever frees memory UCX may touch (region
+release in ``aclose``) first aborts the endpoints and then waits for those tasks (``settle_ops``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import threading
-import weakref
 from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any
@@ -39,6 +46,49 @@ def open_fds() -> set[str]:
     return out
 
 
+async def run_op(ops: set[asyncio.Task[Any]], call: Coroutine[Any, Any, Any]) -> Any:
+    """Await one ucxx send/recv; cancelling the caller leaves the request (and its buffer) running.
+
+    The request ends when UCX completes or cancels it (abort its endpoint to cancel); until
+    then its task stays in ``ops``."""
+    task = asyncio.ensure_future(call)
+    ops.add(task)
+    task.add_done_callback(_op_done(ops))
+    return await asyncio.shield(task)
+
+
+def _op_done(ops: set[asyncio.Task[Any]]) -> Any:
+    def done(task: asyncio.Task[Any]) -> None:
+        ops.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: an op whose caller was cancelled fails unobserved
+    return done
+
+
+async def settle_ops(ops: set[asyncio.Task[Any]], timeout: float) -> bool:
+    """Wait until UCX is done with every buffer of ``ops`` (their endpoints aborted first).
+    False if some request outlived ``timeout``: its memory must then be kept, not freed."""
+    if ops:
+        await asyncio.wait(list(ops), timeout=timeout)
+    return not ops
+
+
+async def collect_endpoints() -> None:
+    """Free closed ucxx endpoints now: ucxx objects sit in reference cycles, and UCX closes an
+    endpoint's socket only when its object goes."""
+    for _ in range(5):
+        gc.collect()
+        await asyncio.sleep(0.02)
+
+
+def abort_endpoint(ep: Any) -> None:
+    """Abort a ucxx endpoint: UCX cancels its pending requests (their ``run_op`` tasks end)."""
+    try:
+        ep.abort()
+    except Exception:
+        logger.debug("ucxx endpoint abort failed", exc_info=True)
+
+
 class _Runtime:
     """The process's ucxx runtime: its event loop thread, UCX context, worker and progress thread.
 
@@ -46,7 +96,8 @@ class _Runtime:
     kept until the process exits (tearing ucxx down while a cut-off exchange is still being cancelled
     crashes UCX). ``fds`` are the file descriptors it owns (epoll, eventfds, shared-memory segments),
     recorded after a warm-up exchange so the lazily opened ones are included; anything a transport
-    opens after that (listeners, endpoints) is that transport's to close.
+    opens after that (listeners, endpoints) is that transport's to close. ``kept`` holds memory of
+    closed transports that a request UCX never ended might still touch (see ``settle_ops``).
     """
 
     _instance: _Runtime | None = None
@@ -54,6 +105,7 @@ class _Runtime:
 
     def __init__(self) -> None:
         before = open_fds()
+        self.kept: list[Any] = []
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="pdx-ucxx", daemon=True)
         self.thread.start()
@@ -82,8 +134,6 @@ class _Runtime:
 
 async def _warm_up() -> None:
     """One tiny exchange through a throwaway listener, so UCX opens what it opens lazily now."""
-    import gc
-
     import ucxx
 
     got: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -111,52 +161,3 @@ async def _warm_up() -> None:
     for _ in range(10):  # let UCX finish closing the throwaway endpoints
         gc.collect()
         await asyncio.sleep(0.02)
-
-
-async def _open(conn: _Conn, hello: bytes) -> None:
-    await conn.ensure(hello)  # returns nothing: a future holding the endpoint would keep UCX alive
-
-
-class _Conn:
-    """Initiator side of one peer: an endpoint used by one exchange at a time."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.ep: Any = None
-        self.lock: asyncio.Lock | None = None  # created on the runtime loop
-        self.next_id = 0
-        self.task: asyncio.Task[Any] | None = None  # the exchange running now
-        self.broken = False
-
-    async def ensure(self, hello: bytes) -> Any:
-        import ucxx
-
-        if self.ep is None or self.ep.closed:
-            ep = await asyncio.wait_for(ucxx.create_endpoint(self.host, self.port), CONNECT_TIMEOUT)
-            self.broken = False
-            # ucxx keeps the callback's arguments alive: refer to the endpoint weakly
-            ep.set_close_callback(self._closed_by_peer, cb_args=(asyncio.get_running_loop(), weakref.ref(ep)))
-            await ep.send(np.array([HELLO, len(hello), 0, 0], dtype=np.int64))
-            await ep.send(np.frombuffer(hello, dtype=np.uint8))
-            self.ep = ep
-        return self.ep
-
-    def _closed_by_peer(self, loop: asyncio.AbstractEventLoop, ep_ref: Any) -> None:
-        """ucxx's error/close callback (any thread): a pending send or receive may never finish."""
-        def mark() -> None:
-            if self.ep is not None and self.ep is ep_ref():
-                self.broken = True
-                if self.task is not None:
-                    self.task.cancel()
-        try:
-            loop.call_soon_threadsafe(mark)
-        except RuntimeError:
-            pass
-
-    def drop(self) -> None:
-        ep, self.ep = self.ep, None
-        if ep is not None:
-            try:
-                ep.abort()
-            except Exception:
-                logger.debug("ucxx endpoint abort failed", exc_info=True)

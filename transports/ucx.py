@@ -14,6 +14,12 @@ segment landed. Rows the target rejects (a region released since the descriptor
 was taken) are the report's failed segments; a broken connection fails every
 segment not yet acknowledged with ``PeerLost``.
 
+Beside each endpoint the initiator holds a plain TCP liveness socket to the
+target (``transports/_ucx_conn.py``): UCX alone may never end a pending request to
+a killed peer, the socket's EOF does. No ucxx request is ever left with a freed
+buffer: requests of a cut-off exchange end by aborting their endpoint, and
+``aclose`` waits for them before it frees regions (``transports/_ucx_runtime.py``).
+
 Every ucxx call of the process runs on one private event loop thread (ucxx binds
 its context to one loop), so transports work whatever loop, or none, the caller
 uses. A connection is used by one exchange at a time; a timed-out or aborted
@@ -26,29 +32,30 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any
 
 import numpy as np
 
 from transports._peer_wire import decode_descriptor, encode_descriptor
+from transports._ucx_conn import _Conn
 from transports._ucx_runtime import (
     CONNECT_TIMEOUT,
     DONE,
-    HELLO,
     WRITE,
-    _Conn,
-    _open,
     _Runtime,
     _view,
+    collect_endpoints,
+    run_op,
+    settle_ops,
 )
+from transports._ucx_target import UcxTarget
 from transports.base import (
     LOCAL_OFFSET,
     LOCAL_REGION,
     NBYTES,
     REMOTE_OFFSET,
     REMOTE_REGION,
-    Notification,
     Peer,
     SegmentPairs,
     Transfer,
@@ -117,7 +124,7 @@ class UcxTransfer(Transfer):
     def _collect(self) -> None:
         try:
             failed = self._future.result()
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, CancelledError):
             self._set(TransferStatus.ABORTED, tuple(range(self.num_segments)), "aborted", TransferAborted)
             return
         except Exception as exc:
@@ -167,9 +174,10 @@ class UcxTransport(Transport):
         self._runtime = _Runtime.acquire()
         self._peers: dict[str, Peer] = {}
         self._inflight: set[UcxTransfer] = set()
-        self._handlers: set[asyncio.Task[None]] = set()
-        self._exchanges: set[asyncio.Task[Any]] = set()  # on the runtime loop; they read region memory
-        self._listener = self._call(self._listen())
+        self._exchanges: set[asyncio.Task[Any]] = set()  # on the runtime loop
+        self._ops: set[asyncio.Task[Any]] = set()  # ucxx requests that may touch memory (see run_op)
+        self._target = UcxTarget(self, self._ops)
+        self._call(self._target.start(host))
 
     @classmethod
     def process_fds(cls) -> frozenset[str]:
@@ -179,93 +187,36 @@ class UcxTransport(Transport):
     def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return self._runtime.submit(coro).result(CONNECT_TIMEOUT + 5)
 
-    async def _listen(self) -> Any:
-        import ucxx
-
-        return ucxx.create_listener(self._serve, 0)
-
-    # -- target side (runs on the runtime loop) -------------------------------------------
-    async def _serve(self, ep: Any) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        try:
-            frame = np.zeros(4, dtype=np.int64)
-            await ep.recv(frame)
-            if frame[0] != HELLO or not 0 < frame[1] <= 4096:
-                logger.warning("ucx %s: bad hello from a peer; closing it", self.name)
-                return
-            name = np.zeros(int(frame[1]), dtype=np.uint8)
-            await ep.recv(name)
-            sender = name.tobytes().decode("utf-8", "replace")
-            while not self._closed:
-                await ep.recv(frame)
-                if frame[0] != WRITE or frame[2] < 0:
-                    logger.warning("ucx %s: bad frame %s from %s; closing it", self.name, frame, sender)
-                    return
-                await self._serve_write(ep, sender, int(frame[1]), int(frame[2]), int(frame[3]))
-        except asyncio.CancelledError:
-            pass
-        except Exception as exc:  # peer went away: nothing to report on this side
-            logger.debug("ucx %s: connection closed: %s", self.name, exc)
-        finally:
-            self._handlers.discard(task)
-            try:
-                ep.abort()
-            except Exception:
-                pass
-
-    async def _serve_write(self, ep: Any, sender: str, xfer_id: int, num: int, notif_len: int) -> None:
-        table = np.zeros((num, 3), dtype=np.int64)  # region, offset, nbytes
-        if num:
-            await ep.recv(table)
-        notif = None
-        if notif_len >= 0:
-            buf = np.zeros(notif_len, dtype=np.uint8)
-            if notif_len:
-                await ep.recv(buf)
-            notif = buf.tobytes()
-        status = np.ones(num, dtype=np.uint8)
-        views: list[np.ndarray] = []
-        for i, (rid, off, n) in enumerate(table.tolist()):
-            region = self.regions.get(rid)
-            if region is not None and n > 0 and off >= 0 and off + n <= region.nbytes:
-                status[i] = 0
-                views.append(_view(region.addr + off, n))
-        if num:
-            await ep.send(status)
-        for view in views:
-            await ep.recv(view)
-        num_failed = int(status.sum())
-        if notif is not None and num_failed == 0:
-            self.notifications.push(Notification(sender, notif))
-        await ep.send(np.array([DONE, xfer_id, num_failed, 0], dtype=np.int64))
-
     # -- descriptors and peers ------------------------------------------------------------
     def descriptor(self) -> bytes:
         self._check_open()
         rows = [(r.region_id, r.nbytes, r.addr, r.device) for r in self.regions.values()]
-        return encode_descriptor(self.kind, self.name, rows,
-                                 extra={"host": self.host, "port": int(self._listener.port)})
+        return encode_descriptor(self.kind, self.name, rows, extra={
+            "host": self.host, "port": self._target.port, "alive_port": self._target.alive_port})
 
     async def connect(self, descriptor: bytes) -> Peer:
         self._check_open()
         desc = decode_descriptor(descriptor, self.kind)
-        host, port = desc.extra.get("host"), desc.extra.get("port")
-        if not isinstance(host, str) or not isinstance(port, int):
+        address = (desc.extra.get("host"), desc.extra.get("port"), desc.extra.get("alive_port"))
+        host, port, alive_port = address
+        if not isinstance(host, str) or not isinstance(port, int) or not isinstance(alive_port, int):
             from transports.errors import DescriptorError
 
             raise DescriptorError(f"ucx descriptor of {desc.name} has no listener address")
         old = self._peers.get(desc.name)
-        conn = old.state if old is not None and (old.state.host, old.state.port) == (host, port) else _Conn(host, port)
+        conn = old.state if old is not None and old.state.address == address \
+            else _Conn(host, port, alive_port, self._ops)
         try:
-            await asyncio.wrap_future(self._runtime.submit(_open(conn, self.name.encode())))
+            await asyncio.wrap_future(self._runtime.submit(self._open(conn)))
         except Exception as exc:
             raise ConnectError(f"cannot reach ucx peer {desc.name} at {host}:{port} (stale descriptor, or the "
                                f"peer is gone): {exc!r}") from exc
         peer = Peer(desc.name, desc.regions, state=conn)
         self._peers[desc.name] = peer
         return peer
+
+    async def _open(self, conn: _Conn) -> None:
+        await conn.ensure(self.name.encode())  # returns nothing: a future holding the endpoint keeps UCX alive
 
     async def disconnect(self, peer: Peer) -> None:
         if self._peers.pop(peer.name, None) is None:
@@ -311,27 +262,29 @@ class UcxTransport(Transport):
         async with conn.lock:
             ep = await conn.ensure(self.name.encode())
             conn.task = asyncio.current_task()
+            ops = self._ops
             try:
                 conn.next_id += 1
                 num = len(table)
                 notif_len = -1 if notif is None else len(notif)
-                await ep.send(np.array([WRITE, conn.next_id, num, notif_len], dtype=np.int64))
+                await run_op(ops, ep.send(np.array([WRITE, conn.next_id, num, notif_len], dtype=np.int64)))
                 if num:
-                    await ep.send(table)
+                    await run_op(ops, ep.send(table))
                 if notif:
-                    await ep.send(np.frombuffer(notif, dtype=np.uint8))
+                    await run_op(ops, ep.send(np.frombuffer(notif, dtype=np.uint8)))
                 status = np.zeros(num, dtype=np.uint8)
                 if num:
-                    await ep.recv(status)
+                    await run_op(ops, ep.recv(status))
                 for i in np.flatnonzero(status == 0).tolist():
-                    await ep.send(sources[i])
+                    await run_op(ops, ep.send(sources[i]))
                 done = np.zeros(4, dtype=np.int64)
-                await ep.recv(done)
+                await run_op(ops, ep.recv(done))
                 if done[0] != DONE or done[1] != conn.next_id:
                     raise ConnectionError(f"unexpected reply {done.tolist()}")
             except asyncio.CancelledError:
+                broken = conn.broken
                 conn.drop()
-                if conn.broken:
+                if broken:
                     raise ConnectionError("the peer closed the connection mid-transfer") from None
                 raise
             except BaseException:
@@ -350,35 +303,23 @@ class UcxTransport(Transport):
         for peer in list(self._peers.values()):
             await self.disconnect(peer)
         # UCX may still read a cut-off exchange's source memory, or receive into a target region:
-        # settle both directions before super().aclose() frees the regions
+        # end every request (abort the endpoints, then wait) before super().aclose() frees the regions
         try:
-            await asyncio.wait_for(asyncio.wrap_future(self._runtime.submit(self._settle())), 15)
-            await asyncio.wait_for(asyncio.wrap_future(self._runtime.submit(self._shutdown())), 15)
+            settled = await asyncio.wait_for(asyncio.wrap_future(self._runtime.submit(self._shutdown())), 30)
+        except Exception:
+            logger.warning("ucx %s: shutdown did not finish", self.name, exc_info=True)
+            settled = False
         finally:
             self._peers.clear()
-            await super().aclose()
+        if not settled:
+            logger.warning("ucx %s: UCX did not end every request; keeping the regions' memory", self.name)
+            self._runtime.kept.extend(r.buffer for r in self.regions.values())
+        await super().aclose()
 
-    async def _settle(self) -> None:
+    async def _shutdown(self) -> bool:
         if self._exchanges:
             await asyncio.wait(list(self._exchanges), timeout=10)
-            await asyncio.sleep(0.1)  # the aborted endpoints' requests are cancelled on the next progress
-            await _collect_endpoints()
-
-    async def _shutdown(self) -> None:
-        self._listener.close()
-        self._listener = None
-        for task in list(self._handlers):
-            task.cancel()
-        if self._handlers:
-            await asyncio.wait(list(self._handlers), timeout=5)
-        await _collect_endpoints()
-
-
-async def _collect_endpoints() -> None:
-    """Free closed ucxx endpoints now: ucxx objects sit in reference cycles, and UCX closes an
-    endpoint's socket only when its object goes."""
-    import gc
-
-    for _ in range(5):
-        gc.collect()
-        await asyncio.sleep(0.02)
+        await self._target.close()
+        settled = await settle_ops(self._ops, 10)
+        await collect_endpoints()
+        return settled
