@@ -1,12 +1,14 @@
 """Cross-memory attach (``process_vm_readv``/``process_vm_writev``) for the shm target.
 
 ``CmaCopier.copy`` moves a frame's rows between this process and the initiator.
-A large frame is cut into pieces of about ``PIECE_BYTES`` (rows are split where a
-piece boundary falls inside them); the calling thread and ``copy_threads - 1``
-helper threads claim pieces one at a time until none is left, so the copy runs
-on several cores. A helper that is not scheduled in time leaves its share to
-the others: on a busy machine the cost is one wake-up, never a stall. The call
-returns only once no helper touches the frame's memory any more.
+A frame of ``SPLIT_BYTES`` or more is cut into about ``4 * copy_threads`` pieces
+of at least ``PIECE_BYTES`` (rows larger than a piece are cut); the calling
+thread and ``copy_threads - 1`` helper threads claim pieces one at a time until
+none is left, so the copy runs on several cores. A helper that is not scheduled
+in time leaves its share to the others. The call returns only once no helper
+touches the frame's memory any more (a helper preempted inside its piece makes
+the caller wait for it: on an oversubscribed machine ``copy_threads=1`` is
+steadier).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 IOV_MAX = 1024  # iovecs per syscall (Linux UIO_MAXIOV)
-PIECE_BYTES = 1 << 20  # bytes one thread claims at a time from a split frame
+PIECE_BYTES = 1 << 20  # least bytes one thread claims at a time from a split frame
 SPLIT_BYTES = 2 << 20  # frames smaller than this are copied by the calling thread alone
 
 _libc: Any = None
@@ -89,15 +91,26 @@ def cma_probe(pid: int, addr: int, expected: bytes) -> bool:
 
 
 def split_pieces(nbytes: np.ndarray, piece_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Cut rows at every multiple of ``piece_bytes`` of the running total.
+    """Cut rows into pieces of about ``piece_bytes``: whole rows where they fit, rows
+    larger than a piece cut at multiples of ``piece_bytes`` of the running total.
 
     Returns ``(row, offset, length, bounds)``: for each sub-row its row, its offset in
     that row and its length; piece ``i`` is sub-rows ``bounds[i]:bounds[i + 1]``.
     """
+    n = len(nbytes)
     ends = np.cumsum(nbytes)
     total = int(ends[-1])
+    size = int(nbytes[0])
+    if size % piece_bytes == 0 and bool((nbytes == size).all()):  # equal rows, a whole number of pieces each
+        k = size // piece_bytes
+        row = np.repeat(np.arange(n), k)
+        offset = np.tile(np.arange(k, dtype=np.int64) * piece_bytes, n)
+        return row, offset, np.full(n * k, piece_bytes, dtype=np.int64), np.arange(n * k + 1)
     marks = np.arange(piece_bytes, total, piece_bytes, dtype=np.int64)
-    cuts = np.union1d(np.concatenate(([0], ends[:-1])), marks)  # sorted sub-row starts
+    if int(nbytes.max()) <= piece_bytes:  # small rows: pieces of whole rows, nothing cut
+        bounds = np.unique(np.concatenate(([0], np.searchsorted(ends, marks, side="right"), [n])))
+        return np.arange(n), np.zeros(n, dtype=np.int64), nbytes, bounds
+    cuts = np.union1d(ends - nbytes, marks)  # sorted sub-row starts
     row = np.searchsorted(ends, cuts, side="right")
     offset = cuts - (ends[row] - nbytes[row])
     length = np.diff(np.append(cuts, total))
@@ -160,8 +173,12 @@ class CmaCopier:
         total = int(nbytes.sum())
         if self.copy_threads == 1 or total < SPLIT_BYTES or not self._start_helpers():
             return cma_copy(pid, local, remote, nbytes, is_read)
-        row, offset, length, bounds = split_pieces(nbytes, PIECE_BYTES)
-        rows = _Rows(pid, local[row] + offset, remote[row] + offset, length, is_read)
+        piece_bytes = max(PIECE_BYTES, total // (4 * self.copy_threads) // PIECE_BYTES * PIECE_BYTES)
+        row, offset, length, bounds = split_pieces(nbytes, piece_bytes)
+        if len(row) == len(nbytes):  # nothing cut: the rows as they are
+            rows = _Rows(pid, local, remote, nbytes, is_read)
+        else:
+            rows = _Rows(pid, local[row] + offset, remote[row] + offset, length, is_read)
         job = _Job(rows, bounds, np.zeros(len(row), dtype=bool))
         for _ in range(min(len(self._helpers), len(bounds) - 2)):
             self._jobs.put(job)

@@ -36,8 +36,13 @@ async def _create():
     return transports.create_transport("shm")
 
 
-def test_split_pieces_cover_every_byte_once():
-    sizes = np.array([3 * MiB + 5, 7, MiB, 2 * MiB - 7, 1], dtype=np.int64)
+@pytest.mark.parametrize("sizes", [
+    [3 * MiB + 5, 7, MiB, 2 * MiB - 7, 1],  # rows cut inside
+    [4 * MiB] * 3,  # equal rows, whole pieces each
+    [64 << 10] * 40 + [5],  # small rows grouped whole
+], ids=["mixed", "equal", "small"])
+def test_split_pieces_cover_every_byte_once(sizes):
+    sizes = np.array(sizes, dtype=np.int64)
     row, offset, length, bounds = split_pieces(sizes, MiB)
     starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
     covered = np.zeros(int(sizes.sum()), dtype=np.int8)
