@@ -5,6 +5,7 @@ For every selected transport and segment size, the initiator (this process) post
 scattered destination order so nothing can be merged) into a target endpoint in a
 separate process (in-process for ``loopback``), after one warm-up post; then the
 medium's raw baseline moves the same segments the same way (``_baselines.py``).
+``--rounds N`` alternates the two N times and pools the posts.
 
 Output: a table (GB/s, baseline GB/s, ratio, per-post latency p50/p99), the
 "64 KiB vs 1 MiB" throughput ratio per transport, ``--json FILE`` and ``--plot FILE``.
@@ -37,6 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sizes", help="comma-separated segment sizes in bytes (overrides the defaults)")
     p.add_argument("--post-mib", type=float, help="bytes per post, MiB (default 64; --quick 16)")
     p.add_argument("--posts", type=int, help="timed posts per point (default 8, so >= 256 MiB; --quick 4)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate pdx and baseline this many times per transport, pooling the posts "
+                        "(both sample the same load on a shared machine; default 1)")
     p.add_argument("--json", dest="json_path", help="write all points to this JSON file")
     p.add_argument("--plot", dest="plot_path", help="draw GB/s vs segment size to this PNG")
     return p.parse_args(argv)
@@ -140,7 +144,7 @@ def _machine(args: argparse.Namespace, post_bytes: int, posts: int) -> dict[str,
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
             "loadavg": [round(x, 2) for x in os.getloadavg()], "numpy": np.__version__,
             "ucx_net_devices": os.environ.get("UCX_NET_DEVICES"), "quick": args.quick,
-            "post_bytes": post_bytes, "posts_per_point": posts,
+            "post_bytes": post_bytes, "posts_per_point": posts, "rounds": args.rounds,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -167,14 +171,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pdx bench transport: skipping {k} (not available here)", file=sys.stderr)
     sizes = [s for s in sizes if 0 < s <= post_bytes]
     pts = [(s, _order(post_bytes // s)) for s in sizes]
-    bar = tqdm(total=2 * len(kinds) * len(pts), file=sys.stderr, unit="point", desc="bench transport")
+    if args.rounds < 1:
+        print("pdx bench transport: --rounds must be >= 1", file=sys.stderr)
+        return 2
+    bar = tqdm(total=2 * args.rounds * len(kinds) * len(pts), file=sys.stderr, unit="point", desc="bench transport")
     results: list[dict[str, Any]] = []
     for kind in kinds:
-        bar.set_postfix_str(f"pdx {kind}")
-        pdx_lat = asyncio.run(_pdx_points(kind, pts, posts, post_bytes, lambda: bar.update(1)))
-        bar.set_postfix_str(f"baseline {kind}")
-        base_lat = BASELINES[kind](pts, posts)
-        bar.update(len(pts))
+        pdx_lat: list[list[float]] = [[] for _ in pts]
+        base_lat: list[list[float]] = [[] for _ in pts]
+        for _ in range(args.rounds):  # alternate, so both sample the same load on a shared machine
+            bar.set_postfix_str(f"pdx {kind}")
+            for pooled, lat in zip(pdx_lat, asyncio.run(_pdx_points(kind, pts, posts, post_bytes, lambda: bar.update(1))),
+                                   strict=True):
+                pooled.extend(lat)
+            bar.set_postfix_str(f"baseline {kind}")
+            for pooled, lat in zip(base_lat, BASELINES[kind](pts, posts), strict=True):
+                pooled.extend(lat)
+            bar.update(len(pts))
         for (seg, order), lat, base in zip(pts, pdx_lat, base_lat, strict=True):
             results.append(_point(kind, seg, len(order), lat, base))
     bar.close()
