@@ -164,19 +164,20 @@ class SegmentPairs:
             (REMOTE_REGION, REMOTE_OFFSET, remote, "remote"),
         ):
             col = t[:, col_r]
+            all_ends = t[:, col_o] + t[:, NBYTES]
             is_one = len(col) > 0 and bool((col == col[0]).all())  # one region: no hash, no row masks
             for rid in [int(col[0])] if is_one else np.unique(col).tolist():
                 size = regions.get(rid)
-                rows = np.ones(len(col), dtype=bool) if is_one else col == rid
                 if size is None:
-                    first = int(np.flatnonzero(rows)[0])
+                    first = 0 if is_one else int(np.flatnonzero(col == rid)[0])
                     raise SegmentError(
                         f"segment {first}: {side} region {rid} is not registered "
                         f"(known {side} regions: {sorted(regions)}); register it, or refresh the peer descriptor"
                     )
-                ends = t[rows, col_o] + t[rows, NBYTES]
-                if (ends > size).any():
-                    bad = int(np.flatnonzero(rows)[int(np.argmax(ends > size))])
+                ends = all_ends if is_one else all_ends[col == rid]
+                if int(ends.max()) > size:
+                    rows = np.arange(len(col)) if is_one else np.flatnonzero(col == rid)
+                    bad = int(rows[int(np.argmax(ends > size))])
                     raise SegmentError(
                         f"segment {bad}: {side} range [{t[bad, col_o]}, {t[bad, col_o] + t[bad, NBYTES]}) "
                         f"is outside {side} region {rid} of {size} bytes"
