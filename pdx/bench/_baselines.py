@@ -222,11 +222,8 @@ def ucx_baseline(points: Points, posts: int) -> list[list[float]]:
     # so the bare baseline runs on one of its own.
     from transports._ucx_runtime import _Runtime
 
-    runtime = _Runtime.acquire()
-    try:
-        lat = runtime.submit(main()).result(600)
-    finally:
-        runtime.release()
+    runtime = _Runtime.acquire()  # once per process: kept until exit, like the transport's
+    lat = runtime.submit(main()).result(600)
     proc.join(10)
     return lat
 
