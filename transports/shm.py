@@ -12,9 +12,10 @@ processes of different users) the handshake probe fails and the payload goes
 through the unix socket instead (the ``tcp`` receive path: ``recv_into``
 straight into the target memory).
 
-Options: ``copy_threads`` (default 2): threads the target uses to pull one
-frame of at least 2 MiB, the receiving thread included (``cma.py``; 1 copies on
-the receiving thread only); ``allow_cma`` (default True; False forces the socket
+Options: ``copy_threads`` (default 1): threads the target uses to pull one
+frame of at least 2 MiB, the receiving thread included (``cma.py``); more helps
+only where one core cannot use the memory bandwidth (on a 2-vCPU VM two threads
+copied slower than one); ``allow_cma`` (default True; False forces the socket
 path); ``num_streams``, ``split_bytes``, ``connect_timeout`` as for ``tcp``.
 """
 
@@ -32,7 +33,7 @@ class ShmTransport(StreamTransport):
     kind = "shm"
     allow_cma = True
 
-    def __init__(self, name: str | None = None, allow_cma: bool = True, copy_threads: int = 2, **options: Any) -> None:
+    def __init__(self, name: str | None = None, allow_cma: bool = True, copy_threads: int = 1, **options: Any) -> None:
         if copy_threads < 1:
             raise ValueError("copy_threads must be >= 1")
         self.allow_cma = allow_cma
