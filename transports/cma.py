@@ -158,7 +158,7 @@ class _Job:
 class CmaCopier:
     """Copies frames with cross-memory attach on up to ``copy_threads`` threads (the caller's included)."""
 
-    def __init__(self, copy_threads: int = 2, name: str = "") -> None:
+    def __init__(self, copy_threads: int = 1, name: str = "") -> None:
         if copy_threads < 1:
             raise ValueError("copy_threads must be >= 1")
         self.copy_threads = copy_threads
