@@ -18,8 +18,9 @@ import gc
 import logging
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,42 @@ logger = logging.getLogger(__name__)
 
 HELLO, WRITE, DONE = 1, 2, 3
 CONNECT_TIMEOUT = 10.0
+# UCX options of pdx's ucxx context. No rendezvous protocol: it hands the peer a remote key,
+# and when that peer dies UCX invalidates the registration through a registration cache that
+# is absent when another UCX copy (NIXL's) is loaded in the process: a crash (UCX 1.21).
+UCX_OPTIONS = {"RNDV_THRESH": "inf"}
+
+_import_lock = threading.Lock()
+_ucxx_env: dict[str, str] = {}  # what importing ucxx put into os.environ, for ucxx's context only
+
+
+def import_ucxx() -> Any:
+    """``import ucxx`` without leaving its UCX settings in the process environment.
+
+    ucxx sets ``UCX_*`` variables for itself on import; NIXL's own UCX copy in the same
+    process would read them too. They are applied only while pdx's ucxx context is created."""
+    with _import_lock:
+        before = dict(os.environ)
+        import ucxx
+
+        for key, value in os.environ.items():
+            if key.startswith("UCX_") and key not in before:
+                _ucxx_env[key] = value
+        for key in _ucxx_env:
+            if before.get(key) is None:
+                os.environ.pop(key, None)
+        return ucxx
+
+
+@contextmanager
+def _with_ucxx_env() -> Iterator[None]:
+    added = [k for k in _ucxx_env if k not in os.environ]
+    os.environ.update({k: _ucxx_env[k] for k in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def _view(addr: int, nbytes: int) -> np.ndarray:
@@ -133,9 +170,11 @@ class _Runtime:
 
 
 async def _warm_up() -> None:
-    """One tiny exchange through a throwaway listener, so UCX opens what it opens lazily now."""
-    import ucxx
-
+    """Create pdx's ucxx context, then one tiny exchange through a throwaway listener, so UCX
+    opens what it opens lazily now."""
+    ucxx = import_ucxx()
+    with _with_ucxx_env():
+        ucxx.init(options=dict(UCX_OPTIONS))
     got: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def serve(ep: Any) -> None:

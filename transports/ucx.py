@@ -46,6 +46,7 @@ from transports._ucx_runtime import (
     _Runtime,
     _view,
     collect_endpoints,
+    import_ucxx,
     run_op,
     settle_ops,
 )
@@ -158,7 +159,7 @@ class UcxTransport(Transport):
     @classmethod
     def is_available(cls) -> bool:
         try:
-            import ucxx  # noqa: F401
+            import_ucxx()
         except ImportError:
             return False
         return True
@@ -166,7 +167,7 @@ class UcxTransport(Transport):
     def __init__(self, name: str | None = None, *, host: str = "127.0.0.1", timeout: float = 60.0) -> None:
         super().__init__(name)
         try:
-            import ucxx  # noqa: F401
+            import_ucxx()
         except ImportError as exc:
             raise TransportUnavailable(f"ucxx is not installed ({exc}); pip install ucxx-cu12") from exc
         self.host = host
