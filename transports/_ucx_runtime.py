@@ -29,10 +29,23 @@ logger = logging.getLogger(__name__)
 
 HELLO, WRITE, DONE = 1, 2, 3
 CONNECT_TIMEOUT = 10.0
-# UCX options of pdx's ucxx context. No rendezvous protocol: it hands the peer a remote key,
-# and when that peer dies UCX invalidates the registration through a registration cache that
-# is absent when another UCX copy (NIXL's) is loaded in the process: a crash (UCX 1.21).
-UCX_OPTIONS = {"RNDV_THRESH": "inf"}
+# UCX options of pdx's ucxx context where another UCX copy (NIXL's) is already loaded in the
+# process: that copy owns the memory hooks, so this one has no registration cache, and UCX 1.21
+# crashes when it aborts a rendezvous whose peer died (it invalidates the registration through
+# the missing cache). Without rendezvous, a receive cut off mid-message never ends instead: its
+# memory is kept (see ``settle_ops``) and its endpoint socket stays open.
+NO_RENDEZVOUS = {"RNDV_THRESH": "inf"}
+
+
+def other_ucx_loaded() -> bool:
+    """Whether a UCX library other than ucxx's (``libucx`` package) is mapped in this process."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libucp" in line}
+    except OSError:
+        return False
+    return any("/libucx/" not in path for path in paths)
+
 
 _import_lock = threading.Lock()
 _ucxx_env: dict[str, str] = {}  # what importing ucxx put into os.environ, for ucxx's context only
@@ -173,8 +186,11 @@ async def _warm_up() -> None:
     """Create pdx's ucxx context, then one tiny exchange through a throwaway listener, so UCX
     opens what it opens lazily now."""
     ucxx = import_ucxx()
+    options = dict(NO_RENDEZVOUS) if other_ucx_loaded() else {}
+    if options:
+        logger.info("ucx: another UCX copy is loaded in this process; pdx's ucxx context uses no rendezvous")
     with _with_ucxx_env():
-        ucxx.init(options=dict(UCX_OPTIONS))
+        ucxx.init(options=options)
     got: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def serve(ep: Any) -> None:
