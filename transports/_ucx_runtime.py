@@ -18,9 +18,8 @@ import gc
 import logging
 import os
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from concurrent.futures import Future
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -47,37 +46,13 @@ def other_ucx_loaded() -> bool:
     return any("/libucx/" not in path for path in paths)
 
 
-_import_lock = threading.Lock()
-_ucxx_env: dict[str, str] = {}  # what importing ucxx put into os.environ, for ucxx's context only
-
-
 def import_ucxx() -> Any:
-    """``import ucxx`` without leaving its UCX settings in the process environment.
+    """``import ucxx``. Its import sets ``UCX_*`` variables in the process environment, which a
+    NIXL UCX backend created later in the process reads too (the nixl transport's frozen-target
+    test passes only with ucxx's ``UCX_RNDV_THRESH=8192``), so they are left as ucxx sets them."""
+    import ucxx
 
-    ucxx sets ``UCX_*`` variables for itself on import; NIXL's own UCX copy in the same
-    process would read them too. They are applied only while pdx's ucxx context is created."""
-    with _import_lock:
-        before = dict(os.environ)
-        import ucxx
-
-        for key, value in os.environ.items():
-            if key.startswith("UCX_") and key not in before:
-                _ucxx_env[key] = value
-        for key in _ucxx_env:
-            if before.get(key) is None:
-                os.environ.pop(key, None)
-        return ucxx
-
-
-@contextmanager
-def _with_ucxx_env() -> Iterator[None]:
-    added = [k for k in _ucxx_env if k not in os.environ]
-    os.environ.update({k: _ucxx_env[k] for k in added})
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
+    return ucxx
 
 
 def _view(addr: int, nbytes: int) -> np.ndarray:
@@ -189,8 +164,7 @@ async def _warm_up() -> None:
     options = dict(NO_RENDEZVOUS) if other_ucx_loaded() else {}
     if options:
         logger.info("ucx: another UCX copy is loaded in this process; pdx's ucxx context uses no rendezvous")
-    with _with_ucxx_env():
-        ucxx.init(options=options)
+    ucxx.init(options=options)
     got: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def serve(ep: Any) -> None:
