@@ -82,7 +82,8 @@ class LoopThread:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
-        self.loop.close()
+        if not self._thread.is_alive():  # a loop still running cannot be closed
+            self.loop.close()
 
 
 class Endpoint:

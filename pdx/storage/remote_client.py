@@ -26,12 +26,11 @@ regions, the transport, its loop thread and the sockets.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import os
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,6 +43,7 @@ from pdx.storage.channel import StoreChannel
 from pdx.storage.checksum import checksum
 from pdx.storage.client import StoreClient
 from pdx.storage.remote_channel import RemoteChannel, parse_address
+from transports.remote import LoopThread
 
 if TYPE_CHECKING:
     from transports.base import MemoryRegion, Peer, Transport
@@ -89,7 +89,7 @@ class RemoteStoreClient(StoreClient):
         self.address = address
         self._token = os.environ.get(TOKEN_ENV, "") if token is None else token
         self._transport_options = dict(transport_options or {})
-        self._loop = _LoopThread("pdx-store-remote")
+        self._loop = LoopThread("pdx-store-remote")
         self._transport: Transport | None = None
         self._store: StorePeer | None = None
         self._transport_lock = threading.Lock()
@@ -251,9 +251,9 @@ class RemoteStoreClient(StoreClient):
                     self._close_transport()
                     options = _options(kind, self.timeout_s)
                     options.update(self._transport_options)
-                    self._transport = self._loop.run(_create(create_transport, kind, options))
+                    self._transport = self._loop.run(_create(create_transport, kind, options), 30.0)
                 elif self._store is not None:  # the store restarted: forget its old endpoint
-                    self._loop.run(self._transport.disconnect(self._store.peer))
+                    self._loop.run(self._transport.disconnect(self._store.peer), 30.0)
                 self._store = None
                 peer = self._loop.run(self._transport.connect(descriptor), self.timeout_s + 10.0)
             except TransportError as exc:
@@ -265,7 +265,7 @@ class RemoteStoreClient(StoreClient):
         with self._transport_lock:
             if self._store is not None and self._store.peer is store.peer and self._transport is not None:
                 self._store = None
-                self._loop.run(self._transport.disconnect(store.peer))
+                self._loop.run(self._transport.disconnect(store.peer), 30.0)
 
     def _close_transport(self) -> None:
         """Release the staging regions and close the transport (caller holds ``_transport_lock``)."""
@@ -275,7 +275,7 @@ class RemoteStoreClient(StoreClient):
             region.release()
         transport, self._transport, self._store = self._transport, None, None
         if transport is not None:
-            self._loop.run(transport.aclose())
+            self._loop.run(transport.aclose(), 30.0)
 
     # -- staging buffers -----------------------------------------------------------------------
     def _take(self, nbytes: int) -> MemoryRegion:
@@ -341,26 +341,3 @@ async def _post(transport: Any, peer: Peer, pairs: Any, op: str, timeout: float)
     post = transport.post_read if op == "read" else transport.post_write
     transfer = await post(peer, pairs)
     return await transfer.wait(timeout)
-
-
-class _LoopThread:
-    """The transport's event loop, on a daemon thread; ``run`` waits for a coroutine there."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float | None = 30.0) -> Any:
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return fut.result(timeout)
-        except TimeoutError:
-            fut.cancel()
-            raise
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-        if not self._thread.is_alive():
-            self.loop.close()
