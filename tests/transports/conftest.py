@@ -237,5 +237,38 @@ def initiator(kind: str, aio: LoopThread) -> Iterator[transports.base.Transport]
     assert not t.regions, "initiator kept registered regions after aclose"
 
 
-async def _create(kind: str) -> transports.base.Transport:
-    return transports.create_transport(kind)
+async def _create(kind: str, **options: object) -> transports.base.Transport:
+    return transports.create_transport(kind, **options)
+
+
+@pytest.fixture
+def start_target() -> Iterator:
+    """``start_target(kind, **options)``: a dedicated target process with its own options;
+    at teardown it must report no regions, threads or fds left."""
+    started: list[RemoteEndpoint] = []
+
+    def start(kind: str, **options: object) -> RemoteEndpoint:
+        ep = RemoteEndpoint.start(kind, **options)
+        started.append(ep)
+        return ep
+
+    yield start
+    for ep in started:
+        report = ep.close()
+        ep.stop()
+        assert report["regions"] == 0 and not report["threads"] and not report["fds"], report
+
+
+@pytest.fixture
+def open_initiator(aio: LoopThread) -> Iterator:
+    """``open_initiator(kind, **options)``: an initiator in this process with its own options."""
+    opened: list[transports.base.Transport] = []
+
+    def open_(kind: str, **options: object) -> transports.base.Transport:
+        t = aio.run(_create(kind, **options))
+        opened.append(t)
+        return t
+
+    yield open_
+    for t in opened:
+        aio.run(t.aclose())

@@ -11,29 +11,19 @@ import pytest
 import transports
 from transports.base import SegmentPairs
 from transports.cma import PIECE_BYTES, SPLIT_BYTES, CmaCopier, split_pieces
-from transports.remote import RemoteEndpoint, digest, pattern
+from transports.remote import digest, pattern
 
 MiB = 1 << 20
 
 
 @pytest.fixture
-def target():
-    ep = RemoteEndpoint.start("shm", copy_threads=3)
-    yield ep
-    report = ep.close()
-    ep.stop()
-    assert report["regions"] == 0 and not report["threads"] and not report["fds"], report
+def target(start_target):
+    return start_target('shm', copy_threads=3)
 
 
 @pytest.fixture
-def initiator(aio):
-    t = aio.run(_create())
-    yield t
-    aio.run(t.aclose())
-
-
-async def _create():
-    return transports.create_transport("shm")
+def initiator(open_initiator):
+    return open_initiator('shm')
 
 
 @pytest.mark.parametrize("sizes", [

@@ -5,32 +5,21 @@ from __future__ import annotations
 
 import pytest
 
-import transports
 from transports.base import SegmentPairs
-from transports.remote import RemoteEndpoint, digest, pattern
+from transports.remote import digest, pattern
 from transports.wire import MODE_INLINE
 
 MiB = 1 << 20
 
 
 @pytest.fixture
-def inline_target():
-    ep = RemoteEndpoint.start("shm", allow_cma=False)
-    yield ep
-    report = ep.close()
-    ep.stop()
-    assert report["regions"] == 0 and not report["threads"] and not report["fds"], report
+def inline_target(start_target):
+    return start_target('shm', allow_cma=False)
 
 
 @pytest.fixture
-def initiator(aio):
-    t = aio.run(_create())
-    yield t
-    aio.run(t.aclose())
-
-
-async def _create():
-    return transports.create_transport("shm")
+def initiator(open_initiator):
+    return open_initiator('shm')
 
 
 def test_shm_inline_write_and_read(aio, initiator, inline_target):

@@ -9,29 +9,19 @@ import pytest
 import transports
 from transports.base import SegmentPairs
 from transports.errors import TransferError
-from transports.remote import RemoteEndpoint, digest, pattern
+from transports.remote import digest, pattern
 
 MiB = 1 << 20
 
 
 @pytest.fixture
-def target():
-    ep = RemoteEndpoint.start("tcp")
-    yield ep
-    report = ep.close()
-    ep.stop()
-    assert report["regions"] == 0 and not report["threads"] and not report["fds"], report
+def target(start_target):
+    return start_target('tcp')
 
 
 @pytest.fixture
-def initiator(aio):
-    t = aio.run(_create())
-    yield t
-    aio.run(t.aclose())
-
-
-async def _create():
-    return transports.create_transport("tcp", num_streams=3, split_bytes=MiB)
+def initiator(open_initiator):
+    return open_initiator('tcp', num_streams=3, split_bytes=MiB)
 
 
 def test_parts_land_whole_and_notify_once(aio, initiator, target):
