@@ -195,11 +195,13 @@ class StoreServer:
 
     # -- operations ----------------------------------------------------------------------
     async def lookup(self, keys: list[bytes], budget_s: float) -> dict[str, int]:
-        """Leading run of keys stored in L1, then L2; L2 hits start promoting at once."""
+        """Leading run of keys stored in L1, then L2; L2 hits start promoting at once.
+
+        A zero budget answers from L1 alone, as ``acquire`` does (no L2 call, no L2 error)."""
         assert self.index is not None
         num_l1 = self.index.lookup_prefix(keys)
         num = num_l1
-        if self.tier is not None and num_l1 < len(keys):
+        if self.tier is not None and num_l1 < len(keys) and budget_s > 0:
             num += await self.tier.contains_prefix(keys[num_l1:], budget_s)
         self.counters.lookup_chunks += len(keys)
         self.counters.lookup_hits += num

@@ -59,6 +59,19 @@ def test_second_store_reads_chunks_of_the_first_through_l2(l2_url, store_factory
     )
 
 
+def test_lookup_with_no_l2_budget_answers_from_l1_without_l2_errors(
+    l2_url, store_factory, client_factory
+):
+    store = store_factory(l2=l2_url)
+    keys = make_keys(3, "nobudget")
+    save_and_write_through(store, client_factory(store.socket), keys)
+    store.post("/clear", {})
+    assert client_factory(store.socket, l2_budget_s=0.0).lookup_prefix(keys) == 0
+    stats = store.stats()
+    assert stats["l2_errors"] == 0 and stats["l2_promotions"] == 0, stats
+    assert client_factory(store.socket, l2_budget_s=2.0).lookup_prefix(keys) == 3
+
+
 def test_clear_with_l2_empties_both_tiers(l2_url, store_factory, client_factory):
     store = store_factory(l2=l2_url)
     client = client_factory(store.socket)
