@@ -61,14 +61,19 @@ def lmcache_kv_transfer_config(mp_port: int, host: str = "127.0.0.1") -> dict[st
         "kv_connector_module_path": CONNECTOR_MODULE,
         "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",  # as LocalFleet's engines: a chunk not loaded is recomputed
-        "kv_connector_extra_config": {"lmcache.mp.host": f"tcp://{host}", "lmcache.mp.port": mp_port},
+        "kv_connector_extra_config": {
+            "lmcache.mp.host": f"tcp://{host}",
+            "lmcache.mp.port": mp_port,
+        },
     }
 
 
 def lmcache_engine_spec(spec: Any, mp_port: int, site_packages: Path) -> Any:
     """``spec`` (a ``pdx.engines.process.EngineSpec``) with LMCache's connector and import path."""
     env = dict(spec.extra_env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site_packages), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(site_packages), env.get("PYTHONPATH", "")) if p
+    )
     return replace(
         spec,
         kv_transfer_config=lmcache_kv_transfer_config(mp_port, spec.host),
@@ -77,7 +82,9 @@ def lmcache_engine_spec(spec: Any, mp_port: int, site_packages: Path) -> Any:
     )
 
 
-def server_command(venv: Path, port: int, http_port: int, l1_gb: float, chunk_size: int) -> list[str]:
+def server_command(
+    venv: Path, port: int, http_port: int, l1_gb: float, chunk_size: int
+) -> list[str]:
     """argv of LMCache's MP server: CPU L1 only, loopback, engine-driven SHM transfers."""
     return [
         str(venv / "bin" / "lmcache"), "server",
@@ -117,7 +124,12 @@ class LMCacheFleet(LocalFleet):
             raise ConfigError(f"LMCacheFleet runs role-both engines only; {not_both} are not")
         self.mp_port, self.http_port = free_port(), free_port()
         cmd = server_command(self.venv, self.mp_port, self.http_port, self.l1_gb, self.chunk_size)
-        env = {**os.environ, "LMCACHE_DISABLE_BANNER": "1", "LMCACHE_TRACK_USAGE": "false", "DO_NOT_TRACK": "1"}
+        env = {
+            **os.environ,
+            "LMCACHE_DISABLE_BANNER": "1",
+            "LMCACHE_TRACK_USAGE": "false",
+            "DO_NOT_TRACK": "1",
+        }
         self.log_dir.mkdir(parents=True, exist_ok=True)
         logger.info("starting LMCache server: %s", " ".join(cmd))
         with open(self.log_dir / "lmcache-server.log", "ab") as log:
@@ -126,7 +138,9 @@ class LMCacheFleet(LocalFleet):
         _wait_until(f"{self.store_url}/metrics", self._store, "LMCache server", 120.0)
         model_dir = resolve_model_path(self.topology) if local else ""
         for engine in local:
-            spec = lmcache_engine_spec(engine_spec(self.topology, engine, model_dir), self.mp_port, site_packages)
+            spec = lmcache_engine_spec(
+                engine_spec(self.topology, engine, model_dir), self.mp_port, site_packages
+            )
             self.engines.append(VllmEngine(spec, self.log_dir / f"{engine.id}.log"))
         start_engines(self.engines, timeout_s)
         route = ["import sys; from pdx.router.cli import route_main; sys.exit(route_main(sys.argv[1:]))",
@@ -140,4 +154,3 @@ class LMCacheFleet(LocalFleet):
 
     def __enter__(self) -> LMCacheFleet:
         return self.start()
-

@@ -63,9 +63,15 @@ def test_engine_spec_keeps_the_topology_and_swaps_only_the_connector() -> None:
                   "max_num_seqs", "extra_args", "served_model_name", "enable_prefix_caching"):  # fmt: skip
         assert getattr(out, field) == getattr(spec, field), field
     kv = out.kv_transfer_config
-    assert kv["kv_connector"] == "LMCacheMPConnector" and kv["kv_connector_module_path"] == CONNECTOR_MODULE
+    assert (
+        kv["kv_connector"] == "LMCacheMPConnector"
+        and kv["kv_connector_module_path"] == CONNECTOR_MODULE
+    )
     assert kv["kv_role"] == "kv_both"
-    assert kv["kv_connector_extra_config"] == {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": 6555}
+    assert kv["kv_connector_extra_config"] == {
+        "lmcache.mp.host": "tcp://127.0.0.1",
+        "lmcache.mp.port": 6555,
+    }
     assert dict(out.extra_env)["PYTHONPATH"].split(":")[0] == "/v/lib/python3.11/site-packages"
 
 
@@ -102,7 +108,9 @@ def test_a_repeated_prompt_prefix_is_served_by_lmcache(tmp_path) -> None:
                 r = client.post("/v1/completions", json=body)
                 assert r.status_code == 200, r.text
                 texts.append(r.json()["choices"][0]["text"])
-        engine = parse_prometheus_text(httpx.get(fleet.engine_urls[0] + "/metrics", timeout=10).text)
+        engine = parse_prometheus_text(
+            httpx.get(fleet.engine_urls[0] + "/metrics", timeout=10).text
+        )
         server = httpx.get(fleet.store_url + "/metrics", timeout=10).text
     assert texts[0] == texts[1]  # the loaded KV gives the same greedy answer
     # The second request's three full chunks came from LMCache, none from vLLM's (disabled) cache.
