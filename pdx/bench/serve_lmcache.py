@@ -83,9 +83,13 @@ def lmcache_engine_spec(spec: Any, mp_port: int, site_packages: Path) -> Any:
 
 
 def server_command(
-    venv: Path, port: int, http_port: int, l1_gb: float, chunk_size: int
+    venv: Path, port: int, http_port: int, l1_gb: float, chunk_size: int, num_engines: int = 1
 ) -> list[str]:
-    """argv of LMCache's MP server: CPU L1 only, loopback, engine-driven SHM transfers."""
+    """argv of LMCache's MP server: CPU L1 only, loopback, engine-driven SHM transfers.
+
+    One store/retrieve worker thread per engine (with fewer, engines' transfers queue
+    behind each other's on a shared thread).
+    """
     return [
         str(venv / "bin" / "lmcache"), "server",
         "--host", "127.0.0.1", "--port", str(port),
@@ -94,6 +98,7 @@ def server_command(
         "--chunk-size", str(chunk_size),
         "--supported-transfer-mode", "engine_driven",
         "--shm-name", f"pdx-lmcache-{port}",
+        "--max-workers", str(max(1, num_engines)),
     ]  # fmt: skip
 
 
@@ -123,7 +128,9 @@ class LMCacheFleet(LocalFleet):
         if not_both:
             raise ConfigError(f"LMCacheFleet runs role-both engines only; {not_both} are not")
         self.mp_port, self.http_port = free_port(), free_port()
-        cmd = server_command(self.venv, self.mp_port, self.http_port, self.l1_gb, self.chunk_size)
+        cmd = server_command(
+            self.venv, self.mp_port, self.http_port, self.l1_gb, self.chunk_size, len(local)
+        )
         env = {
             **os.environ,
             "LMCACHE_DISABLE_BANNER": "1",
