@@ -49,11 +49,15 @@ from pdx.bench.workloads import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOPOLOGY = "configs/local-2x-store.yaml"
-# --quick: 3 workloads x 25 s x 2 fleets + 2 fleet start-ups (~2 min each on 2 cores) < 15 min.
-QUICK = {"qps": 2.0, "duration": 25.0, "kv_gb": 0.02, "system_tokens": 512, "max_prompt_tokens": 1536,
-         "doc_tokens": 1024, "random_tokens": 512}  # fmt: skip
-FULL = {"qps": 2.0, "duration": 60.0, "kv_gb": 0.05, "system_tokens": 768, "max_prompt_tokens": 1800,
-        "doc_tokens": 1536, "random_tokens": 768}  # fmt: skip
+# Chat users open with a long context of their own (LMCache's multi-round QA shape) and
+# their KV (kv_gb) exceeds the engines' own caches in configs/local-2x-store.yaml.
+# --quick: (90 + 20 + 20) s of arrivals x 2 fleets + 2 fleet start-ups (~1.5 min each) < 15 min.
+QUICK = {"qps": 1.0, "duration": 90.0, "short_duration": 20.0, "kv_gb": 0.12, "system_tokens": 1024,
+         "user_context_tokens": 4096, "answer_tokens": 96, "max_prompt_tokens": 7168, "doc_tokens": 2048,
+         "random_tokens": 1024}  # fmt: skip
+FULL = {"qps": 1.0, "duration": 240.0, "short_duration": 60.0, "kv_gb": 0.12, "system_tokens": 1024,
+        "user_context_tokens": 4096, "answer_tokens": 96, "max_prompt_tokens": 7168, "doc_tokens": 2048,
+        "random_tokens": 1024}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workload", default=",".join(WORKLOADS), help="comma-separated: " + ",".join(WORKLOADS)
     )
     p.add_argument("--qps", type=float)
-    p.add_argument("--duration", type=float, help="seconds of arrivals per workload")
+    p.add_argument("--duration", type=float,
+                   help="seconds of arrivals per workload (default: the preset's, shorter for long-doc-qa and random)")  # fmt: skip
     p.add_argument("--arrival", choices=["poisson", "uniform"], default="poisson")
     p.add_argument("--max-requests", type=int, default=10_000, help="per workload")
     p.add_argument(
@@ -89,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, help="chat users (default: sized to --kv-gb)")
     p.add_argument("--kv-gb", type=float, help="chat users' KV volume (GB) that sizes --users")
     p.add_argument("--system-tokens", type=int)
+    p.add_argument("--user-context-tokens", type=int,
+                   help="each chat conversation's own opening context (after the system prompt)")  # fmt: skip
     p.add_argument("--user-turn-tokens", type=int, default=32)
-    p.add_argument("--answer-tokens", type=int, default=16)
+    p.add_argument("--answer-tokens", type=int)
     p.add_argument("--max-prompt-tokens", type=int)
     p.add_argument("--num-docs", type=int, default=2)
     p.add_argument("--doc-tokens", type=int)
@@ -130,7 +137,9 @@ def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
     return WorkloadSpec(
         seed=args.seed, vocab_size=vocab, output_tokens=args.output_tokens, num_users=users,
         system_tokens=args.system_tokens or int(preset["system_tokens"]), user_turn_tokens=args.user_turn_tokens,
-        answer_tokens=args.answer_tokens, max_prompt_tokens=max_prompt, num_docs=args.num_docs,
+        user_context_tokens=int(preset["user_context_tokens"] if args.user_context_tokens is None
+                                else args.user_context_tokens),
+        answer_tokens=args.answer_tokens or int(preset["answer_tokens"]), max_prompt_tokens=max_prompt, num_docs=args.num_docs,
         doc_tokens=args.doc_tokens or int(preset["doc_tokens"]), question_tokens=args.question_tokens,
         random_tokens=args.random_tokens or int(preset["random_tokens"]),
     )  # fmt: skip
@@ -165,19 +174,22 @@ async def run_workloads(
     target: Target,
     names: list[str],
     spec: WorkloadSpec,
-    load: LoadSpec,
+    loads: LoadSpec | dict[str, LoadSpec],
     progress: bool,
     transport: Any = None,
 ) -> list[tuple[ServeResult, list[RequestRecord]]]:
-    """Run each workload in turn against ``target``; ``transport`` is an httpx transport (tests)."""
+    """Run each workload in turn against ``target`` (``loads``: one load, or one per workload name);
+    ``transport`` is an httpx transport (tests)."""
     import httpx
     from tqdm import tqdm
 
     out = []
+    first = loads if isinstance(loads, LoadSpec) else next(iter(loads.values()))
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    timeout = httpx.Timeout(load.request_timeout_s, connect=10.0)
+    timeout = httpx.Timeout(first.request_timeout_s, connect=10.0)
     async with httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport) as client:
         for name in names:
+            load = loads if isinstance(loads, LoadSpec) else loads[name]
             workload = create_workload(name, spec)
             before = await _scrape(client, target.engine_urls)
             store_before = await _scrape(client, (target.store_url,)) if target.store_url else []
@@ -219,7 +231,7 @@ async def _warm_up(url: str, model: str) -> None:
 
 
 def _run_launched(
-    args: argparse.Namespace, names: list[str], spec: WorkloadSpec, load: LoadSpec
+    args: argparse.Namespace, names: list[str], spec: WorkloadSpec, loads: dict[str, LoadSpec]
 ) -> list:
     from pdx.bench.serve_fleet import LocalFleet
     from pdx.config import load_topology
@@ -255,7 +267,7 @@ def _run_launched(
                     fleet.store_url,
                     with_store,
                 )
-                runs += asyncio.run(run_workloads(target, names, spec, load, not args.no_progress))
+                runs += asyncio.run(run_workloads(target, names, spec, loads, not args.no_progress))
     return runs
 
 
@@ -285,19 +297,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     preset = QUICK if args.quick else FULL
     spec = workload_spec(args)
-    load = LoadSpec(qps=args.qps or preset["qps"], duration_s=args.duration or preset["duration"],
-                    max_requests=args.max_requests, arrival=args.arrival, drain_s=args.drain, seed=args.seed)  # fmt: skip
-    print(f"[pdx bench serve] workloads {names}, {load.qps} QPS for {load.duration_s:.0f} s each, "
-          f"{spec.num_users} chat users", file=sys.stderr)  # fmt: skip
+    loads = {
+        name: LoadSpec(qps=args.qps or preset["qps"], max_requests=args.max_requests, arrival=args.arrival,
+                       duration_s=args.duration or preset["duration" if name == "multi-round-chat" else "short_duration"],
+                       drain_s=args.drain, seed=args.seed)
+        for name in names
+    }  # fmt: skip
+    shape = ", ".join(f"{n} {ld.duration_s:.0f} s" for n, ld in loads.items())
+    print(f"[pdx bench serve] {loads[names[0]].qps} QPS: {shape}; {spec.num_users} chat users, conversations "
+          f"of {spec.system_tokens} system + {spec.user_context_tokens} own context tokens up to "
+          f"{spec.max_prompt_tokens}", file=sys.stderr)  # fmt: skip
     if args.launch:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_exit)  # SIGTERM unwinds: the fleet is stopped
-        runs = _run_launched(args, names, spec, load)
+        runs = _run_launched(args, names, spec, loads)
     else:
         url = args.url.rstrip("/")
         target = Target(url, args.model, tuple(u.rstrip("/") for u in (args.engine_url or [url])),
                         args.store_url, bool(args.store_url))  # fmt: skip
-        runs = asyncio.run(run_workloads(target, names, spec, load, not args.no_progress))
+        runs = asyncio.run(run_workloads(target, names, spec, loads, not args.no_progress))
     results = [r for r, _ in runs]
     print(format_table(results))
     if args.json:

@@ -6,8 +6,10 @@ prompt has exactly the length asked for and the same seed gives the same
 prompts on any machine. Three workloads:
 
 ``multi-round-chat``
-    ``num_users`` conversations share one system prompt. Turn k of a user is
-    ``system + history + user_turn_k``; once answered, ``user_turn_k`` and a
+    ``num_users`` conversations share one system prompt. Each conversation opens
+    with a context of its own (``user_context_tokens`` seeded ids: the user's
+    documents or earlier sessions, as in LMCache's multi-round QA benchmark; 0 for
+    none). Turn k of a user is ``system + context + history + user_turn_k``; once answered, ``user_turn_k`` and a
     synthetic ``answer_k`` (seeded ids, ``answer_tokens`` long, standing for the
     assistant's reply) join the history, so each prompt extends the user's
     previous one. A user sends its next turn only after the previous answer came
@@ -44,6 +46,7 @@ class WorkloadSpec:
     # multi-round-chat
     num_users: int = 4
     system_tokens: int = 512  # shared by every user
+    user_context_tokens: int = 0  # a conversation's own opening context (after the system prompt)
     user_turn_tokens: int = 32
     answer_tokens: int = 16  # synthetic assistant reply appended to the history
     max_prompt_tokens: int = 1800  # a conversation longer than this starts over
@@ -100,21 +103,24 @@ class MultiRoundChat:
     def __init__(self, spec: WorkloadSpec) -> None:
         self.spec = spec
         self.system = _ids(spec, spec.system_tokens, 1)
-        self._history: list[tuple[int, ...]] = [() for _ in range(spec.num_users)]
         self._turn = [0] * spec.num_users
         self._conversation = [0] * spec.num_users  # restarts so far
+        self._history = [self._context(u) for u in range(spec.num_users)]
         self._pending: dict[int, tuple[int, ...]] = {}
 
     @property
     def num_users(self) -> int:
         return self.spec.num_users
 
+    def _context(self, user: int) -> tuple[int, ...]:
+        return _ids(self.spec, self.spec.user_context_tokens, 4, user, self._conversation[user])
+
     def next_request(self, user: int) -> Request:
         s = self.spec
         user_turn = _ids(s, s.user_turn_tokens, 2, user, self._conversation[user], self._turn[user])
-        if s.system_tokens + len(self._history[user]) + len(user_turn) > s.max_prompt_tokens:
+        if self._turn[user] and s.system_tokens + len(self._history[user]) + len(user_turn) > s.max_prompt_tokens:
             self._conversation[user] += 1
-            self._history[user], self._turn[user] = (), 0
+            self._history[user], self._turn[user] = self._context(user), 0
             user_turn = _ids(s, s.user_turn_tokens, 2, user, self._conversation[user], 0)
         self._pending[user] = user_turn
         return Request(user, self.system + self._history[user] + user_turn)

@@ -103,6 +103,8 @@ class StoreScheduler:
             return 0, False
         n = self.client.lookup_prefix(keys[chunk0:])
         end = (chunk0 + n) * self.cfg.chunk_size
+        logger.debug("store lookup of %s: %d of %d chunks stored beyond %d computed tokens", rid, n,
+                     len(keys) - chunk0, num_computed_tokens)
         if end <= num_computed_tokens:
             return 0, False
         self._planned[rid] = (tuple(keys[chunk0:chunk0 + n]), chunk0, num_computed_tokens)
@@ -148,6 +150,8 @@ class StoreScheduler:
         self._planned.pop(rid, None)
         self._attempted.discard(rid)
         self._loading.pop(rid, None)
+        logger.debug("store: %s finished (%s) with %d blocks, %d computed tokens", rid, request.status.name,
+                     len(block_ids), request.num_computed_tokens)
         if request.status.name not in _NORMAL_FINISH or not block_ids:
             return False
         num = min(request.num_computed_tokens, len(block_ids) * self.block_size)
@@ -157,6 +161,7 @@ class StoreScheduler:
         # The worker looks the keys up first and stores only the chunks the store lacks.
         chunk_blocks = tuple(block_ids[:len(keys) * self.bpc])
         is_held = not is_held_elsewhere
+        logger.debug("store save of %s: %d chunks queued", rid, len(keys))
         self._saves.append(StoreSaveSpec(rid, tuple(keys), chunk_blocks, is_held))
         if is_held:
             self._held.add(rid)
@@ -226,6 +231,7 @@ class StoreWorker:
         try:
             first = self.saver.lookup_prefix(spec.keys)  # never save what the store holds
             keys = spec.keys[first:]
+            logger.debug("store save of %s: %d of %d chunks stored already", spec.req_id, first, len(spec.keys))
             if not keys:
                 return
             with self.saver.write_views(keys, [self.chunk_nbytes] * len(keys)) as views:

@@ -63,6 +63,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _configure_logging() -> None:
+    """``PDX_LOG_LEVEL`` (e.g. ``INFO``, ``DEBUG``): pdx's connector logs to the engine's stderr at that level."""
+    import os
+
+    level = os.environ.get("PDX_LOG_LEVEL")
+    root = logging.getLogger("pdx")
+    if not level or root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [pid %(process)d]: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
 def kv_written_before_attention(layer_name: str) -> bool:
     """True for a plain ``Attention`` layer with its own KV cache whose backend writes the KV
     (``unified_kv_cache_update``) before the attention op starts; anything else (MLA, KV
@@ -82,6 +96,7 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        _configure_logging()
         ktc = self._kv_transfer_config
         self.cfg = ConnectorConfig.from_extra_config(ktc.kv_connector_extra_config)
         groups = getattr(kv_cache_config, "kv_cache_groups", None) or []

@@ -70,6 +70,19 @@ def test_chat_turn_waits_for_its_answer_and_long_conversations_start_over() -> N
     assert fresh[:64] == first[:64] and len(fresh) == 64 + 8 and fresh != first
 
 
+def test_chat_users_open_with_their_own_context_and_restarts_bring_a_new_one() -> None:
+    spec = WorkloadSpec(**{**SPEC.__dict__, "user_context_tokens": 24, "max_prompt_tokens": 150})
+    chat = create_workload("multi-round-chat", spec)
+    firsts = [chat.next_request(u).prompt for u in range(spec.num_users)]
+    assert all(len(p) == 64 + 24 + 8 and p[:64] == firsts[0][:64] for p in firsts)
+    assert len({p[64:88] for p in firsts}) == spec.num_users  # each user's context is its own
+    prompts = _chat_turns(spec, 0, 8)
+    restart = next(i for i in range(1, 8) if len(prompts[i]) < len(prompts[i - 1]))
+    assert all(p[: 64 + 24] == prompts[0][: 64 + 24] for p in prompts[:restart])  # kept all conversation
+    fresh = prompts[restart]
+    assert len(fresh) == 64 + 24 + 8 and fresh[:64] == prompts[0][:64] and fresh[64:88] != prompts[0][64:88]
+
+
 def test_prompts_are_deterministic_per_seed() -> None:
     assert _chat_turns(SPEC, 2, 3) == _chat_turns(SPEC, 2, 3)
     other = WorkloadSpec(**{**SPEC.__dict__, "seed": 4})
@@ -342,7 +355,8 @@ def test_launch_smoke_on_a_real_two_engine_fleet(tmp_path) -> None:
     out = tmp_path / "serve.json"
     argv = [
         "--launch", "--quick", "--workload", "multi-round-chat", "--qps", "2", "--duration", "6",
-        "--users", "2", "--json", str(out), "--no-progress", "--log-dir", str(tmp_path / "logs"),
+        "--users", "2", "--system-tokens", "256", "--user-context-tokens", "512", "--max-prompt-tokens", "1536",
+        "--json", str(out), "--no-progress", "--log-dir", str(tmp_path / "logs"),
     ]  # fmt: skip
     assert serve.main(argv) == 0  # holds the engine lock itself
     (result,) = json.loads(out.read_text())["results"]
