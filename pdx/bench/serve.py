@@ -3,7 +3,8 @@
     pdx bench serve --url http://127.0.0.1:8000 [--model tiny] [--workload multi-round-chat,long-doc-qa,random]
                     [--qps 2] [--duration 60] [--json FILE] [--plot FILE.png] [--engine-url URL ...]
                     [--store-url URL]
-    pdx bench serve --launch [--topology configs/local-2x-store.yaml] [--compare-no-store] [--quick]
+    pdx bench serve --launch [--topology configs/local-2x-store.yaml] [--compare-no-store]
+                    [--compare-lmcache] [--quick]
 
 Each workload (see ``pdx.bench.workloads``) runs for ``--duration`` seconds at
 ``--qps`` (Poisson arrivals unless ``--arrival uniform``), sending streaming
@@ -12,8 +13,10 @@ before and after each run for the hit rate (``--engine-url``, default ``--url``;
 with ``--launch`` the fleet's engines). ``--launch`` starts a local store, two vLLM
 CPU engines and the router (``pdx.bench.serve_fleet``) while holding the engine
 lock; ``--compare-no-store`` then runs the same workloads (same seeds) on a fresh
-fleet without the store. Table to stdout, progress to stderr; ``--json`` writes
-``{"results": [{"workload", "store", "ttft_ms_mean", ..., "hit_rate"}]}``.
+fleet without the store, and ``--compare-lmcache`` on the same fleet with LMCache's
+multi-process server in place of pdx's store (``pdx.bench.serve_lmcache``; needs
+``scripts/setup-lmcache.sh``). Table to stdout, progress to stderr; ``--json`` writes
+``{"results": [{"workload", "store", "system", "ttft_ms_mean", ..., "hit_rate"}]}``.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ class Target:
     model: str
     engine_urls: tuple[str, ...]
     store_url: str | None
-    store: bool  # the label of the run's results
+    system: str  # the label of the run's results: pdx-store, lmcache or none
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compare-no-store", action="store_true", help="with --launch: rerun without the store"
     )
+    p.add_argument("--compare-lmcache", action="store_true",
+                   help="with --launch: rerun with LMCache's MP server in place of pdx's store")  # fmt: skip
     p.add_argument("--no-store-first", action="store_true",
                    help="with --compare-no-store: run the no-store fleet first (order effects)")  # fmt: skip
     p.add_argument("--log-dir", default="/tmp/pdx-bench-serve")
@@ -194,7 +199,7 @@ async def run_workloads(
             before = await _scrape(client, target.engine_urls)
             store_before = await _scrape(client, (target.store_url,)) if target.store_url else []
             expected = min(load.max_requests, int(load.qps * load.duration_s))
-            label = f"{name} store={str(target.store).lower()}"
+            label = f"{name} tier={target.system}"
             with tqdm(
                 total=expected, desc=label, unit="req", file=sys.stderr, disable=not progress
             ) as bar:
@@ -202,7 +207,7 @@ async def run_workloads(
                                          on_done=lambda _r: bar.update(1))  # fmt: skip
             after = await _scrape(client, target.engine_urls)
             sources = sources_delta(before, after)
-            result = summarize(name, target.store, records, sources)
+            result = summarize(name, target.system, records, sources)
             if sources is not None:
                 print(f"[pdx bench serve] {label}: prompt tokens {sources.local_compute:.0f} computed, "
                       f"{sources.local_cache_hit:.0f} from the engine's prefix cache, "
@@ -213,7 +218,7 @@ async def run_workloads(
             if errors:
                 print(f"[pdx bench serve] {label}: {len(errors)}/{len(records)} requests failed; first: {errors[0]}",
                       file=sys.stderr)  # fmt: skip
-            if target.store_url:
+            if target.store_url and target.system == "pdx-store":
                 line = _store_line(store_before, await _scrape(client, (target.store_url,)))
                 if line:
                     print(f"[pdx bench serve] {label}: {line}", file=sys.stderr)
@@ -230,17 +235,41 @@ async def _warm_up(url: str, model: str) -> None:
             await client.post(url + "/v1/completions", json=body)
 
 
+_TIER_NAMES = {
+    "pdx-store": "with pdx store",
+    "none": "without a store",
+    "lmcache": "with LMCache's MP server",
+}
+
+
+def _fleet(args: argparse.Namespace, system: str) -> Any:
+    from pdx.bench.serve_fleet import LocalFleet
+
+    log_dir = (
+        Path(args.log_dir)
+        / {"pdx-store": "store", "none": "no-store", "lmcache": "lmcache"}[system]
+    )
+    if system == "lmcache":
+        from pdx.bench.serve_lmcache import LMCacheFleet
+
+        return LMCacheFleet(args.topology, log_dir)
+    return LocalFleet(args.topology, system == "pdx-store", log_dir)
+
+
 def _run_launched(
     args: argparse.Namespace, names: list[str], spec: WorkloadSpec, loads: dict[str, LoadSpec]
 ) -> list:
-    from pdx.bench.serve_fleet import LocalFleet
     from pdx.config import load_topology
     from pdx.engines.lock import engine_lock
 
     runs = []
-    modes = [True, False] if args.compare_no_store else [True]
+    systems = [
+        "pdx-store",
+        *(["lmcache"] if args.compare_lmcache else []),
+        *(["none"] if args.compare_no_store else []),
+    ]
     if args.no_store_first:
-        modes.reverse()
+        systems.reverse()
     has_engines = any(e.local is not None for e in load_topology(args.topology).engines)
     if has_engines:
         print(
@@ -248,15 +277,13 @@ def _run_launched(
             file=sys.stderr,
         )
     with engine_lock() if has_engines else contextlib.nullcontext():
-        for with_store in modes:
-            print(f"[pdx bench serve] starting the fleet of {args.topology} "
-                  f"({'with' if with_store else 'without'} the store)", file=sys.stderr)  # fmt: skip
-            with LocalFleet(
-                args.topology,
-                with_store,
-                Path(args.log_dir) / ("store" if with_store else "no-store"),
-            ) as fleet:
-                if with_store and not fleet.store_connected:
+        for system in systems:
+            print(
+                f"[pdx bench serve] starting the fleet of {args.topology} ({_TIER_NAMES[system]})",
+                file=sys.stderr,
+            )
+            with _fleet(args, system) as fleet:
+                if system == "pdx-store" and not fleet.store_connected:
                     print("[pdx bench serve] the installed PdxConnector takes no store settings: the engines "
                           "use their private prefix caches only", file=sys.stderr)  # fmt: skip
                 asyncio.run(_warm_up(fleet.url, fleet.topology.model))
@@ -265,7 +292,7 @@ def _run_launched(
                     fleet.topology.model,
                     tuple(fleet.engine_urls),
                     fleet.store_url,
-                    with_store,
+                    system,
                 )
                 runs += asyncio.run(run_workloads(target, names, spec, loads, not args.no_progress))
     return runs
@@ -291,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.url) == bool(args.launch):
         print("pdx bench serve: give exactly one of --url and --launch", file=sys.stderr)
         return 2
-    if args.compare_no_store and not args.launch:
-        print("pdx bench serve: --compare-no-store needs --launch (it restarts the fleet without the store)",
+    if (args.compare_no_store or args.compare_lmcache) and not args.launch:
+        print("pdx bench serve: --compare-no-store and --compare-lmcache need --launch (they restart the fleet)",
               file=sys.stderr)  # fmt: skip
         return 2
     preset = QUICK if args.quick else FULL
@@ -314,16 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         url = args.url.rstrip("/")
         target = Target(url, args.model, tuple(u.rstrip("/") for u in (args.engine_url or [url])),
-                        args.store_url, bool(args.store_url))  # fmt: skip
+                        args.store_url, "pdx-store" if args.store_url else "none")  # fmt: skip
         runs = asyncio.run(run_workloads(target, names, spec, loads, not args.no_progress))
     results = [r for r, _ in runs]
     print(format_table(results))
     if args.json:
         write_json(results, args.json)
     if args.plot:
-        plot_ttft(
-            [(f"{r.workload} store={str(r.store).lower()}", recs) for r, recs in runs], args.plot
-        )
+        plot_ttft([(f"{r.workload} tier={r.system}", recs) for r, recs in runs], args.plot)
     return 0
 
 

@@ -26,8 +26,9 @@ import numpy as np
 
 from pdx.bench.serve_client import RequestRecord
 
+NO_TIER = "none"
 RESULT_KEYS = (
-    "workload", "store", "ttft_ms_mean", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "itl_ms_mean",
+    "workload", "store", "system", "ttft_ms_mean", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "itl_ms_mean",
     "input_tokens_per_s", "output_tokens_per_s", "hit_rate",
 )  # fmt: skip
 SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
@@ -35,10 +36,15 @@ SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
 
 @dataclass(frozen=True)
 class ServeResult:
-    """One (workload, store on/off) run: exactly the JSON result keys."""
+    """One (workload, storage tier) run: exactly the JSON result keys.
+
+    ``system``: the tier that served it: ``pdx-store``, ``lmcache`` (LMCache's MP server) or
+    ``none`` (engines' own prefix caches only); ``store`` is ``system != "none"``.
+    """
 
     workload: str
     store: bool
+    system: str
     ttft_ms_mean: float | None
     ttft_ms_p50: float | None
     ttft_ms_p90: float | None
@@ -71,7 +77,7 @@ def _round(value: float | None, digits: int = 2) -> float | None:
 
 
 def summarize(
-    workload: str, store: bool, records: list[RequestRecord], sources: PromptSources | None
+    workload: str, system: str, records: list[RequestRecord], sources: PromptSources | None
 ) -> ServeResult:
     ok = [r for r in records if r.is_ok]
     ttft = np.array([1e3 * r.ttft_s for r in ok if r.ttft_s is not None])
@@ -88,7 +94,8 @@ def summarize(
 
     return ServeResult(
         workload=workload,
-        store=store,
+        store=system != NO_TIER,
+        system=system,
         ttft_ms_mean=_round(float(ttft.mean())) if ttft.size else None,
         ttft_ms_p50=pct(50),
         ttft_ms_p90=pct(90),
@@ -125,8 +132,12 @@ def write_json(results: list[ServeResult], path: str | Path) -> None:
     Path(path).write_text(json.dumps(results_json(results), indent=2) + "\n")
 
 
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.3f}x" if a and b else "-"
+
+
 def format_table(results: list[ServeResult]) -> str:
-    head = f"{'workload':<18} {'store':<5} {'TTFT mean':>10} {'p50':>8} {'p90':>8} {'p99':>8} " \
+    head = f"{'workload':<18} {'tier':<9} {'TTFT mean':>10} {'p50':>8} {'p90':>8} {'p99':>8} " \
            f"{'ITL ms':>7} {'in tok/s':>9} {'out tok/s':>9} {'hit rate':>8}"  # fmt: skip
     lines = [head, "-" * len(head)]
 
@@ -135,23 +146,22 @@ def format_table(results: list[ServeResult]) -> str:
 
     for r in results:
         lines.append(
-            f"{r.workload:<18} {str(r.store).lower():<5} {f(r.ttft_ms_mean):>10} {f(r.ttft_ms_p50):>8} "
+            f"{r.workload:<18} {r.system:<9} {f(r.ttft_ms_mean):>10} {f(r.ttft_ms_p50):>8} "
             f"{f(r.ttft_ms_p90):>8} {f(r.ttft_ms_p99):>8} {f(r.itl_ms_mean, '.2f'):>7} "
             f"{f(r.input_tokens_per_s):>9} {f(r.output_tokens_per_s):>9} {f(r.hit_rate, '.3f'):>8}"
         )
-    by_key = {(r.workload, r.store): r for r in results}
-    for (workload, store), r in by_key.items():
-        base = by_key.get((workload, False))
-        if store and base is not None and r.ttft_ms_mean and base.ttft_ms_mean:
-            ratio = r.ttft_ms_mean / base.ttft_ms_mean
-            tput = (
-                r.input_tokens_per_s / base.input_tokens_per_s
-                if base.input_tokens_per_s
-                else float("nan")
-            )
-            lines.append(
-                f"{workload}: TTFT mean store/no-store = {ratio:.3f}x, input tok/s ratio = {tput:.3f}x"
-            )
+    by_key = {(r.workload, r.system): r for r in results}
+    for (workload, system), r in by_key.items():
+        for base_system in (NO_TIER, "lmcache"):
+            base = by_key.get((workload, base_system))
+            if (
+                system in (NO_TIER, base_system)
+                or base is None
+                or (base_system == "lmcache" and system != "pdx-store")
+            ):
+                continue
+            lines.append(f"{workload}: {system}/{base_system} TTFT mean = {_ratio(r.ttft_ms_mean, base.ttft_ms_mean)}, "
+                         f"input tok/s = {_ratio(r.input_tokens_per_s, base.input_tokens_per_s)}")  # fmt: skip
     return "\n".join(lines)
 
 

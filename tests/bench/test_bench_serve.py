@@ -145,7 +145,7 @@ def test_summary_percentiles_itl_and_token_rates() -> None:
     ]
     r = summarize(
         "random",
-        True,
+        "pdx-store",
         records,
         PromptSources(local_compute=75, local_cache_hit=20, external_kv_transfer=5),
     )
@@ -158,7 +158,7 @@ def test_summary_percentiles_itl_and_token_rates() -> None:
 
 
 def test_summary_of_a_run_without_answers_is_null_not_a_crash() -> None:
-    r = summarize("random", False, [RequestRecord(0, 0.0, 10, error="refused")], None)
+    r = summarize("random", "none", [RequestRecord(0, 0.0, 10, error="refused")], None)
     assert r.ttft_ms_mean is None and r.ttft_ms_p99 is None and r.itl_ms_mean is None
     assert r.input_tokens_per_s == 0.0 and r.hit_rate is None
 
@@ -182,14 +182,15 @@ def test_hit_rate_from_engine_counter_deltas() -> None:
 
 
 def test_json_has_exactly_the_documented_keys() -> None:
-    r = summarize("multi-round-chat", True, [_rec(0.0, 10, 1.0, (0.01,))], None)
+    r = summarize("multi-round-chat", "pdx-store", [_rec(0.0, 10, 1.0, (0.01,))], None)
     doc = results_json([r])
     assert list(doc) == ["results"]
     assert tuple(doc["results"][0]) == RESULT_KEYS == (
-        "workload", "store", "ttft_ms_mean", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "itl_ms_mean",
+        "workload", "store", "system", "ttft_ms_mean", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "itl_ms_mean",
         "input_tokens_per_s", "output_tokens_per_s", "hit_rate",
     )  # fmt: skip
     assert doc["results"][0]["store"] is True and doc["results"][0]["hit_rate"] is None
+    assert doc["results"][0]["system"] == "pdx-store"
 
 
 # -- the load generator against fake engines over loopback ---------------------------------------
@@ -286,7 +287,8 @@ def test_cli_rejects_bad_combinations(capsys) -> None:
     assert serve.main(["--url", "http://127.0.0.1:9", "--workload", "nope"]) == 2
     assert serve.main(["--workload", "random"]) == 2  # neither --url nor --launch
     assert serve.main(["--url", "http://127.0.0.1:9", "--compare-no-store"]) == 2
-    assert "compare-no-store needs --launch" in capsys.readouterr().err
+    assert serve.main(["--url", "http://127.0.0.1:9", "--compare-lmcache"]) == 2
+    assert "--compare-no-store and --compare-lmcache need --launch" in capsys.readouterr().err
 
 
 def test_launch_starts_store_and_router_then_reruns_without_the_store(
@@ -318,9 +320,9 @@ def test_launch_starts_store_and_router_then_reruns_without_the_store(
 
     assert harness.call(in_thread(), timeout=120.0) == 0
     doc = json.loads(out.read_text())
-    assert [(r["workload"], r["store"]) for r in doc["results"]] == [
-        ("random", True),
-        ("random", False),
+    assert [(r["workload"], r["store"], r["system"]) for r in doc["results"]] == [
+        ("random", True, "pdx-store"),
+        ("random", False, "none"),
     ]
     assert all(r["output_tokens_per_s"] > 0 and r["hit_rate"] == 0.0 for r in doc["results"])
     assert (
