@@ -18,6 +18,7 @@ The command is vLLM's CPU recipe (see docs/tiny-model.md)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -156,6 +157,30 @@ def group_thread_ids(pgid: int) -> list[int]:
     return tids
 
 
+def group_shm_segments(pgid: int, prefix: str = "/dev/shm/psm_") -> set[str]:
+    """POSIX shared-memory segments that processes of group ``pgid`` have mapped (Linux /proc).
+
+    ``psm_*`` are Python's ``multiprocessing.shared_memory`` segments, which vLLM creates for
+    its engine-core/worker message queues and unlinks on a clean exit only.
+    """
+    found: set[str] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rpartition(")")[2].split()[3]) != pgid:
+                continue
+            maps = (entry / "maps").read_text()
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+        for line in maps.splitlines():
+            fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+            path = fields[5] if len(fields) == 6 else ""
+            if path.startswith(prefix):
+                found.add(path.removesuffix(" (deleted)"))
+    return found
+
+
 def _get(url: str, timeout: float) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback)
@@ -171,6 +196,8 @@ class VllmEngine:
     spec: EngineSpec
     log_path: Path | None = None  # default: a file in the working directory's tmp
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    # vLLM's shared-memory segments, seen once ready: unlinked at stop if a killed process left them
+    shm_segments: set[str] = field(default_factory=set, init=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -213,6 +240,7 @@ class VllmEngine:
             try:
                 if _get(self.url + "/health", timeout=2.0)[0] == 200:
                     logger.info("%s ready at %s", self.spec.name, self.url)
+                    self.shm_segments = group_shm_segments(self._proc.pid)
                     if self.spec.cpu_bind is not None and self.spec.repin_threads:
                         self.pin_threads(parse_cpu_list(self.spec.cpu_bind))
                     return
@@ -262,6 +290,7 @@ class VllmEngine:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        self.shm_segments |= group_shm_segments(proc.pid)
         for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(proc.pid, sig)
@@ -279,7 +308,22 @@ class VllmEngine:
             break
         if proc.poll() is None:
             proc.wait(timeout=5.0)
+        self._unlink_leftover_segments(proc.pid)
         logger.info("stopped %s (pid %d)", self.spec.name, proc.pid)
+
+    def _unlink_leftover_segments(self, pgid: int) -> None:
+        """A process killed before its clean exit leaves its segments in /dev/shm (memory that
+        stays allocated until reboot): remove those of this engine once no process of its group
+        maps them."""
+        deadline = time.monotonic() + 5.0
+        while group_thread_ids(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)  # children SIGKILLed with the group are still being reaped
+        left = [p for p in sorted(self.shm_segments) if os.path.exists(p)]
+        for path in left:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if left:
+            logger.info("%s: removed %d shared-memory segments a killed process left", self.spec.name, len(left))
 
     def log_tail(self, num_lines: int = 40) -> str:
         if self.log_path is None or not self.log_path.exists():

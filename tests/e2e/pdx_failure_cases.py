@@ -119,6 +119,7 @@ def case_killed_prefill_decoder_recomputes_and_answers(pdx_pair, single_referenc
 
     answer = asyncio.run(run())
     pair.prefill.stop()
+    assert pair.prefill.shm_segments and not [p for p in pair.prefill.shm_segments if os.path.exists(p)]
     assert_outputs_match([single_reference[3]], [Output.from_response(answer)])
     after = pair.decode.scrape_metrics()
     name = "prompt_tokens_by_source"

@@ -167,3 +167,42 @@ def test_parse_cpu_list():
 
     assert parse_cpu_list("0") == {0}
     assert parse_cpu_list("0-2,5") == {0, 1, 2, 5}
+
+
+_SEGMENT_OWNER = """
+import sys, time
+from multiprocessing import resource_tracker, shared_memory
+shm = shared_memory.SharedMemory(create=True, size=1 << 16)
+resource_tracker.unregister(shm._name, "shared_memory")  # as a SIGKILLed vLLM worker: nobody unlinks it
+print(shm.name, flush=True)
+time.sleep(600)
+"""
+
+
+def test_stop_removes_the_shared_memory_segments_a_killed_engine_left(tmp_path):
+    """vLLM's processes unlink their /dev/shm message-queue segments only on a clean exit; once
+    an engine's process group is gone, stop() removes those it had mapped, and no one else's."""
+    import os
+    import subprocess
+    from multiprocessing import shared_memory
+
+    from pdx.engines.process import group_shm_segments
+
+    other = shared_memory.SharedMemory(create=True, size=4096)  # this process's: must survive
+    engine = VllmEngine(EngineSpec(model="unused", port=free_port(), name="shm-owner"), log_path=tmp_path / "log")
+    proc = subprocess.Popen([sys.executable, "-c", _SEGMENT_OWNER], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        path = "/dev/shm/" + proc.stdout.readline().strip().lstrip("/")
+        engine._proc = proc  # the harness's own process group, as launch() makes it
+        assert group_shm_segments(proc.pid) == {path}
+        engine.stop(grace_s=5.0)
+        assert proc.returncode is not None
+        assert not os.path.exists(path)
+        assert os.path.exists("/dev/shm/" + other.name.lstrip("/"))
+    finally:
+        other.close()
+        other.unlink()
+        if proc.poll() is None:
+            proc.kill()
