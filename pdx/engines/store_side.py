@@ -3,17 +3,23 @@
 Scheduler side (``StoreScheduler``)
     get_num_new_matched_tokens   keys of the prompt's full chunks (``pdx.keys``); the store's
                                  longest stored prefix beyond the engine's own prefix hit, in
-                                 whole chunks, never the last prompt token -> ``(n, True)``
+                                 whole chunks, never the last prompt token -> ``(n, False)``: a
+                                 synchronous load, so the request computes in the same step
     update_state_after_alloc     -> ``StoreLoadSpec`` (chunks -> the request's blocks)
     request_finished             full chunks of the computed tokens -> ``StoreSaveSpec``; the
                                  blocks are held until the worker copied them
 Worker side (``StoreWorker``)
     start_load_kv                saves go to a saver thread (lookup, then copy only the chunks the
-                                 store lacks; a PD prefill's are copied at once); loads copy
-                                 synchronously. Both copy straight between the paged blocks and
-                                 the store's shared arena (one copy, no staging)
-    get_finished                 saves done -> finished_sending, loads done -> finished_recving;
-                                 a chunk not loaded -> its blocks are load errors (recomputed)
+                                 store lacks; a PD prefill's are copied at once); loads copy here,
+                                 before the step's forward pass. Both copy straight between the
+                                 paged blocks and the store's shared arena (one copy, no staging)
+    get_finished                 saves done -> finished_sending; a chunk not loaded -> its blocks
+                                 are load errors (vLLM recomputes them: kv_load_failure_policy
+                                 ``recompute``)
+
+Loads are synchronous because they are memory copies out of shared memory (a few ms for
+thousands of tokens): an asynchronous load would park the request for a whole extra engine
+step (WAITING_FOR_REMOTE_KVS, then rescheduled) for nothing.
 
 Chunk bytes: for each layer in model order, the chunk's ``chunk_size // block_size``
 blocks in token order, each block's bytes as vLLM holds them. The key's extras name the
@@ -82,7 +88,7 @@ class StoreScheduler:
         self.client = _client(cfg)
         self._planned: dict[str, tuple[tuple[bytes, ...], int, int]] = {}  # rid -> (keys, chunk0, hit)
         self._attempted: set[str] = set()  # a load is tried once per request
-        self._loading: dict[str, int] = {}  # rid -> tokens being loaded (until finished_recving)
+        self._loading: set[str] = set()  # store loads planned this step (until take_specs)
         self._held: set[str] = set()  # finished, blocks held for a save
         self._loads: list[StoreLoadSpec] = []
         self._saves: list[StoreSaveSpec] = []
@@ -108,10 +114,10 @@ class StoreScheduler:
         if end <= num_computed_tokens:
             return 0, False
         self._planned[rid] = (tuple(keys[chunk0:chunk0 + n]), chunk0, num_computed_tokens)
-        return end - num_computed_tokens, True
+        return end - num_computed_tokens, False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> bool:
-        """True if this is a store load (the request now waits for it)."""
+        """True if this is a store load (the worker copies it in before this step's forward pass)."""
         rid = request.request_id
         plan = self._planned.pop(rid, None)
         if plan is None or num_external_tokens <= 0 or rid in self._attempted:
@@ -120,7 +126,7 @@ class StoreScheduler:
         self._attempted.add(rid)
         block_ids = tuple(blocks.get_block_ids()[0])
         self._loads.append(StoreLoadSpec(rid, keys, block_ids, chunk0 * self.bpc, hit // self.block_size))
-        self._loading[rid] = num_external_tokens
+        self._loading.add(rid)
         return True
 
     def is_loading(self, rid: str) -> bool:
@@ -130,12 +136,11 @@ class StoreScheduler:
     def take_specs(self) -> tuple[list[StoreLoadSpec], list[StoreSaveSpec]]:
         out = (self._loads, self._saves)
         self._loads, self._saves = [], []
+        self._loading.clear()
         return out
 
-    def on_finished(self, sending: set[str], recving: set[str]) -> None:
+    def on_finished(self, sending: set[str]) -> None:
         self._held -= sending
-        for rid in recving:
-            self._loading.pop(rid, None)
 
     def has_pending_work(self) -> bool:
         return bool(self._held or self._loads or self._saves)
@@ -149,7 +154,7 @@ class StoreScheduler:
         rid = request.request_id
         self._planned.pop(rid, None)
         self._attempted.discard(rid)
-        self._loading.pop(rid, None)
+        self._loading.discard(rid)
         logger.debug("store: %s finished (%s) with %d blocks, %d computed tokens", rid, request.status.name,
                      len(block_ids), request.num_computed_tokens)
         if request.status.name not in _NORMAL_FINISH or not block_ids:
@@ -181,7 +186,6 @@ class StoreWorker:
         self._layers: list[np.ndarray] = []  # per layer: [num_blocks, ...] uint8 view of the KV
         self._block_nbytes = 0
         self._sent: set[str] = set()
-        self._received: set[str] = set()
         self._load_errors: set[int] = set()
         self._lock = threading.Lock()
         self._save_queue: queue.SimpleQueue[StoreSaveSpec | None] = queue.SimpleQueue()
@@ -271,13 +275,11 @@ class StoreWorker:
             self._load_errors.update(spec.block_ids[b] for b in range(max(first_bad, spec.skip_blocks), end))
             logger.info("store load of %s: %d of %d chunks; the rest is recomputed", spec.req_id, loaded,
                         len(spec.keys))
-        with self._lock:
-            self._received.add(spec.req_id)
 
-    def pop_finished(self) -> tuple[set[str], set[str]]:
+    def pop_saved(self) -> set[str]:
+        """Requests whose held blocks were copied to the store (finished_sending)."""
         with self._lock:
-            out = (self._sent, self._received)
-            self._sent, self._received = set(), set()
+            out, self._sent = self._sent, set()
         return out
 
     def pop_load_errors(self) -> set[int]:

@@ -189,10 +189,8 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
         sending, recving = self.worker.get_finished()
         if self.store_worker is None:
             return sending, recving
-        saved, loaded = self.store_worker.pop_finished()
-        sending = (sending or set()) | saved
-        recving = (recving or set()) | loaded
-        return sending or None, recving or None
+        sending = (sending or set()) | self.store_worker.pop_saved()
+        return sending or None, recving
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self.worker is not None
@@ -263,8 +261,7 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
         assert self.scheduler is not None
         self.scheduler.update_connector_output(connector_output)
         if self.store_scheduler is not None:
-            self.store_scheduler.on_finished(set(connector_output.finished_sending or ()),
-                                             set(connector_output.finished_recving or ()))
+            self.store_scheduler.on_finished(set(connector_output.finished_sending or ()))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self.scheduler is not None

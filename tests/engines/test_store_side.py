@@ -72,8 +72,7 @@ def wait_saved(worker: StoreWorker, rid: str, timeout_s: float = 10.0) -> None:
 
     deadline = time.monotonic() + timeout_s
     while True:
-        sent, recved = worker.pop_finished()
-        assert not recved
+        sent = worker.pop_saved()
         if sent:
             assert sent == {rid}
             return
@@ -114,13 +113,13 @@ def test_chunks_saved_by_one_engine_load_byte_exact_into_another(store):
 
         # B has the first block locally (a 16-token prefix-cache hit) and loads the rest.
         req = FakeRequest("b", prompt)
-        assert b_sched.get_num_new_matched_tokens(req, BLOCK) == (3 * CHUNK - BLOCK, True)
+        assert b_sched.get_num_new_matched_tokens(req, BLOCK) == (3 * CHUNK - BLOCK, False)
         b_blocks = [0, 1, 2, 3, 4, 11, 10]
         before_hit = b_caches["model.layers.0.attn"][0].clone()
         assert b_sched.update_state_after_alloc(req, FakeBlocks(b_blocks), 3 * CHUNK - BLOCK)
         loads, _ = b_sched.take_specs()
         b_worker.load(loads[0])
-        assert b_worker.pop_finished() == (set(), {"b"})
+        assert b_worker.pop_saved() == set()
         assert b_worker.pop_load_errors() == set()
         for name in a_caches:
             for i in range(1, 6):  # blocks of the 3 chunks beyond B's own hit
@@ -142,7 +141,7 @@ def test_never_offers_the_last_prompt_token(store):
         worker.save(sched.take_specs()[1][0])
         wait_saved(worker, "a")
         # Two chunks stored, but the second holds the last prompt token: only one is offered.
-        assert sched.get_num_new_matched_tokens(FakeRequest("b", prompt), 0) == (CHUNK, True)
+        assert sched.get_num_new_matched_tokens(FakeRequest("b", prompt), 0) == (CHUNK, False)
     finally:
         sched.shutdown()
         worker.shutdown()
@@ -157,12 +156,11 @@ def test_store_gone_means_misses_and_load_errors_never_exceptions(store):
         worker.save(sched.take_specs()[1][0])
         wait_saved(worker, "a")
         req = FakeRequest("b", prompt)
-        assert sched.get_num_new_matched_tokens(req, 0) == (2 * CHUNK, True)
+        assert sched.get_num_new_matched_tokens(req, 0) == (2 * CHUNK, False)
         sched.update_state_after_alloc(req, FakeBlocks([6, 7, 8, 9, 10]), 2 * CHUNK)
         loads, _ = sched.take_specs()
         store.kill()
         worker.load(loads[0])  # the lookup said yes, the store died before the copy
-        assert worker.pop_finished() == (set(), {"b"})
         assert worker.pop_load_errors() == {6, 7, 8, 9}
         assert sched.get_num_new_matched_tokens(FakeRequest("c", prompt), 0) == (0, False)
         # A save while the store is gone is dropped, and the held blocks are still released.
@@ -202,8 +200,8 @@ def test_a_pd_prefill_saves_without_a_hold_of_its_own(store):
         (save,) = sched.take_specs()[1]
         assert not save.is_held and not sched.has_pending_work()
         worker.save(save)
-        assert worker.pop_finished() == (set(), set())  # P's own transfer reports the release
-        assert sched.get_num_new_matched_tokens(FakeRequest("q", prompt), 0) == (CHUNK, True)
+        assert worker.pop_saved() == set()  # P's own transfer reports the release
+        assert sched.get_num_new_matched_tokens(FakeRequest("q", prompt), 0) == (CHUNK, False)
         # An aborted request saves nothing.
         aborted = FakeRequest("x", list(range(5000, 5000 + 2 * CHUNK)), 2 * CHUNK)
         aborted.status = SimpleNamespace(name="FINISHED_ABORTED")
@@ -234,10 +232,9 @@ def test_an_engine_on_another_node_shares_chunks_through_a_remote_store(tmp_path
             src_worker.save(src.take_specs()[1][0])
             wait_saved(src_worker, f"{tag}-save")
             req = FakeRequest(f"{tag}-load", tokens)
-            assert dst.get_num_new_matched_tokens(req, 0) == (2 * CHUNK, True)
+            assert dst.get_num_new_matched_tokens(req, 0) == (2 * CHUNK, False)
             dst.update_state_after_alloc(req, FakeBlocks([7, 8, 9, 10, 11]), 2 * CHUNK)
             dst_worker.load(dst.take_specs()[0][0])
-            assert dst_worker.pop_finished() == (set(), {f"{tag}-load"})
             assert dst_worker.pop_load_errors() == set()
             for name in src_caches:
                 for i in range(4):
