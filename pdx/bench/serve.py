@@ -324,6 +324,15 @@ def main(argv: list[str] | None = None) -> int:
         print("pdx bench serve: --compare-no-store and --compare-lmcache need --launch (they restart the fleet)",
               file=sys.stderr)  # fmt: skip
         return 2
+    if args.compare_lmcache:
+        from pdx.bench.serve_lmcache import lmcache_site_packages, lmcache_venv
+        from pdx.errors import ConfigError
+
+        try:
+            lmcache_site_packages(lmcache_venv())  # before any fleet starts
+        except ConfigError as exc:
+            print(f"pdx bench serve: --compare-lmcache: {exc}", file=sys.stderr)
+            return 2
     preset = QUICK if args.quick else FULL
     spec = workload_spec(args)
     loads = {

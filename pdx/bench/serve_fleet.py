@@ -110,7 +110,7 @@ class LocalFleet:
         return self
 
     def _start(self, timeout_s: float) -> None:
-        from pdx.engines.process import VllmEngine, start_engines
+        from pdx.engines.process import VllmEngine
         from pdx.launch import engine_spec, resolve_model_path
 
         extras: dict[str, Any] = {}
@@ -149,6 +149,12 @@ class LocalFleet:
                 }
                 spec = replace(spec, kv_transfer_config=kv)
             self.engines.append(VllmEngine(spec, self.log_dir / f"{engine.id}.log"))
+        self._start_engines_and_router(timeout_s)
+
+    def _start_engines_and_router(self, timeout_s: float) -> None:
+        """Start ``self.engines`` together, then ``pdx route`` for the topology."""
+        from pdx.engines.process import start_engines
+
         start_engines(self.engines, timeout_s)
         route = ["import sys; from pdx.router.cli import route_main; sys.exit(route_main(sys.argv[1:]))",
                  "--topology", self.topology_path]  # fmt: skip

@@ -119,7 +119,7 @@ class LMCacheFleet(LocalFleet):
         return f"http://127.0.0.1:{self.http_port}" if self._store is not None else None
 
     def _start(self, timeout_s: float) -> None:
-        from pdx.engines.process import VllmEngine, free_port, start_engines
+        from pdx.engines.process import VllmEngine, free_port
         from pdx.launch import engine_spec, resolve_model_path
 
         site_packages = lmcache_site_packages(self.venv)
@@ -149,11 +149,7 @@ class LMCacheFleet(LocalFleet):
                 engine_spec(self.topology, engine, model_dir), self.mp_port, site_packages
             )
             self.engines.append(VllmEngine(spec, self.log_dir / f"{engine.id}.log"))
-        start_engines(self.engines, timeout_s)
-        route = ["import sys; from pdx.router.cli import route_main; sys.exit(route_main(sys.argv[1:]))",
-                 "--topology", self.topology_path]  # fmt: skip
-        self._router = self._spawn(route, "router")
-        _wait_until(f"{self.url}/ready", self._router, "pdx route", 60.0)
+        self._start_engines_and_router(timeout_s)
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> LMCacheFleet:
         super().start(timeout_s)

@@ -291,6 +291,15 @@ def test_cli_rejects_bad_combinations(capsys) -> None:
     assert "--compare-no-store and --compare-lmcache need --launch" in capsys.readouterr().err
 
 
+def test_compare_lmcache_without_its_venv_says_how_to_install_before_starting_anything(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv("PDX_LMCACHE_VENV", str(tmp_path / "no-venv"))
+    argv = ["--launch", "--compare-lmcache", "--topology", str(tmp_path / "never-read.yaml")]
+    assert serve.main(argv) == 2
+    assert "run scripts/setup-lmcache.sh" in capsys.readouterr().err
+
+
 def test_launch_starts_store_and_router_then_reruns_without_the_store(
     harness: Harness, tmp_path
 ) -> None:
