@@ -57,10 +57,10 @@ DEFAULT_TOPOLOGY = "configs/local-2x-store.yaml"
 # random runs at random_qps, past what two CPU engines serve, so its tokens/s is the fleet's
 # capacity (a tier's cost shows as lost throughput, not only as TTFT).
 # --quick: (120 + 20 + 20) s of arrivals x 2 fleets + 2 fleet start-ups (~1.5 min each) < 15 min.
-QUICK = {"qps": 1.0, "random_qps": 8.0, "duration": 120.0, "short_duration": 20.0, "kv_gb": 0.12, "system_tokens": 1024,
+QUICK = {"qps": 1.0, "random_qps": 24.0, "duration": 120.0, "short_duration": 20.0, "kv_gb": 0.12, "system_tokens": 1024,
          "user_context_tokens": 4096, "answer_tokens": 96, "max_prompt_tokens": 7168, "doc_tokens": 2048,
          "random_tokens": 1024}  # fmt: skip
-FULL = {"qps": 1.0, "random_qps": 8.0, "duration": 240.0, "short_duration": 60.0, "kv_gb": 0.12, "system_tokens": 1024,
+FULL = {"qps": 1.0, "random_qps": 24.0, "duration": 240.0, "short_duration": 60.0, "kv_gb": 0.12, "system_tokens": 1024,
         "user_context_tokens": 4096, "answer_tokens": 96, "max_prompt_tokens": 7168, "doc_tokens": 2048,
         "random_tokens": 1024}  # fmt: skip
 

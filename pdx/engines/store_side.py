@@ -7,19 +7,22 @@ Scheduler side (``StoreScheduler``)
                                  synchronous load, so the request computes in the same step
     update_state_after_alloc     -> ``StoreLoadSpec`` (chunks -> the request's blocks)
     request_finished             full chunks of the computed tokens -> ``StoreSaveSpec``; the
-                                 blocks are held until the worker copied them
+                                 blocks are never held for it (copied before anything can reuse them)
 Worker side (``StoreWorker``)
-    start_load_kv                saves go to a saver thread (lookup, then copy only the chunks the
-                                 store lacks; a PD prefill's are copied at once); loads copy here,
-                                 before the step's forward pass. Both copy straight between the
-                                 paged blocks and the store's shared arena (one copy, no staging)
-    get_finished                 saves done -> finished_sending; a chunk not loaded -> its blocks
-                                 are load errors (vLLM recomputes them: kv_load_failure_policy
-                                 ``recompute``)
+    start_load_kv                first the step's saves (one reserve for all their chunks, copies of
+                                 those the store lacks, one commit), then loads; both before the
+                                 step's forward pass (and before a PD receive is published), so a
+                                 finished request's freed blocks are copied before any reuse. Both
+                                 copy straight between the paged blocks and the store's shared
+                                 arena (one copy, no staging)
+    get_block_ids_with_load_errors   a chunk not loaded -> its blocks (vLLM recomputes them:
+                                 kv_load_failure_policy ``recompute``)
 
-Loads are synchronous because they are memory copies out of shared memory (a few ms for
-thousands of tokens): an asynchronous load would park the request for a whole extra engine
-step (WAITING_FOR_REMOTE_KVS, then rescheduled) for nothing.
+Loads and saves are synchronous because they are memory copies to and from shared memory
+(a few ms for thousands of tokens): an asynchronous load would park the request for a whole
+extra engine step (WAITING_FOR_REMOTE_KVS, then rescheduled), and holding a finished
+request's blocks until a background thread copied them keeps them from new requests, which
+costs throughput once the KV cache is full.
 
 Chunk bytes: for each layer in model order, the chunk's ``chunk_size // block_size``
 blocks in token order, each block's bytes as vLLM holds them. The key's extras name the
@@ -31,8 +34,6 @@ never share chunks. A store that is slow or gone costs at most ``timeout_s`` (+
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from typing import TYPE_CHECKING, Any
 
 from pdx.engines.connector_config import StoreConfig
@@ -89,7 +90,6 @@ class StoreScheduler:
         self._planned: dict[str, tuple[tuple[bytes, ...], int, int]] = {}  # rid -> (keys, chunk0, hit)
         self._attempted: set[str] = set()  # a load is tried once per request
         self._loading: set[str] = set()  # store loads planned this step (until take_specs)
-        self._held: set[str] = set()  # finished, blocks held for a save
         self._loads: list[StoreLoadSpec] = []
         self._saves: list[StoreSaveSpec] = []
 
@@ -139,18 +139,13 @@ class StoreScheduler:
         self._loading.clear()
         return out
 
-    def on_finished(self, sending: set[str]) -> None:
-        self._held -= sending
-
     def has_pending_work(self) -> bool:
-        return bool(self._held or self._loads or self._saves)
+        return bool(self._loads or self._saves)  # saves of finished requests wait for a step
 
     # -- save ------------------------------------------------------------------------------
-    def request_finished(self, request: Request, block_ids: list[int], *, is_held_elsewhere: bool) -> bool:
-        """Queue a save of the request's new full chunks; True if its blocks must be held for it.
-
-        ``is_held_elsewhere``: the blocks are held anyway (a PD prefill), so the save rides on that.
-        """
+    def request_finished(self, request: Request, block_ids: list[int]) -> None:
+        """Queue a save of the request's full chunks of computed tokens (prompt and output) for
+        the next step; the worker copies them before anything can reuse the freed blocks."""
         rid = request.request_id
         self._planned.pop(rid, None)
         self._attempted.discard(rid)
@@ -158,19 +153,11 @@ class StoreScheduler:
         logger.debug("store: %s finished (%s) with %d blocks, %d computed tokens", rid, request.status.name,
                      len(block_ids), request.num_computed_tokens)
         if request.status.name not in _NORMAL_FINISH or not block_ids:
-            return False
+            return
         num = min(request.num_computed_tokens, len(block_ids) * self.block_size)
         keys = self._keys(request.all_token_ids, num)
-        if not keys:
-            return False
-        # The worker looks the keys up first and stores only the chunks the store lacks.
-        chunk_blocks = tuple(block_ids[:len(keys) * self.bpc])
-        is_held = not is_held_elsewhere
-        logger.debug("store save of %s: %d chunks queued", rid, len(keys))
-        self._saves.append(StoreSaveSpec(rid, tuple(keys), chunk_blocks, is_held))
-        if is_held:
-            self._held.add(rid)
-        return is_held
+        if keys:
+            self._saves.append(StoreSaveSpec(rid, tuple(keys), tuple(block_ids[:len(keys) * self.bpc])))
 
     def shutdown(self) -> None:
         self.client.close()
@@ -181,16 +168,10 @@ class StoreWorker:
         self.cfg = cfg
         self.block_size = block_size
         self.bpc = _blocks_per_chunk(cfg, block_size)
-        self.client = _client(cfg)  # loads, on the model runner's thread
-        self.saver = _client(cfg)  # saves, on the saver thread
+        self.client = _client(cfg)  # on the model runner's thread
         self._layers: list[np.ndarray] = []  # per layer: [num_blocks, ...] uint8 view of the KV
         self._block_nbytes = 0
-        self._sent: set[str] = set()
         self._load_errors: set[int] = set()
-        self._lock = threading.Lock()
-        self._save_queue: queue.SimpleQueue[StoreSaveSpec | None] = queue.SimpleQueue()
-        self._saver_thread = threading.Thread(target=self._save_loop, name="pdx-store-save", daemon=True)
-        self._saver_thread.start()
 
     @property
     def chunk_nbytes(self) -> int:
@@ -211,43 +192,32 @@ class StoreWorker:
         off = ((layer * self.bpc) + j) * self._block_nbytes
         return slice(off, off + self._block_nbytes)
 
-    def save(self, spec: StoreSaveSpec) -> None:
-        """Blocks held for this save (``is_held``) are copied on the saver thread, off the
-        forward pass, and reported finished_sending once copied; otherwise (a PD prefill,
-        whose hold ends on its decoder's schedule) they are copied here and now."""
-        if spec.is_held:
-            self._save_queue.put(spec)
-        else:
-            self._save_now(spec)
+    def save(self, specs: list[StoreSaveSpec]) -> None:
+        """Copy the chunks of this step's finished requests that the store lacks, here and now.
 
-    def _save_loop(self) -> None:
-        while True:
-            spec = self._save_queue.get()
-            if spec is None:
-                return
-            self._save_now(spec)
-            with self._lock:
-                self._sent.add(spec.req_id)
-
-    def _save_now(self, spec: StoreSaveSpec) -> None:
+        One reserve for all their chunks (the store skips those it holds or is being sent, and
+        a chunk repeated in two requests), one commit. A store that fails or is gone drops the
+        save; nothing raises into the engine.
+        """
         import numpy as np
 
+        keys = [k for spec in specs for k in spec.keys]
+        if not keys:
+            return
+        chunks = [spec.block_ids[i * self.bpc:(i + 1) * self.bpc] for spec in specs for i in range(len(spec.keys))]
         try:
-            first = self.saver.lookup_prefix(spec.keys)  # never save what the store holds
-            keys = spec.keys[first:]
-            logger.debug("store save of %s: %d of %d chunks stored already", spec.req_id, first, len(spec.keys))
-            if not keys:
-                return
-            with self.saver.write_views(keys, [self.chunk_nbytes] * len(keys)) as views:
-                for i, view in enumerate(views, start=first):
+            with self.client.write_views(keys, [self.chunk_nbytes] * len(keys)) as views:
+                for view, blocks in zip(views, chunks, strict=True):
                     if view is None:
-                        continue  # stored meanwhile, being saved elsewhere, or no room
+                        continue  # stored already, being saved elsewhere, or no room
                     for layer, kv in enumerate(self._layers):
-                        for j in range(self.bpc):
-                            src = kv[spec.block_ids[i * self.bpc + j]]
+                        for j, block in enumerate(blocks):
+                            src = kv[block]
                             np.copyto(view[self._block_span(layer, j)].reshape(src.shape), src)
         except Exception:
-            logger.warning("saving chunks of %s to the store failed; skipped", spec.req_id, exc_info=True)
+            logger.warning("saving %d chunks of %d requests to the store failed; skipped", len(keys), len(specs),
+                           exc_info=True)  # fmt: skip
+        logger.debug("store save: %d chunks of %s", len(keys), [spec.req_id for spec in specs])
 
     def load(self, spec: StoreLoadSpec) -> None:
         import numpy as np
@@ -276,18 +246,9 @@ class StoreWorker:
             logger.info("store load of %s: %d of %d chunks; the rest is recomputed", spec.req_id, loaded,
                         len(spec.keys))
 
-    def pop_saved(self) -> set[str]:
-        """Requests whose held blocks were copied to the store (finished_sending)."""
-        with self._lock:
-            out, self._sent = self._sent, set()
-        return out
-
     def pop_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
         return out
 
     def shutdown(self) -> None:
-        self._save_queue.put(None)
-        self._saver_thread.join(timeout=10)
         self.client.close()
-        self.saver.close()

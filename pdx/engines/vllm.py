@@ -141,10 +141,12 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
         assert self.worker is not None
         meta = self._get_connector_metadata()
         assert isinstance(meta, PdxConnectorMetadata)
+        if self.store_worker is not None:
+            # First: finished requests' freed blocks may be reused by this step's loads, its
+            # forward pass, or a PD receive published below.
+            self.store_worker.save(meta.store_saves)
         self.worker.start_load_kv(meta)
         if self.store_worker is not None:
-            for save in meta.store_saves:  # first: a finished request's blocks may be reused next
-                self.store_worker.save(save)
             for load in meta.store_loads:
                 self.store_worker.load(load)
 
@@ -186,11 +188,7 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         assert self.worker is not None
-        sending, recving = self.worker.get_finished()
-        if self.store_worker is None:
-            return sending, recving
-        sending = (sending or set()) | self.store_worker.pop_saved()
-        return sending or None, recving
+        return self.worker.get_finished()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self.worker is not None
@@ -260,15 +258,12 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         assert self.scheduler is not None
         self.scheduler.update_connector_output(connector_output)
-        if self.store_scheduler is not None:
-            self.store_scheduler.on_finished(set(connector_output.finished_sending or ()))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self.scheduler is not None
         is_held, params = self.scheduler.request_finished(request, block_ids)
         if self.store_scheduler is not None:
-            is_held = self.store_scheduler.request_finished(request, block_ids, is_held_elsewhere=is_held) \
-                or is_held
+            self.store_scheduler.request_finished(request, block_ids)
         return is_held, params
 
     def request_finished_all_groups(self, request: Request,

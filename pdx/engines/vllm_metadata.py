@@ -76,13 +76,12 @@ class StoreLoadSpec:
 
 @dataclass(frozen=True)
 class StoreSaveSpec:
-    """Paged blocks -> store: chunk i of ``keys`` is ``block_ids[i*bpc:(i+1)*bpc]``.
-    ``is_held``: the request's blocks are held for this save; report it finished_sending."""
+    """Paged blocks -> store: chunk i of ``keys`` is ``block_ids[i*bpc:(i+1)*bpc]`` (blocks of a
+    finished request, copied at the start of the next step)."""
 
     req_id: str
     keys: tuple[bytes, ...]
     block_ids: tuple[int, ...]
-    is_held: bool
 
 
 @dataclass

@@ -66,18 +66,14 @@ def store(tmp_path):
         assert proc.stop() == 0
 
 
-def wait_saved(worker: StoreWorker, rid: str, timeout_s: float = 10.0) -> None:
-    """The saver thread reports the held request finished_sending once its chunks are copied."""
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        sent = worker.pop_saved()
-        if sent:
-            assert sent == {rid}
-            return
-        assert time.monotonic() < deadline, f"save of {rid} never finished"
-        time.sleep(0.01)
+def finish_and_save(sched: StoreScheduler, worker: StoreWorker, request, block_ids) -> None:
+    """The request finishes: its save is queued (blocks never held), then copied at the next step."""
+    assert sched.request_finished(request, block_ids) is None
+    assert sched.has_pending_work()  # vLLM keeps stepping until the save is handed to the worker
+    loads, saves = sched.take_specs()
+    assert not loads and [s.req_id for s in saves] == [request.request_id]
+    worker.save(saves)
+    assert not sched.has_pending_work()
 
 
 def sides(store: StoreProc, caches: dict[str, torch.Tensor], address: str | None = None,
@@ -96,20 +92,12 @@ def test_chunks_saved_by_one_engine_load_byte_exact_into_another(store):
     try:
         # A computed the prompt into blocks 5..11 and finished: its 3 full chunks are saved.
         a_blocks = [5, 6, 7, 8, 9, 10, 11]
-        done = FakeRequest("a", prompt, num_computed_tokens=len(prompt))
-        assert a_sched.request_finished(done, a_blocks, is_held_elsewhere=False) is True
-        _, saves = a_sched.take_specs()
-        (save,) = saves
-        a_worker.save(save)
-        wait_saved(a_worker, "a")
+        finish_and_save(a_sched, a_worker, FakeRequest("a", prompt, num_computed_tokens=len(prompt)), a_blocks)
         assert store.stats()["num_chunks"] == 3
-        # Saving again stores nothing new (the worker looks the chunks up first).
-        assert a_sched.request_finished(FakeRequest("a2", prompt, len(prompt)), a_blocks,
-                                        is_held_elsewhere=False) is True
-        a_worker.save(a_sched.take_specs()[1][0])
-        wait_saved(a_worker, "a2")
+        # Saving again stores nothing new (the store skips the chunks it holds).
+        finish_and_save(a_sched, a_worker, FakeRequest("a2", prompt, len(prompt)), a_blocks)
         assert store.stats()["num_chunks"] == 3
-        assert a_worker.saver.stats().num_saved == 3
+        assert a_worker.client.stats().num_saved == 3
 
         # B has the first block locally (a 16-token prefix-cache hit) and loads the rest.
         req = FakeRequest("b", prompt)
@@ -119,7 +107,6 @@ def test_chunks_saved_by_one_engine_load_byte_exact_into_another(store):
         assert b_sched.update_state_after_alloc(req, FakeBlocks(b_blocks), 3 * CHUNK - BLOCK)
         loads, _ = b_sched.take_specs()
         b_worker.load(loads[0])
-        assert b_worker.pop_saved() == set()
         assert b_worker.pop_load_errors() == set()
         for name in a_caches:
             for i in range(1, 6):  # blocks of the 3 chunks beyond B's own hit
@@ -137,9 +124,7 @@ def test_never_offers_the_last_prompt_token(store):
     caches = kv_caches(3)
     sched, worker = sides(store, caches)
     try:
-        sched.request_finished(FakeRequest("a", prompt, len(prompt)), list(range(4)), is_held_elsewhere=False)
-        worker.save(sched.take_specs()[1][0])
-        wait_saved(worker, "a")
+        finish_and_save(sched, worker, FakeRequest("a", prompt, len(prompt)), list(range(4)))
         # Two chunks stored, but the second holds the last prompt token: only one is offered.
         assert sched.get_num_new_matched_tokens(FakeRequest("b", prompt), 0) == (CHUNK, False)
     finally:
@@ -152,9 +137,7 @@ def test_store_gone_means_misses_and_load_errors_never_exceptions(store):
     caches = kv_caches(4)
     sched, worker = sides(store, caches)
     try:
-        sched.request_finished(FakeRequest("a", prompt, len(prompt)), list(range(5)), is_held_elsewhere=False)
-        worker.save(sched.take_specs()[1][0])
-        wait_saved(worker, "a")
+        finish_and_save(sched, worker, FakeRequest("a", prompt, len(prompt)), list(range(5)))
         req = FakeRequest("b", prompt)
         assert sched.get_num_new_matched_tokens(req, 0) == (2 * CHUNK, False)
         sched.update_state_after_alloc(req, FakeBlocks([6, 7, 8, 9, 10]), 2 * CHUNK)
@@ -163,10 +146,8 @@ def test_store_gone_means_misses_and_load_errors_never_exceptions(store):
         worker.load(loads[0])  # the lookup said yes, the store died before the copy
         assert worker.pop_load_errors() == {6, 7, 8, 9}
         assert sched.get_num_new_matched_tokens(FakeRequest("c", prompt), 0) == (0, False)
-        # A save while the store is gone is dropped, and the held blocks are still released.
-        assert sched.request_finished(FakeRequest("d", prompt, len(prompt)), list(range(5)), is_held_elsewhere=False)
-        worker.save(sched.take_specs()[1][0])
-        wait_saved(worker, "d")
+        # A save while the store is gone is dropped without an error.
+        finish_and_save(sched, worker, FakeRequest("d", prompt, len(prompt)), list(range(5)))
     finally:
         sched.shutdown()
         worker.shutdown()
@@ -189,24 +170,32 @@ def test_store_setting_is_validated():
             ConnectorConfig.from_extra_config({"store": bad})
 
 
-def test_a_pd_prefill_saves_without_a_hold_of_its_own(store):
-    prompt = list(range(900, 900 + CHUNK + 3))
+def test_one_step_saves_every_finished_request_at_once_and_never_twice(store):
+    shared = list(range(900, 900 + CHUNK))  # both prompts start with this chunk
+    p, q = shared + list(range(10, 10 + CHUNK + 3)), shared + list(range(20, 20 + CHUNK + 3))
     caches = kv_caches(5)
     sched, worker = sides(store, caches)
     try:
-        # P's blocks are held for its decoder anyway: the save rides on that hold.
-        assert sched.request_finished(FakeRequest("p", prompt, len(prompt)), [0, 1, 2],
-                                      is_held_elsewhere=True) is False
-        (save,) = sched.take_specs()[1]
-        assert not save.is_held and not sched.has_pending_work()
-        worker.save(save)
-        assert worker.pop_saved() == set()  # P's own transfer reports the release
-        assert sched.get_num_new_matched_tokens(FakeRequest("q", prompt), 0) == (CHUNK, False)
-        # An aborted request saves nothing.
+        assert sched.request_finished(FakeRequest("p", p, len(p)), [0, 1, 2, 3, 4]) is None
+        assert sched.request_finished(FakeRequest("q", q, len(q)), [0, 1, 5, 6, 7]) is None
+        # An aborted request saves nothing (its last step's KV may not be written).
         aborted = FakeRequest("x", list(range(5000, 5000 + 2 * CHUNK)), 2 * CHUNK)
         aborted.status = SimpleNamespace(name="FINISHED_ABORTED")
-        assert sched.request_finished(aborted, [3, 4, 5, 6], is_held_elsewhere=False) is False
-        assert sched.take_specs() == ([], [])
+        assert sched.request_finished(aborted, [8, 9, 10, 11]) is None
+        loads, saves = sched.take_specs()
+        assert not loads and [s.req_id for s in saves] == ["p", "q"]
+        worker.save(saves)
+        assert store.stats()["num_chunks"] == 3  # the shared chunk once, then one of each
+        assert worker.client.stats().num_saved == 3
+        for prompt, blocks in ((p, [0, 1, 2, 3]), (q, [0, 1, 5, 6])):
+            req = FakeRequest("load-" + str(prompt[-1]), prompt)
+            assert sched.get_num_new_matched_tokens(req, 0) == (2 * CHUNK, False)
+            dst = [8, 9, 10, 11, 4]  # the last one holds the tail, which is computed, not loaded
+            assert sched.update_state_after_alloc(req, FakeBlocks(dst), 2 * CHUNK)
+            worker.load(sched.take_specs()[0][0])
+            for name in caches:
+                for i, b in enumerate(blocks):
+                    assert torch.equal(caches[name][dst[i]], caches[name][b]), (name, i)
     finally:
         sched.shutdown()
         worker.shutdown()
@@ -227,10 +216,7 @@ def test_an_engine_on_another_node_shares_chunks_through_a_remote_store(tmp_path
             (a_side, b_side, "ab", 0), (b_side, a_side, "ba", 5000),  # remote -> local, local -> remote
         ):
             tokens = [t + shift for t in prompt]
-            assert src.request_finished(FakeRequest(f"{tag}-save", tokens, len(tokens)), [0, 1, 2, 3, 4],
-                                        is_held_elsewhere=False)  # fmt: skip
-            src_worker.save(src.take_specs()[1][0])
-            wait_saved(src_worker, f"{tag}-save")
+            finish_and_save(src, src_worker, FakeRequest(f"{tag}-save", tokens, len(tokens)), [0, 1, 2, 3, 4])
             req = FakeRequest(f"{tag}-load", tokens)
             assert dst.get_num_new_matched_tokens(req, 0) == (2 * CHUNK, False)
             dst.update_state_after_alloc(req, FakeBlocks([7, 8, 9, 10, 11]), 2 * CHUNK)
