@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -40,9 +41,37 @@ logger = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0  # eager start is ~55 s alone, ~110 s for two engines on 2 cores
 
 
+_handed_ports: set[int] = set()
+
+
+def _ephemeral_low(default: int = 32768) -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (bind to port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A TCP port that was free a moment ago, for a server about to bind it.
+
+    Drawn at random below the kernel's ephemeral range: a port the OS hands out for
+    ``bind(0)`` is an ephemeral one, which any outgoing connection may take before the
+    server binds it ("address already in use"). Never the same port twice per process.
+    """
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(256):
+        port = rng.randrange(max(1024, low - 12000), low)
+        if port in _handed_ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_ports.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded range: any free port
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 

@@ -78,12 +78,15 @@ def test_environment_is_offline_pinned_and_nixl_aware():
     assert "VLLM_NIXL_SIDE_CHANNEL_PORT" not in build_env(EngineSpec(model="/m", port=1), base={})
 
 
-def test_free_port_is_bindable():
+def test_free_port_is_bindable_outside_the_ephemeral_range_and_never_repeats():
     import socket
 
-    port = free_port()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", port))
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = [free_port() for _ in range(20)]
+    assert len(set(ports)) == 20 and all(1024 <= p < low for p in ports)
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
 
 
 def test_engine_that_dies_raises_with_log_tail(tmp_path, monkeypatch):

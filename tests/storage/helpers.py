@@ -6,7 +6,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pdx.engines.process import free_port  # noqa: F401 (re-exported for the storage tests)
+
 MiB = 1 << 20
 CHUNK = 256 * 1024  # bytes per test chunk
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_keys(n: int, tag: str = "k") -> list[bytes]:
