@@ -81,6 +81,12 @@ def fleet(request, tmp_path_factory):
         else:
             pytest.fail("fleet not ready in 420 s:\n" + (work / "launch.log").read_text()[-3000:])
         httpx.post(url + "/v1/completions", json={"prompt": PROMPT[:20], "max_tokens": 2}, timeout=120)  # warm-up
+        # A first NIXL request's handshake can keep an engine (pinned to one core) from answering
+        # health checks for a few seconds: wait until the router has them both back in rotation.
+        deadline = time.monotonic() + 60
+        while not all(w["healthy"] for w in httpx.get(url + "/workers", timeout=5).json()["workers"]):
+            assert time.monotonic() < deadline, httpx.get(url + "/workers", timeout=5).text
+            time.sleep(0.5)
         yield {"url": url, "proc": proc, "ports": ports, "work": work, "config": config}
     finally:
         if proc.poll() is None:
