@@ -170,37 +170,42 @@ def parse_cpu_list(text: str) -> set[int]:
     return cpus
 
 
-def group_thread_ids(pgid: int) -> list[int]:
-    """Every thread of every process in process group ``pgid`` (Linux /proc)."""
-    tids = []
+def _group_processes(pgid: int) -> list[Path]:
+    """``/proc/<pid>`` of every process in process group ``pgid`` (Linux /proc)."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-            if int(stat.rpartition(")")[2].split()[3]) != pgid:  # field 5: pgrp
-                continue
-            tids += [int(t.name) for t in (entry / "task").iterdir()]
+            if int((entry / "stat").read_text().rpartition(")")[2].split()[3]) == pgid:  # field 5: pgrp
+                found.append(entry)
         except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return found
+
+
+def group_thread_ids(pgid: int) -> list[int]:
+    """Every thread of every process in process group ``pgid``."""
+    tids = []
+    for entry in _group_processes(pgid):
+        try:
+            tids += [int(t.name) for t in (entry / "task").iterdir()]
+        except (OSError, ValueError):
             continue  # exited meanwhile
     return tids
 
 
 def group_shm_segments(pgid: int, prefix: str = "/dev/shm/psm_") -> set[str]:
-    """POSIX shared-memory segments that processes of group ``pgid`` have mapped (Linux /proc).
+    """POSIX shared-memory segments that processes of group ``pgid`` have mapped.
 
     ``psm_*`` are Python's ``multiprocessing.shared_memory`` segments, which vLLM creates for
     its engine-core/worker message queues and unlinks on a clean exit only.
     """
     found: set[str] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for entry in _group_processes(pgid):
         try:
-            if int((entry / "stat").read_text().rpartition(")")[2].split()[3]) != pgid:
-                continue
             maps = (entry / "maps").read_text()
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue  # exited meanwhile
         for line in maps.splitlines():
             fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
