@@ -3,7 +3,7 @@
 Importing this package imports neither torch nor triton. The functions below pick the
 Triton kernels for CUDA tensors (when triton is installed) and the torch reference
 otherwise; ``backend="reference"`` or ``"triton"`` forces one. Shapes and arguments are
-documented in ``kernels.reference``; the layout is any object shaped like
+documented in ``pdx.kernels.reference``; the layout is any object shaped like
 ``pdx.layout.PagedKVLayout``.
 
     gather_layer(layout, layer_cache, slot_mapping, head_range=None)  -> [C, T, H*D]
@@ -51,7 +51,7 @@ def select_backend(layer_cache: Any, backend: str | None = None) -> Any:
     if backend not in ("reference", "triton"):
         raise ValueError(f"unknown kernel backend {backend!r}; use 'reference' or 'triton'")
     return importlib.import_module(
-        f"kernels.{'triton_paged' if backend == 'triton' else 'reference'}"
+        f".{'triton_paged' if backend == 'triton' else 'reference'}", __name__
     )
 
 
@@ -111,12 +111,12 @@ def scatter(
 def slot_mapping_from_blocks(
     block_ids: Any, block_size: int, num_tokens: int | None = None, device: Any = None
 ) -> Any:
-    from kernels.reference import slot_mapping_from_blocks as impl
+    from .reference import slot_mapping_from_blocks as impl
 
     return impl(block_ids, block_size, num_tokens, device)
 
 
 def reshard(parts: Any, head_range: tuple[int, int], head_dim: int) -> Any:
-    from kernels.reference import reshard as impl
+    from .reference import reshard as impl
 
     return impl(parts, head_range, head_dim)

@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from kernels.pages import block_ids_of, gather_blocks, scatter_blocks
-from kernels.views import kv_views
+from .pages import block_ids_of, gather_blocks, scatter_blocks
+from .views import kv_views
 
 
 def slot_mapping_from_blocks(

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import _slots, local_heads
-from kernels.views import kv_views
+from .reference import _slots, local_heads
+from .views import kv_views
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 

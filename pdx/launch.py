@@ -1,7 +1,7 @@
 """``pdx launch --topology FILE``: start a topology's local vLLM engines, then the router.
 
 For every engine with a ``local`` section it starts a vLLM CPU OpenAI server
-(``python -m vllm.entrypoints.openai.api_server``, see ``pdx.engines.process``)
+(``python -m vllm.entrypoints.openai.api_server``, see ``pdx.harness.process``)
 with the ``--kv-transfer-config`` its role and connector need:
 
 ====================  ==========================================================
@@ -73,8 +73,8 @@ def kv_transfer_config(engine: Engine) -> dict[str, Any]:
     }
 
 
-def engine_spec(topology: Topology, engine: Engine, model_dir: str):  # -> pdx.engines.process.EngineSpec
-    from pdx.engines.process import EngineSpec
+def engine_spec(topology: Topology, engine: Engine, model_dir: str):  # -> pdx.harness.process.EngineSpec
+    from pdx.harness.process import EngineSpec
 
     local = engine.local
     assert local is not None
@@ -112,7 +112,7 @@ def start_local_engines(
     Shows one progress line on ``out``. On failure or interrupt every started
     engine is stopped before the exception propagates.
     """
-    from pdx.engines.process import VllmEngine
+    from pdx.harness.process import VllmEngine
 
     local = [e for e in topology.engines if e.local is not None]
     if not local:

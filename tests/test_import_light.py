@@ -8,7 +8,7 @@ HEAVY = ["torch", "vllm", "sglang", "nixl", "nixl_cu12", "ucxx", "triton", "redi
 
 def test_top_level_imports_stay_light():
     code = (
-        "import sys, pdx, transports, kernels, pdx.cli, transports.base, transports.errors, pdx.errors\n"
+        "import sys, pdx, pdx.transports, pdx.kernels, pdx.cli, pdx.transports.base, pdx.transports.errors, pdx.errors\n"
         f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )

@@ -10,13 +10,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import kernels  # noqa: E402
-from kernels.views import layer_tensors  # noqa: E402
+import pdx.kernels as kernels  # noqa: E402
+from pdx.kernels.views import layer_tensors  # noqa: E402
+from pdx.transports.base import NBYTES  # noqa: E402
+
 from pdx import layout as L  # noqa: E402
 from pdx.errors import LayoutError  # noqa: E402
 from pdx.segments import layer_block_segments, pair_segments, plan_copy  # noqa: E402
 from tests.kernels.helpers import as_bytes, fill_random_bits, new_caches  # noqa: E402
-from transports.base import NBYTES  # noqa: E402
 
 NUM_BLOCKS = 12
 
@@ -194,7 +195,7 @@ def test_many_blocks_plan_without_python_loops_over_blocks():
 
 
 def test_plan_runs_over_a_real_transport():
-    from transports import create_transport
+    from pdx.transports import create_transport
 
     layout = _make("vllm_hnd", 16)
     src, dst = new_caches(layout, NUM_BLOCKS), new_caches(layout, NUM_BLOCKS)

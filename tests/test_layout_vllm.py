@@ -9,7 +9,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow  # importing vLLM takes seconds
 
-import kernels  # noqa: E402
+import pdx.kernels as kernels  # noqa: E402
+
 from pdx import layout as L  # noqa: E402
 from pdx.errors import LayoutError  # noqa: E402
 from pdx.segments import layer_block_segments  # noqa: E402

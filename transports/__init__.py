@@ -1,7 +1,7 @@
 """pdx data plane: move bytes between registered memory of two endpoints.
 
 ``create_transport(name, **options)`` imports the implementation lazily, so
-``import transports`` needs neither nixl, ucxx nor torch.
+``import pdx.transports`` needs neither nixl, ucxx nor torch.
 """
 
 from __future__ import annotations
@@ -9,19 +9,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from transports.errors import TransportError, TransportUnavailable
+from .errors import TransportError, TransportUnavailable
 
 if TYPE_CHECKING:
-    from transports.base import Transport
+    from .base import Transport
 
 # name -> "module:Class"; fastest first within each locality (used by ``auto``).
 REGISTRY: dict[str, str] = {
-    "loopback": "transports.loopback:LoopbackTransport",
-    "shm": "transports.shm:ShmTransport",
-    "tcp": "transports.tcp:TcpTransport",
-    "nixl": "transports.nixl:NixlTransport",
-    "ucx": "transports.ucx:UcxTransport",
-    "cuda_ipc": "transports.cuda_ipc:CudaIpcTransport",
+    "loopback": ".loopback:LoopbackTransport",
+    "shm": ".shm:ShmTransport",
+    "tcp": ".tcp:TcpTransport",
+    "nixl": ".nixl:NixlTransport",
+    "ucx": ".ucx:UcxTransport",
+    "cuda_ipc": ".cuda_ipc:CudaIpcTransport",
 }
 
 
@@ -34,7 +34,7 @@ def transport_class(name: str) -> type[Transport]:
         ) from None
     module_name, _, cls_name = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(module_name, __name__)
     except ImportError as exc:
         raise TransportUnavailable(f"transport {name!r} is not available here: {exc}") from exc
     return getattr(module, cls_name)
@@ -43,7 +43,7 @@ def transport_class(name: str) -> type[Transport]:
 def create_transport(name: str, **options: Any) -> Transport:
     """Create a transport endpoint by registry name (or ``auto``)."""
     if name == "auto":
-        from transports.auto import create_auto
+        from .auto import create_auto
 
         return create_auto(**options)
     return transport_class(name)(**options)

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from transports.base import Peer, SegmentPairs, Transfer, TransferReport, TransferStatus
-from transports.errors import PeerLost, TransferAborted, TransferError, TransferTimeout
+from .base import Peer, SegmentPairs, Transfer, TransferReport, TransferStatus
+from .errors import PeerLost, TransferAborted, TransferError, TransferTimeout
 
 if TYPE_CHECKING:
-    from transports.nixl import NixlTransport
+    from .nixl import NixlTransport
 
 NOTIF_PREFIX = b"\x01"  # marks pdx notifications; other messages between agents are control
 

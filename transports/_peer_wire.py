@@ -18,8 +18,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from transports.base import RegionInfo
-from transports.errors import DescriptorError
+from .base import RegionInfo
+from .errors import DescriptorError
 
 VERSION = 1
 

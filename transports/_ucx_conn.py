@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from transports._ucx_runtime import CONNECT_TIMEOUT, HELLO, abort_endpoint, run_op
+from ._ucx_runtime import CONNECT_TIMEOUT, HELLO, abort_endpoint, run_op
 
 logger = logging.getLogger(__name__)
 

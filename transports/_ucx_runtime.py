@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from .loop_thread import LoopThread
+
 logger = logging.getLogger(__name__)
 
 HELLO, WRITE, DONE = 1, 2, 3
@@ -131,9 +133,9 @@ class _Runtime:
     def __init__(self) -> None:
         before = open_fds()
         self.kept: list[Any] = []
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="pdx-ucxx", daemon=True)
-        self.thread.start()
+        self._loop_thread = LoopThread("pdx-ucxx")
+        self.loop = self._loop_thread.loop
+        self.thread = self._loop_thread.thread
         try:
             self.submit(_warm_up()).result(CONNECT_TIMEOUT + 5)
         except Exception:
@@ -154,7 +156,7 @@ class _Runtime:
         return inst.fds if inst is not None else frozenset()
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return self._loop_thread.submit(coro)
 
 
 async def _warm_up() -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from transports._ucx_runtime import (
+from ._ucx_runtime import (
     CONNECT_TIMEOUT,
     DONE,
     HELLO,
@@ -25,10 +25,10 @@ from transports._ucx_runtime import (
     abort_endpoint,
     run_op,
 )
-from transports.base import Notification
+from .base import Notification
 
 if TYPE_CHECKING:
-    from transports.ucx import UcxTransport
+    from .ucx import UcxTransport
 
 logger = logging.getLogger(__name__)
 

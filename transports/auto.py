@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from transports.base import (
+from .base import (
     LOCAL_REGION,
     REMOTE_REGION,
     MemoryRegion,
@@ -27,8 +27,8 @@ from transports.base import (
     Transfer,
     Transport,
 )
-from transports.descriptor import decode_descriptor, encode_descriptor, host_id
-from transports.errors import (
+from .descriptor import decode_descriptor, encode_descriptor, host_id
+from .errors import (
     ConnectError,
     DescriptorError,
     SegmentError,
@@ -43,7 +43,7 @@ SAME_HOST_ONLY = {"shm", "cuda_ipc", "loopback"}
 
 
 def _usable(medium: str) -> type[Transport] | None:
-    from transports import transport_class
+    from . import transport_class
 
     try:
         cls = transport_class(medium)

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from transports.errors import RegistrationError, SegmentError, TransportClosed
+from .errors import RegistrationError, SegmentError, TransportClosed
 
 logger = logging.getLogger(__name__)
 
@@ -464,7 +464,7 @@ class Transport(abc.ABC):
         self, peer: Peer, pairs: SegmentPairs, notif: bytes | None = None
     ) -> Transfer:
         """Read the peer's segments into local segments (where ``supports_read``)."""
-        from transports.errors import TransportUnavailable
+        from .errors import TransportUnavailable
 
         raise TransportUnavailable(f"{self.kind} does not support reads; use post_write from the other side")
 

@@ -24,8 +24,8 @@ import threading
 import time
 from typing import Any
 
-from transports._peer_wire import decode_descriptor, encode_descriptor
-from transports.base import (
+from ._peer_wire import decode_descriptor, encode_descriptor
+from .base import (
     LOCAL_OFFSET,
     LOCAL_REGION,
     NBYTES,
@@ -40,7 +40,7 @@ from transports.base import (
     TransferStatus,
     Transport,
 )
-from transports.errors import (
+from .errors import (
     ConnectError,
     DescriptorError,
     PeerLost,

@@ -19,11 +19,11 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from transports.base import RegionInfo
-from transports.errors import DescriptorError
+from .base import RegionInfo
+from .errors import DescriptorError
 
 if TYPE_CHECKING:
-    from transports.base import Transport
+    from .base import Transport
 
 WIRE_VERSION = 1
 

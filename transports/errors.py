@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from transports.base import TransferReport
+    from .base import TransferReport
 
 
 class TransportError(Exception):

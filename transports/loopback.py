@@ -15,7 +15,7 @@ import threading
 import uuid
 import weakref
 
-from transports.base import (
+from .base import (
     LOCAL_OFFSET,
     LOCAL_REGION,
     NBYTES,
@@ -27,9 +27,9 @@ from transports.base import (
     Transfer,
     Transport,
 )
-from transports.descriptor import decode_descriptor, encode_descriptor
-from transports.errors import ConnectError, DescriptorError, PeerLost
-from transports.transfer import ThreadTransfer
+from .descriptor import decode_descriptor, encode_descriptor
+from .errors import ConnectError, DescriptorError, PeerLost
+from .transfer import ThreadTransfer
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from transports._nixl_transfer import (
+from ._nixl_transfer import (
     NOTIF_PREFIX,
     NixlTransfer,
     _bare,
@@ -39,8 +39,8 @@ from transports._nixl_transfer import (
     _mem_type,
     _Request,
 )
-from transports._peer_wire import decode_descriptor, encode_descriptor
-from transports.base import (
+from ._peer_wire import decode_descriptor, encode_descriptor
+from .base import (
     LOCAL_OFFSET,
     LOCAL_REGION,
     NBYTES,
@@ -54,7 +54,7 @@ from transports.base import (
     TransferStatus,
     Transport,
 )
-from transports.errors import (
+from .errors import (
     ConnectError,
     DescriptorError,
     PeerLost,

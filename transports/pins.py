@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from transports.base import MemoryRegion
+from .base import MemoryRegion
 
 
 def region_ids_of(column: np.ndarray) -> list[int]:

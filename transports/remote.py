@@ -27,10 +27,11 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Coroutine
 from typing import Any
 
 import numpy as np
+
+from .loop_thread import LoopThread
 
 logger = logging.getLogger(__name__)
 
@@ -60,32 +61,6 @@ class RemoteError(Exception):
         self.message = message
 
 
-class LoopThread:
-    """An asyncio loop on a daemon thread; ``run`` executes a coroutine there and waits."""
-
-    def __init__(self, name: str = "pdx-loop") -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float | None = 60.0) -> Any:
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError("LoopThread.run called from its own loop thread: await the coroutine instead")
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return fut.result(timeout)
-        except TimeoutError:
-            fut.cancel()
-            raise
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-        if not self._thread.is_alive():  # a loop still running cannot be closed
-            self.loop.close()
-
-
 class Endpoint:
     """The commands, executed next to the transport (in the child, or in-process)."""
 
@@ -98,7 +73,7 @@ class Endpoint:
 
     def open(self, kind: str, options: dict[str, Any]) -> None:
         """Create a fresh transport (after ``close`` of the previous one: processes are reused)."""
-        from transports import create_transport
+        from . import create_transport
 
         self._threads = set(threading.enumerate())
         self._fds = _open_fds()
@@ -148,7 +123,7 @@ class Endpoint:
         return peer.name
 
     def post_write(self, peer: str, table: np.ndarray, notif: bytes | None, timeout: float) -> tuple:
-        from transports.base import SegmentPairs
+        from .base import SegmentPairs
 
         async def go() -> tuple:
             t = await self.transport.post_write(self.peers[peer], SegmentPairs(table), notif)
@@ -159,7 +134,7 @@ class Endpoint:
 
     def post_write_nowait(self, peer: str, table: np.ndarray, notif: bytes | None = None) -> None:
         """Post and return at once (the transfer keeps running; used to kill an initiator mid-transfer)."""
-        from transports.base import SegmentPairs
+        from .base import SegmentPairs
 
         async def go() -> None:
             self.posted.append(await self.transport.post_write(self.peers[peer], SegmentPairs(table), notif))
@@ -192,7 +167,7 @@ class Endpoint:
         }
 
     def _view(self, region_id: int, offset: int, nbytes: int | None) -> np.ndarray:
-        from transports.pins import memory_view
+        from .pins import memory_view
 
         region = self.transport.regions[region_id]
         nbytes = region.nbytes - offset if nbytes is None else nbytes

@@ -24,9 +24,9 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from transports.descriptor import Descriptor, host_id
-from transports.errors import ConnectError, DescriptorError
-from transports.stream_transport import StreamTransport
+from .descriptor import Descriptor, host_id
+from .errors import ConnectError, DescriptorError
+from .stream_transport import StreamTransport
 
 
 class ShmTransport(StreamTransport):

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from transports.transfer import ThreadTransfer
-from transports.wire import (
+from .transfer import ThreadTransfer
+from .wire import (
     ACK,
     ACK_MAGIC,
     FRAME,

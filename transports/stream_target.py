@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from transports.base import Notification
-from transports.cma import CmaCopier, cma_probe
-from transports.pins import RegionPins, region_addresses
-from transports.wire import (
+from .base import Notification
+from .cma import CmaCopier, cma_probe
+from .pins import RegionPins, region_addresses
+from .wire import (
     ACK,
     ACK_MAGIC,
     FRAME,

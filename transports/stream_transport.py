@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from transports.base import (
+from .base import (
     LOCAL_OFFSET,
     LOCAL_REGION,
     NBYTES,
@@ -32,19 +32,19 @@ from transports.base import (
     Transfer,
     Transport,
 )
-from transports.descriptor import Descriptor, decode_descriptor, encode_descriptor
-from transports.errors import (
+from .descriptor import Descriptor, decode_descriptor, encode_descriptor
+from .errors import (
     ConnectError,
     DescriptorError,
     PeerLost,
     SegmentError,
     TransportUnavailable,
 )
-from transports.pins import RegionPins, region_addresses
-from transports.stream_initiator import Part, StreamConnection, split
-from transports.stream_target import MAX_ROWS, StreamServer
-from transports.transfer import ThreadTransfer
-from transports.wire import MAX_HELLO, MODE_CMA, MODE_INLINE, OP_READ, OP_WRITE
+from .pins import RegionPins, region_addresses
+from .stream_initiator import Part, StreamConnection, split
+from .stream_target import MAX_ROWS, StreamServer
+from .transfer import ThreadTransfer
+from .wire import MAX_HELLO, MODE_CMA, MODE_INLINE, OP_READ, OP_WRITE
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from transports.errors import DescriptorError
-from transports.stream_transport import StreamTransport
+from .errors import DescriptorError
+from .stream_transport import StreamTransport
 
 KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}  # a silent dead host is found in ~25 s
 

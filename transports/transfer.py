@@ -12,8 +12,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from transports.base import Transfer, TransferReport, TransferStatus
-from transports.errors import PeerLost, TransferAborted, TransferError, TransferTimeout
+from .base import Transfer, TransferReport, TransferStatus
+from .errors import PeerLost, TransferAborted, TransferError, TransferTimeout
 
 _ERRORS: dict[str, type[TransferError]] = {
     "PeerLost": PeerLost,

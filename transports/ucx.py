@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from transports._peer_wire import decode_descriptor, encode_descriptor
-from transports._ucx_conn import _Conn
-from transports._ucx_runtime import (
+from ._peer_wire import decode_descriptor, encode_descriptor
+from ._ucx_conn import _Conn
+from ._ucx_runtime import (
     CONNECT_TIMEOUT,
     DONE,
     WRITE,
@@ -50,8 +50,8 @@ from transports._ucx_runtime import (
     run_op,
     settle_ops,
 )
-from transports._ucx_target import UcxTarget
-from transports.base import (
+from ._ucx_target import UcxTarget
+from .base import (
     LOCAL_OFFSET,
     LOCAL_REGION,
     NBYTES,
@@ -64,7 +64,7 @@ from transports.base import (
     TransferStatus,
     Transport,
 )
-from transports.errors import (
+from .errors import (
     ConnectError,
     PeerLost,
     TransferAborted,
@@ -201,7 +201,7 @@ class UcxTransport(Transport):
         address = (desc.extra.get("host"), desc.extra.get("port"), desc.extra.get("alive_port"))
         host, port, alive_port = address
         if not isinstance(host, str) or not isinstance(port, int) or not isinstance(alive_port, int):
-            from transports.errors import DescriptorError
+            from .errors import DescriptorError
 
             raise DescriptorError(f"ucx descriptor of {desc.name} has no listener address")
         old = self._peers.get(desc.name)
@@ -231,7 +231,7 @@ class UcxTransport(Transport):
     async def post_write(self, peer: Peer, pairs: SegmentPairs, notif: bytes | None = None) -> Transfer:
         self._validate(peer, pairs)
         if self._peers.get(peer.name) is not peer:
-            from transports.errors import TransportClosed
+            from .errors import TransportClosed
 
             raise TransportClosed(f"peer {peer.name} is not connected to {self.name}; connect again")
         t = pairs.table

@@ -111,7 +111,7 @@ def tcp_baseline(points: Points, posts: int) -> list[list[float]]:
 
 # -- nixl -----------------------------------------------------------------------------
 def _nixl_target(conn: Any, nbytes: int) -> None:
-    from transports.nixl import import_nixl
+    from pdx.transports.nixl import import_nixl
 
     api = import_nixl()
     agent = api.nixl_agent("bench-target", api.nixl_agent_config(backends=["UCX"], enable_prog_thread=False))
@@ -124,7 +124,7 @@ def _nixl_target(conn: Any, nbytes: int) -> None:
 
 
 def nixl_baseline(points: Points, posts: int) -> list[list[float]]:
-    from transports.nixl import import_nixl
+    from pdx.transports.nixl import import_nixl
 
     api = import_nixl()
     n = _nbytes(points)
@@ -220,7 +220,7 @@ def ucx_baseline(points: Points, posts: int) -> list[list[float]]:
 
     # ucxx binds to one loop per process; pdx's ucx transport owns a private loop thread,
     # so the bare baseline runs on one of its own.
-    from transports._ucx_runtime import _Runtime
+    from pdx.transports._ucx_runtime import _Runtime
 
     runtime = _Runtime.acquire()  # once per process: kept until exit, like the transport's
     lat = runtime.submit(main()).result(600)

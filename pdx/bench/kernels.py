@@ -64,8 +64,8 @@ def _bench_layout(
 ) -> list[dict[str, Any]]:
     import torch
 
-    import kernels
-    from kernels.views import alloc_layer_cache
+    import pdx.kernels as kernels
+    from pdx.kernels.views import alloc_layer_cache
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     num_blocks = 2 * -(

@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model-layers must be at least 1")
     reps = args.reps or (QUICK_REPS if args.quick else FULL_REPS)
 
-    from pdx.engines.lock import engine_lock
-    from pdx.engines.process import EngineSpec
+    from pdx.harness.lock import engine_lock
+    from pdx.harness.process import EngineSpec
     from pdx.models.tiny import build_tiny_model
 
     max_model_len = max(sizes) + 512

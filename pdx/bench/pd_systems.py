@@ -4,7 +4,7 @@
 - ``vllm-nixl``: stock vLLM ``NixlConnector`` 1P1D (P core 0, D core 1); the client
   runs P with ``max_tokens=1`` and then streams from D with P's ``kv_transfer_params``.
 - ``pdx``: ``PdxConnector`` 1P1D on the chosen transport; the client sends both
-  legs at once with one transfer id (``pdx.engines.protocol``) and streams from D.
+  legs at once with one transfer id (``pdx.connector.protocol``) and streams from D.
   D appends one JSON line per transfer to a stats file (``exposed_ms``,
   ``transfer_ms``, ``t_done``), which gives the exposed-transfer fraction; P appends
   when each transfer's last layer finished its attention (``t_attention_done``).
@@ -24,9 +24,9 @@ from typing import Any
 
 import httpx
 
-from pdx.engines import pd_client
-from pdx.engines.process import EngineSpec, VllmEngine, free_port, start_engines
 from pdx.errors import EngineError
+from pdx.harness import pd_client
+from pdx.harness.process import EngineSpec, VllmEngine, free_port, start_engines
 
 MAX_TOKENS = 16
 

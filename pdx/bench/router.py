@@ -31,7 +31,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pdx.engines.process import free_port
+from pdx.harness.process import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def main(argv: list[str]) -> int:
         specs = [f"{name}:{'prefill' if name[0] == 'p' else 'decode'}:"
                  f"{'sglang' if 'sglang' in name else 'vllm'}:{'nixl' if 'nixl' in name else 'pdx'}:{port}"
                  for name, port in fakes.items()]  # fmt: skip
-        fake_proc = procs.start("fakes", [sys.executable, "-m", "pdx.router.fake_server", *specs, "--num-chunks", "64"])
+        fake_proc = procs.start("fakes", [sys.executable, "-m", "pdx.testing.fake_server", *specs, "--num-chunks", "64"])
         wait_until_serving(f"http://127.0.0.1:{fakes['d-pdx']}", fake_proc, "fakes")
         running: dict[str, tuple[str, subprocess.Popen | None]] = {}
         for system in systems:

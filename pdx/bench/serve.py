@@ -262,7 +262,7 @@ def _run_launched(
     args: argparse.Namespace, names: list[str], spec: WorkloadSpec, loads: dict[str, LoadSpec]
 ) -> list:
     from pdx.config import load_topology
-    from pdx.engines.lock import engine_lock
+    from pdx.harness.lock import engine_lock
 
     runs = []
     systems = [

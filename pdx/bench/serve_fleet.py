@@ -55,7 +55,7 @@ def _wait_until(url: str, proc: subprocess.Popen, what: str, timeout_s: float) -
 
 def connector_store_extras(storage: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """``storage.connector`` keys the installed PdxConnector accepts, and those it does not."""
-    from pdx.engines.connector_config import _ExtraConfig
+    from pdx.connector.config import _ExtraConfig
 
     wanted = dict(storage.get("connector") or {})
     known = set(_ExtraConfig.model_fields)
@@ -110,7 +110,7 @@ class LocalFleet:
         return self
 
     def _start(self, timeout_s: float) -> None:
-        from pdx.engines.process import VllmEngine
+        from pdx.harness.process import VllmEngine
         from pdx.launch import engine_spec, resolve_model_path
 
         extras: dict[str, Any] = {}
@@ -153,7 +153,7 @@ class LocalFleet:
 
     def _start_engines_and_router(self, timeout_s: float) -> None:
         """Start ``self.engines`` together, then ``pdx route`` for the topology."""
-        from pdx.engines.process import start_engines
+        from pdx.harness.process import start_engines
 
         start_engines(self.engines, timeout_s)
         route = ["import sys; from pdx.router.cli import route_main; sys.exit(route_main(sys.argv[1:]))",

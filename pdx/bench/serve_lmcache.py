@@ -69,7 +69,7 @@ def lmcache_kv_transfer_config(mp_port: int, host: str = "127.0.0.1") -> dict[st
 
 
 def lmcache_engine_spec(spec: Any, mp_port: int, site_packages: Path) -> Any:
-    """``spec`` (a ``pdx.engines.process.EngineSpec``) with LMCache's connector and import path."""
+    """``spec`` (a ``pdx.harness.process.EngineSpec``) with LMCache's connector and import path."""
     env = dict(spec.extra_env)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(site_packages), env.get("PYTHONPATH", "")) if p
@@ -119,7 +119,7 @@ class LMCacheFleet(LocalFleet):
         return f"http://127.0.0.1:{self.http_port}" if self._store is not None else None
 
     def _start(self, timeout_s: float) -> None:
-        from pdx.engines.process import VllmEngine, free_port
+        from pdx.harness.process import VllmEngine, free_port
         from pdx.launch import engine_spec, resolve_model_path
 
         site_packages = lmcache_site_packages(self.venv)

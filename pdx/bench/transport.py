@@ -61,9 +61,9 @@ def _table(src_region: int, dst_region: int, seg: int, order: np.ndarray) -> np.
 async def _pdx_points(kind: str, points: list[tuple[int, np.ndarray]], posts: int, post_bytes: int,
                       tick: Any) -> list[list[float]]:
     """Per-post seconds of pdx's ``kind`` for each (segment, order) point."""
-    import transports
-    from transports.base import SegmentPairs
-    from transports.remote import RemoteEndpoint
+    import pdx.transports as transports
+    from pdx.transports.base import SegmentPairs
+    from pdx.transports.remote import RemoteEndpoint
 
     remote = None
     target = None
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")  # NIXL logs INFO lines to stdout otherwise
     from tqdm import tqdm
 
-    import transports
+    import pdx.transports as transports
     from pdx.bench._baselines import BASELINES
 
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (QUICK_SIZES if args.quick else FULL_SIZES)

@@ -43,10 +43,10 @@ from pdx.storage.channel import StoreChannel
 from pdx.storage.checksum import checksum
 from pdx.storage.client import StoreClient
 from pdx.storage.remote_channel import RemoteChannel, parse_address
-from transports.remote import LoopThread
+from pdx.transports.loop_thread import LoopThread
 
 if TYPE_CHECKING:
-    from transports.base import MemoryRegion, Peer, Transport
+    from pdx.transports.base import MemoryRegion, Peer, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +223,8 @@ class RemoteStoreClient(StoreClient):
         (``channel._fail()``, under the lock that guards it), which ends its leases."""
         if not rows:
             return True, 0.0
-        from transports.base import SegmentPairs
-        from transports.errors import TransportError
+        from pdx.transports.base import SegmentPairs
+        from pdx.transports.errors import TransportError
 
         pairs = SegmentPairs.from_tuples(rows).merged()
         timeout = self.timeout_s + pairs.nbytes / MIN_TRANSFER_BPS
@@ -238,8 +238,8 @@ class RemoteStoreClient(StoreClient):
 
     def _attach_store(self, hello: dict[str, Any]) -> StorePeer:
         """Called on each new control connection: connect the transport to the store's endpoint."""
-        from transports import create_transport
-        from transports.errors import TransportError
+        from pdx.transports import create_transport
+        from pdx.transports.errors import TransportError
 
         kind, region_id = str(hello["transport"]), int(hello["region"])
         descriptor = base64.b64decode(hello["descriptor"])

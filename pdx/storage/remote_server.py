@@ -38,7 +38,7 @@ from pdx.storage.protocol import VERSION, ProtocolError, encode_frame, read_fram
 
 if TYPE_CHECKING:
     from pdx.storage.server import StoreServer
-    from transports.base import MemoryRegion, Transport
+    from pdx.transports.base import MemoryRegion, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ class RemoteFrontend:
         return len(self._writers)
 
     async def start(self) -> None:
-        from transports import create_transport
-        from transports.errors import TransportError
+        from pdx.transports import create_transport
+        from pdx.transports.errors import TransportError
 
         assert self.server.arena is not None and self.server.arena.array is not None
         tcp = {"host": self.host, "port": self._data_port, "advertise_host": self._advertise}

@@ -26,7 +26,7 @@ from pdx.bench.workloads import (
     users_for_kv_volume,
 )
 from pdx.engines.metrics import parse_prometheus_text
-from pdx.router.fakes import FakeEngine
+from pdx.testing.fake_engine import FakeEngine
 from tests.router.harness import Harness
 
 SPEC = WorkloadSpec(seed=3, num_users=3, system_tokens=64, user_turn_tokens=8, answer_tokens=4,
@@ -305,7 +305,7 @@ def test_launch_starts_store_and_router_then_reruns_without_the_store(
 ) -> None:
     """``--launch --compare-no-store`` on a topology of already-running (fake) engines: the real
     ``pdx store`` and ``pdx route`` processes start and stop, and both runs report."""
-    from pdx.engines.process import free_port
+    from pdx.harness.process import free_port
 
     fakes = [FakeEngine(f"f{i}", role="both", num_chunks=4) for i in range(2)]
     urls = [harness.serve(f) for f in fakes]

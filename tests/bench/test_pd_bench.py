@@ -87,8 +87,8 @@ def test_table_shows_ratios_against_vllm_nixl_and_errors():
 
 def test_a_system_that_fails_gets_error_entries(monkeypatch, tmp_path):
     from pdx.bench import pd_systems
-    from pdx.engines.process import EngineSpec
     from pdx.errors import EngineError
+    from pdx.harness.process import EngineSpec
 
     stopped = []
 
@@ -116,7 +116,7 @@ def test_model_layers_builds_that_model_and_is_recorded(monkeypatch, tmp_path, c
     import contextlib
     import json
 
-    from pdx.engines import lock
+    from pdx.harness import lock
     from pdx.models import tiny
 
     built, ran = [], []

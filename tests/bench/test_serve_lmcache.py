@@ -20,8 +20,8 @@ from pdx.bench.serve_lmcache import (
     lmcache_venv,
 )
 from pdx.engines.metrics import parse_prometheus_text
-from pdx.engines.process import free_port
 from pdx.errors import ConfigError
+from pdx.harness.process import free_port
 
 ROOT = Path(__file__).parents[2]
 PROMPT = [(i * 7) % 500 + 10 for i in range(1000)]  # token ids: 3 full 256-token chunks + 232
@@ -96,7 +96,7 @@ def _lmcache_installed() -> bool:
 @pytest.mark.timeout(3600)  # includes waiting for the engine lock
 @pytest.mark.skipif(not _lmcache_installed(), reason="no .venv-lmcache (scripts/setup-lmcache.sh)")
 def test_a_repeated_prompt_prefix_is_served_by_lmcache(tmp_path) -> None:
-    from pdx.engines.lock import engine_lock
+    from pdx.harness.lock import engine_lock
 
     topo = _topology(tmp_path, free_port(), free_port())
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}

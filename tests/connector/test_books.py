@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pdx.engines import protocol
-from pdx.engines.connector_config import ConnectorConfig
-from pdx.engines.control import ControlError, LayerDst
-from pdx.engines.recv_book import RecvBook, RecvState, RecvStatus
-from pdx.engines.send_book import Destination, LayerSrc, SendBook, WriteItem
+from pdx.connector import protocol
+from pdx.connector.config import ConnectorConfig
+from pdx.connector.control import ControlError, LayerDst
+from pdx.connector.recv_book import RecvBook, RecvState, RecvStatus
+from pdx.connector.send_book import Destination, LayerSrc, SendBook, WriteItem
 from pdx.errors import ConfigError
 
 TID = "0123456789abcdef"

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from pdx.engines.control import (
+from pdx.connector.control import (
     ControlClient,
     ControlError,
     ControlHandler,

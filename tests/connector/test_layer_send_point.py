@@ -11,7 +11,7 @@ pytest.importorskip("vllm")
 from vllm.model_executor.layers.attention.attention import Attention  # noqa: E402
 
 from pdx.engines import vllm as pdx_vllm  # noqa: E402
-from pdx.engines.vllm_metadata import PdxConnectorMetadata, SaveSpec  # noqa: E402
+from pdx.engines.vllm.metadata import PdxConnectorMetadata, SaveSpec  # noqa: E402
 
 
 def _layer(cls=Attention, writes_in_forward=False, shares_kv_with=None):
@@ -83,8 +83,8 @@ def test_a_decoder_sends_nothing(connector):
 def test_p_notes_when_each_transfers_last_layer_finished_attention(tmp_path):
     import json
 
-    from pdx.engines.connector_config import ConnectorConfig
-    from pdx.engines.vllm_worker import PdxWorker
+    from pdx.connector.config import ConnectorConfig
+    from pdx.engines.vllm.worker import PdxWorker
 
     stats = tmp_path / "p.jsonl"
     worker = PdxWorker(ConnectorConfig(stats_path=str(stats)), 16, True, False, "p")

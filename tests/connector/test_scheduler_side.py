@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from pdx.engines import protocol  # noqa: E402
-from pdx.engines.vllm_metadata import PdxWorkerMeta  # noqa: E402
-from pdx.engines.vllm_scheduler import PdxScheduler  # noqa: E402
+from pdx.connector import protocol  # noqa: E402
+from pdx.engines.vllm.metadata import PdxWorkerMeta  # noqa: E402
+from pdx.engines.vllm.scheduler import PdxScheduler  # noqa: E402
 
 TID = "ab" * 16
 

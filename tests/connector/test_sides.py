@@ -11,12 +11,12 @@ import time
 
 import numpy as np
 import pytest
+from pdx.transports import create_transport
 
-from pdx.engines.control import LayerDst
-from pdx.engines.decode_side import DecodeSide
-from pdx.engines.prefill_side import PrefillSide
-from pdx.engines.send_book import LayerSrc, SendBook, WriteItem
-from transports import create_transport
+from pdx.connector.control import LayerDst
+from pdx.connector.decode_side import DecodeSide
+from pdx.connector.prefill_side import PrefillSide
+from pdx.connector.send_book import LayerSrc, SendBook, WriteItem
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, BLOCK_NBYTES = 2, 16, 4, 64
 TOKEN = "secret"

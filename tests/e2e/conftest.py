@@ -55,7 +55,7 @@ def _require(module: str) -> None:
 def engine_lock() -> Iterator[None]:
     """Hold the machine-wide engine lock for the rest of the session."""
     _require("vllm")
-    from pdx.engines.lock import engine_lock as lock
+    from pdx.harness.lock import engine_lock as lock
 
     with lock():
         yield
@@ -74,7 +74,7 @@ def engine_log_dir(tmp_path_factory) -> Path:
 
 
 def _engine_spec(model: Path, name: str, cpu_bind: str, **overrides: Any):
-    from pdx.engines.process import EngineSpec, free_port
+    from pdx.harness.process import EngineSpec, free_port
 
     settings = {**ENGINE_SETTINGS, **overrides}
     return EngineSpec(model=str(model), port=free_port(), cpu_bind=cpu_bind, name=name, **settings)
@@ -94,7 +94,7 @@ def _reference_key(model: Path, spec_fields: dict[str, Any]) -> str:
 @pytest.fixture(scope="session")
 def single_reference(engine_lock, tiny_model, engine_log_dir, tmp_path_factory) -> list[Output]:
     """One engine's greedy outputs for ``PROMPTS``; the engine is stopped before returning."""
-    from pdx.engines.process import VllmEngine
+    from pdx.harness.process import VllmEngine
 
     spec = _engine_spec(tiny_model, "single", "0")
     key = _reference_key(tiny_model, {k: v for k, v in vars(spec).items() if k != "port"})
@@ -129,7 +129,7 @@ def pd_pair_factory(
     Each engine gets its own NIXL side-channel port. ``env`` is added to both
     engines' environment. A new pair stops the previous one first.
     """
-    from pdx.engines.process import VllmEngine, free_port, start_engines
+    from pdx.harness.process import VllmEngine, free_port, start_engines
 
     pairs: list[PDPair] = []
 

@@ -67,7 +67,7 @@ def run_completions(url: str, bodies: list[dict[str, Any]]) -> list[dict[str, An
     """POST each body in order to ``url``/v1/completions; the JSON answers."""
     import httpx
 
-    from pdx.engines.pd_client import post_json
+    from pdx.harness.pd_client import post_json
 
     async def run() -> list[dict[str, Any]]:
         async with httpx.AsyncClient() as client:

@@ -28,7 +28,7 @@ from tests.e2e.pdx_helpers import LEASE_S, RECV_TIMEOUT_S, kv_usage, wait_blocks
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 def _legs(pair, prompt, tid=None, stream=False):
-    from pdx.engines.pd_client import pdx_legs
+    from pdx.harness.pd_client import pdx_legs
 
     body = completion_body(prompt)
     body["stream"] = stream
@@ -38,7 +38,7 @@ def _legs(pair, prompt, tid=None, stream=False):
 def _post(url, body):
     import httpx
 
-    from pdx.engines.pd_client import post_json
+    from pdx.harness.pd_client import post_json
 
     async def run():
         async with httpx.AsyncClient() as client:
@@ -60,7 +60,7 @@ def case_decoder_abort_frees_both_sides(pdx_pair):
     pair = pdx_pair
     import httpx
 
-    from pdx.engines.pd_client import stream_sse
+    from pdx.harness.pd_client import stream_sse
 
     p_body, d_body = _legs(pair, PROMPTS[4], stream=True)
 
@@ -84,7 +84,7 @@ def case_32_concurrent_long_prompts_with_a_small_decoder_cache_all_finish(pdx_pa
     pair = pdx_pair
     import httpx
 
-    from pdx.engines.pd_client import pdx_completion
+    from pdx.harness.pd_client import pdx_completion
 
     prompts = make_prompts((1000,) * 32, seed=32)
 
@@ -107,7 +107,7 @@ def case_killed_prefill_decoder_recomputes_and_answers(pdx_pair, single_referenc
     async def run():
         import httpx
 
-        from pdx.engines.pd_client import post_json
+        from pdx.harness.pd_client import post_json
 
         async with httpx.AsyncClient() as client:
             task = asyncio.create_task(post_json(client, pair.decode.url + "/v1/completions", d_body))
@@ -129,8 +129,8 @@ def case_killed_prefill_decoder_recomputes_and_answers(pdx_pair, single_referenc
 
 def case_unreachable_prefill_is_recomputed_or_fails_by_policy(pdx_pair, single_reference):
     """D's leg names a control port nobody listens on: the load fails at once."""
-    from pdx.engines.process import free_port
     from pdx.errors import EngineError
+    from pdx.harness.process import free_port
 
     body = completion_body(PROMPTS[2])
     body["kv_transfer_params"] = {"pdx_transfer_id": secrets.token_hex(16), "pdx_role": "decode",

@@ -36,7 +36,7 @@ def pdx_kv_configs(control_port: int, transport: str, policy: str = "recompute",
 def run_pdx(pair, prompts, transfer_ids=None) -> list[dict]:
     import httpx
 
-    from pdx.engines.pd_client import pdx_completion, pdx_legs, post_json
+    from pdx.harness.pd_client import pdx_completion, pdx_legs, post_json
 
     async def one(client, prompt, tid):
         if tid is None:

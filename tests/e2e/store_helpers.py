@@ -33,7 +33,7 @@ def store_kv_config(socket: str, *, l2_budget_s: float = 0.0) -> dict[str, Any]:
 
 def store_engine(model: Path, name: str, socket: str, log_dir: Path, *, l2_budget_s: float = 0.0):
     """A VllmEngine on core 0 with the store connector (a context manager: starts, stops)."""
-    from pdx.engines.process import EngineSpec, VllmEngine, free_port
+    from pdx.harness.process import EngineSpec, VllmEngine, free_port
 
     spec = EngineSpec(
         model=str(model), port=free_port(), cpu_bind="0", name=name, **ENGINE_SETTINGS

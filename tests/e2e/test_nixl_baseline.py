@@ -35,7 +35,7 @@ def nixl_pair(pd_pair_factory):
 def _run_through_pair(pair, prompts):
     import httpx
 
-    from pdx.engines.pd_client import nixl_completion
+    from pdx.harness.pd_client import nixl_completion
 
     async def run():
         async with httpx.AsyncClient() as client:

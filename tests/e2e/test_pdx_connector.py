@@ -33,8 +33,9 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 @pytest.fixture(scope="module", params=["tcp", "nixl"])
 def pdx_pair(request, pd_pair_factory):
-    from pdx.engines.process import free_port
-    from transports import available_transports
+    from pdx.transports import available_transports
+
+    from pdx.harness.process import free_port
 
     transport = request.param
     if transport == "nixl" and importlib.util.find_spec("nixl") is None:

@@ -34,7 +34,7 @@ def store_proc(tmp_path_factory, engine_lock):
 def test_prefill_engine_saves_then_loads_through_the_store_and_its_decoder_gets_everything(
     store_proc, pd_pair_factory, single_reference
 ):
-    from pdx.engines.process import free_port
+    from pdx.harness.process import free_port
 
     port = free_port()
     prefill_config, decode_config = pdx_kv_configs(port, "tcp")

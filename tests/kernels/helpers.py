@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from pdx.kernels.views import alloc_layer_cache, layer_tensors
 
-from kernels.views import alloc_layer_cache, layer_tensors
 from pdx import layout as L
 
 DTYPES = ["float32", "bfloat16", "float16"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pdx.kernels as kernels
 import pytest
 import torch
+from pdx.kernels.views import layer_tensors
 
-import kernels
-from kernels.views import layer_tensors
 from tests.kernels.helpers import (
     DTYPES,
     bits_equal,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import pdx.kernels as kernels
 import pytest
 import torch
 
-import kernels
 from pdx import layout as L
 from tests.kernels.helpers import new_caches
 

@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pdx.kernels as kernels
 import pytest
 import torch
 
-import kernels
 from tests.kernels.helpers import (
     DTYPES,
     bits_equal,
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def check_against_reference(device: str) -> None:
     """Gather and scatter with both backends on every layout and dtype; raise on any difference."""
-    from kernels.views import layer_tensors
+    from pdx.kernels.views import layer_tensors
 
     for dtype in DTYPES:
         for layout in (

@@ -8,11 +8,12 @@ import threading
 from typing import Any
 
 import uvicorn
+from pdx.transports.loop_thread import LoopThread
 
 from pdx.config import parse_topology
 from pdx.router.app import RouterApp
-from pdx.router.fakes import FakeEngine, Rendezvous
 from pdx.router.server import CoalescingHttpToolsProtocol
+from pdx.testing.fake_engine import FakeEngine, Rendezvous
 
 
 def _bound_socket() -> socket.socket:
@@ -26,9 +27,8 @@ class Harness:
     """Fakes + router served by uvicorn in one background thread; ``stop()`` ends it all."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
+        self._loop_thread = LoopThread("pdx-test-router")
+        self.loop = self._loop_thread.loop
         self._servers: list[uvicorn.Server] = []
         self._tasks: list[Any] = []
         self._by_url: dict[str, tuple[uvicorn.Server, Any]] = {}
@@ -40,7 +40,7 @@ class Harness:
         task.result(10)
 
     def call(self, coro: Any, timeout: float = 10.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        return self._loop_thread.run(coro, timeout)
 
     def serve(self, app: Any) -> str:
         """Serve ``app`` on a fresh loopback port; return its base URL."""
@@ -66,8 +66,7 @@ class Harness:
                 task.result(10)
             except Exception:  # noqa: BLE001 - best effort in teardown
                 pass
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
+        self._loop_thread.stop()
 
 
 def fleet_yaml(engines: list[tuple[FakeEngine, str]], router: str = "", model: str = "tiny") -> str:

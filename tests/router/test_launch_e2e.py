@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pdx.engines.lock import engine_lock
 from pdx.engines.metrics import parse_prometheus_text
-from pdx.engines.process import free_port
+from pdx.harness.lock import engine_lock
+from pdx.harness.process import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.nixl, pytest.mark.timeout(3600)]  # includes waiting for the engine lock
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from pdx.engines import protocol as pdx_keys
+from pdx.connector import protocol as pdx_keys
 from pdx.router.protocols import nixl, pdx, sglang
 
 CLIENT = {"model": "tiny", "prompt": "hi", "max_tokens": 9, "min_tokens": 3, "stream": True,

@@ -10,8 +10,8 @@ import orjson
 import pytest
 from harness import start_fleet
 
-from pdx.engines import protocol as pdx_keys
-from pdx.router.fakes import FakeEngine
+from pdx.connector import protocol as pdx_keys
+from pdx.testing.fake_engine import FakeEngine
 
 PROTOCOLS = ["pdx", "nixl", "sglang"]
 C = httpx.Client(timeout=10)  # one client: a new one per call costs an SSL context

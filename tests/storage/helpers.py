@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdx.engines.process import free_port  # noqa: F401 (re-exported for the storage tests)
+from pdx.harness.process import free_port  # noqa: F401 (re-exported for the storage tests)
 
 MiB = 1 << 20
 CHUNK = 256 * 1024  # bytes per test chunk

@@ -83,7 +83,7 @@ def test_remote_and_local_clients_share_chunks_bit_exact(store_factory, client_f
 
 @pytest.mark.nixl
 def test_remote_client_over_nixl(store_factory, client_factory, monkeypatch):
-    from transports.nixl import NixlTransport
+    from pdx.transports.nixl import NixlTransport
 
     if not NixlTransport.is_available():
         pytest.skip("nixl is not installed")
@@ -307,10 +307,11 @@ def test_torn_writes_are_not_stored_and_damaged_chunks_are_not_loaded(store_fact
     a remote client checks each chunk it reads. Neither ever hands out a wrong chunk."""
     import asyncio
 
+    from pdx.transports import create_transport
+    from pdx.transports.base import SegmentPairs
+
     from pdx.storage.arena import SharedArena
     from pdx.storage.checksum import checksum
-    from transports import create_transport
-    from transports.base import SegmentPairs
 
     store = remote_store(store_factory)
     host, port = parse_address(store.remote_url)

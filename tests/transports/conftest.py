@@ -17,10 +17,10 @@ import threading
 import time
 from collections.abc import Iterator
 
+import pdx.transports as transports
 import pytest
-
-import transports
-from transports.remote import LocalEndpoint, LoopThread, RemoteEndpoint
+from pdx.transports.loop_thread import LoopThread
+from pdx.transports.remote import LocalEndpoint, RemoteEndpoint
 
 IN_PROCESS = {"loopback"}
 MARKS = {"nixl": pytest.mark.nixl, "ucx": pytest.mark.ucx, "cuda_ipc": pytest.mark.gpu}

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import pdx.transports as transports
 import pytest
-
-import transports
-from transports.base import SegmentPairs
-from transports.errors import ConnectError
-from transports.remote import digest, pattern
+from pdx.transports.base import SegmentPairs
+from pdx.transports.errors import ConnectError
+from pdx.transports.remote import digest, pattern
 
 
 @pytest.mark.parametrize(

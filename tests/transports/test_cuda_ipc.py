@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import pdx.transports as transports
 import pytest
-
-import transports
-from transports.errors import TransportUnavailable
+from pdx.transports.errors import TransportUnavailable
 
 
 def _has_cuda() -> bool:
-    from transports.cuda_ipc import CudaIpcTransport
+    from pdx.transports.cuda_ipc import CudaIpcTransport
 
     return CudaIpcTransport.is_available()
 
@@ -27,8 +26,7 @@ def test_cuda_ipc_write_in_process_lands_and_notifies():
     import asyncio
 
     import torch
-
-    from transports.base import SegmentPairs
+    from pdx.transports.base import SegmentPairs
 
     async def go():
         a, b = transports.create_transport("cuda_ipc"), transports.create_transport("cuda_ipc")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pdx.transports as transports
 import pytest
-
-import transports
-from transports.base import SegmentPairs
-from transports.errors import ConnectError, DescriptorError, SegmentError, TransferError
-from transports.remote import digest, pattern
+from pdx.transports.base import SegmentPairs
+from pdx.transports.errors import ConnectError, DescriptorError, SegmentError, TransferError
+from pdx.transports.remote import digest, pattern
 
 
 def _transfer_works(aio, initiator, target, peer_descriptor=None) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from transports.base import SegmentPairs
-from transports.remote import digest, pattern
+from pdx.transports.base import SegmentPairs
+from pdx.transports.remote import digest, pattern
 
 KiB, MiB = 1 << 10, 1 << 20
 

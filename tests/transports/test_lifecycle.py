@@ -3,12 +3,11 @@ and closing with transfers in flight settles them (nothing hangs, nothing leaks)
 
 from __future__ import annotations
 
+import pdx.transports as transports
 import pytest
-
-import transports
-from transports.base import SegmentPairs, TransferStatus
-from transports.errors import PeerLost, SegmentError, TransferAborted, TransportClosed
-from transports.remote import digest, pattern
+from pdx.transports.base import SegmentPairs, TransferStatus
+from pdx.transports.errors import PeerLost, SegmentError, TransferAborted, TransportClosed
+from pdx.transports.remote import digest, pattern
 
 MiB = 1 << 20
 

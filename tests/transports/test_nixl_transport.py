@@ -6,10 +6,9 @@ import asyncio
 import os
 
 import numpy as np
+import pdx.transports as transports
 import pytest
-
-import transports
-from transports.base import SegmentPairs
+from pdx.transports.base import SegmentPairs
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 pytestmark = [pytest.mark.nixl, pytest.mark.skipif("nixl" not in transports.available_transports(),

@@ -6,9 +6,8 @@ import threading
 import time
 
 import pytest
-
-from transports.base import SegmentPairs
-from transports.remote import RemoteError, digest, pattern
+from pdx.transports.base import SegmentPairs
+from pdx.transports.remote import RemoteError, digest, pattern
 
 MiB = 1 << 20
 

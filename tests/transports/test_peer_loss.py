@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from transports.base import SegmentPairs, TransferStatus
-from transports.errors import PeerLost, TransferTimeout
-from transports.remote import digest, pattern
+from pdx.transports.base import SegmentPairs, TransferStatus
+from pdx.transports.errors import PeerLost, TransferTimeout
+from pdx.transports.remote import digest, pattern
 
 MiB = 1 << 20
 

@@ -6,12 +6,11 @@ import os
 import threading
 
 import numpy as np
+import pdx.transports as transports
 import pytest
-
-import transports
-from transports.base import SegmentPairs
-from transports.cma import PIECE_BYTES, SPLIT_BYTES, CmaCopier, split_pieces
-from transports.remote import digest, pattern
+from pdx.transports.base import SegmentPairs
+from pdx.transports.cma import PIECE_BYTES, SPLIT_BYTES, CmaCopier, split_pieces
+from pdx.transports.remote import digest, pattern
 
 MiB = 1 << 20
 

@@ -4,10 +4,9 @@ every byte, through its unix socket."""
 from __future__ import annotations
 
 import pytest
-
-from transports.base import SegmentPairs
-from transports.remote import digest, pattern
-from transports.wire import MODE_INLINE
+from pdx.transports.base import SegmentPairs
+from pdx.transports.remote import digest, pattern
+from pdx.transports.wire import MODE_INLINE
 
 MiB = 1 << 20
 

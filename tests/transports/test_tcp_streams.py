@@ -4,12 +4,11 @@ last part, and reports a rejected row by its index in the whole post."""
 from __future__ import annotations
 
 import numpy as np
+import pdx.transports as transports
 import pytest
-
-import transports
-from transports.base import SegmentPairs
-from transports.errors import TransferError
-from transports.remote import digest, pattern
+from pdx.transports.base import SegmentPairs
+from pdx.transports.errors import TransferError
+from pdx.transports.remote import digest, pattern
 
 MiB = 1 << 20
 

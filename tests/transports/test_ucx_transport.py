@@ -10,11 +10,10 @@ import threading
 import weakref
 
 import numpy as np
+import pdx.transports as transports
 import pytest
-
-import transports
-from transports.base import SegmentPairs
-from transports.errors import DescriptorError
+from pdx.transports.base import SegmentPairs
+from pdx.transports.errors import DescriptorError
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 TRANSPORT_KIND = "ucx"  # the leak check accepts the ucxx runtime's threads and fds
@@ -36,7 +35,7 @@ async def _round_trip(payload: bytes) -> None:
 
 
 def _fds() -> set[str]:
-    from transports._ucx_runtime import open_fds
+    from pdx.transports._ucx_runtime import open_fds
 
     return open_fds()
 
@@ -57,7 +56,7 @@ def test_runtime_is_shared_and_transports_leave_only_it_behind():
 
 def test_a_cancelled_wait_leaves_the_request_holding_its_buffer_until_the_endpoint_is_aborted():
     # UCX writes into a receive buffer until the request ends; a cancelled caller must not free it
-    from transports._ucx_runtime import run_op, settle_ops
+    from pdx.transports._ucx_runtime import run_op, settle_ops
 
     async def on_runtime(conn) -> tuple[bool, bool]:
         ops: set[asyncio.Task] = set()

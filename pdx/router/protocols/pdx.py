@@ -19,14 +19,14 @@ is never reused. After the first byte, P's outcome is only recorded: D's
 connector handles a failed load (recompute or error, by its config). D may
 report transfer figures in its response's ``kv_transfer_params.pdx_transfer_stats``.
 
-The keys themselves are defined once, in ``pdx.engines.protocol``.
+The keys themselves are defined once, in ``pdx.connector.protocol``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pdx.engines import protocol as keys
+from pdx.connector import protocol as keys
 
 new_transfer_id = keys.new_transfer_id
 

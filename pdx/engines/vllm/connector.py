@@ -23,8 +23,8 @@ Worker side (``PdxWorker``)
     get_finished, get_block_ids_with_load_errors            sent / landed / failed transfers
     get_kv_connector_stats, build_connector_worker_meta     transfer figures
 
-The router's side of the contract is ``pdx.engines.protocol``; config keys are
-``pdx.engines.connector_config``; docs/connector.md has the whole picture.
+The router's side of the contract is ``pdx.connector.protocol``; config keys are
+``pdx.connector.config``; docs/connector.md has the whole picture.
 Only models with a single KV cache group (all layers full attention) and engines
 with one worker (TP = PP = 1) are supported.
 """
@@ -42,11 +42,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from pdx.engines.connector_config import ConnectorConfig
-from pdx.engines.store_side import StoreScheduler, StoreWorker, key_extras
-from pdx.engines.vllm_metadata import PdxConnectorMetadata, PdxKVConnectorStats
-from pdx.engines.vllm_scheduler import PdxScheduler
-from pdx.engines.vllm_worker import PdxWorker
+from pdx.connector.config import ConnectorConfig
+from pdx.connector.store_side import StoreScheduler, StoreWorker, key_extras
+from pdx.engines.vllm.metadata import PdxConnectorMetadata, PdxKVConnectorStats
+from pdx.engines.vllm.scheduler import PdxScheduler
+from pdx.engines.vllm.worker import PdxWorker
 from pdx.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pdx.engines.control import ControlError, LayerDst
+from pdx.connector.control import ControlError, LayerDst
 
 
 @dataclass(frozen=True)

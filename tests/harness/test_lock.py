@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pdx.engines.lock import engine_lock
+from pdx.harness.lock import engine_lock
 
 pytestmark = pytest.mark.skipif(shutil.which("flock") is None, reason="needs flock(1)")
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(shutil.which("flock") is None, reason="needs flo
 def test_lock_held_by_an_ancestor_is_not_taken_again(tmp_path):
     lock = tmp_path / "engines.lock"
     code = (
-        "from pdx.engines.lock import engine_lock\n"
+        "from pdx.harness.lock import engine_lock\n"
         f"with engine_lock({str(lock)!r}):\n"
         "    print('inside')\n"
     )

@@ -1,4 +1,4 @@
-"""Serve fake engines in one process: ``python -m pdx.router.fake_server NAME:ROLE:KIND:CONNECTOR:PORT ...``.
+"""Serve fake engines in one process: ``python -m pdx.testing.fake_server NAME:ROLE:KIND:CONNECTOR:PORT ...``.
 
 Used by ``pdx bench router`` (fakes in their own process, answering at once).
 ``--num-chunks`` sets the SSE chunks per streamed answer. Runs until SIGTERM.
@@ -12,7 +12,7 @@ import sys
 
 import uvicorn
 
-from pdx.router.fakes import FakeEngine
+from pdx.testing.fake_engine import FakeEngine
 
 
 async def _serve(fakes: list[tuple[FakeEngine, int]]) -> None:

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from pdx.engines.metrics import parse_prometheus_text
-from pdx.engines.process import EngineSpec, VllmEngine, build_command, build_env, free_port
 from pdx.errors import EngineError
+from pdx.harness.process import EngineSpec, VllmEngine, build_command, build_env, free_port
 
 METRICS = """\
 # HELP vllm:prompt_tokens_by_source_total Number of prompt tokens by source.
@@ -91,7 +91,7 @@ def test_free_port_is_bindable_outside_the_ephemeral_range_and_never_repeats():
 
 def test_engine_that_dies_raises_with_log_tail(tmp_path, monkeypatch):
     # A server that cannot start (no vLLM module by that name) must fail fast and say why.
-    import pdx.engines.process as process
+    import pdx.harness.process as process
 
     monkeypatch.setattr(
         process,
@@ -109,7 +109,7 @@ def test_stop_ends_the_whole_process_group(tmp_path, monkeypatch):
     import os
     import time
 
-    import pdx.engines.process as process
+    import pdx.harness.process as process
 
     child_pid_file = tmp_path / "child.pid"
     script = (
@@ -141,7 +141,7 @@ def test_pin_threads_pins_every_thread_of_the_engine(tmp_path, monkeypatch):
     import os
     import time
 
-    import pdx.engines.process as process
+    import pdx.harness.process as process
 
     script = (
         "import os, threading, time\n"
@@ -166,7 +166,7 @@ def test_pin_threads_pins_every_thread_of_the_engine(tmp_path, monkeypatch):
 
 
 def test_parse_cpu_list():
-    from pdx.engines.process import parse_cpu_list
+    from pdx.harness.process import parse_cpu_list
 
     assert parse_cpu_list("0") == {0}
     assert parse_cpu_list("0-2,5") == {0, 1, 2, 5}
@@ -189,7 +189,7 @@ def test_stop_removes_the_shared_memory_segments_a_killed_engine_left(tmp_path):
     import subprocess
     from multiprocessing import shared_memory
 
-    from pdx.engines.process import group_shm_segments
+    from pdx.harness.process import group_shm_segments
 
     other = shared_memory.SharedMemory(create=True, size=4096)  # this process's: must survive
     engine = VllmEngine(EngineSpec(model="unused", port=free_port(), name="shm-owner"), log_path=tmp_path / "log")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from pdx.engines import protocol
-from pdx.engines.vllm_metadata import (
+from pdx.connector import protocol
+from pdx.engines.vllm.metadata import (
     FinishSpec,
     PdxConnectorMetadata,
     PdxWorkerMeta,

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pdx.engines.control import ControlClient, ControlError, LayerDst, Register, Release
-from pdx.engines.recv_book import RecvBook, RecvState, RecvStatus
+from pdx.connector.control import ControlClient, ControlError, LayerDst, Register, Release
+from pdx.connector.recv_book import RecvBook, RecvState, RecvStatus
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 
-from pdx.engines.connector_config import StoreConfig  # noqa: E402
-from pdx.engines.kv_regions import describe_kv_caches  # noqa: E402
-from pdx.engines.store_side import StoreScheduler, StoreWorker  # noqa: E402
+from pdx.connector.config import StoreConfig  # noqa: E402
+from pdx.connector.kv_regions import describe_kv_caches  # noqa: E402
+from pdx.connector.store_side import StoreScheduler, StoreWorker  # noqa: E402
 from pdx.errors import ConfigError  # noqa: E402
 from pdx.keys import KeyExtras  # noqa: E402
 from tests.storage.helpers import StoreProc  # noqa: E402
@@ -159,7 +159,7 @@ def test_chunk_size_must_be_whole_blocks(store):
 
 
 def test_store_setting_is_validated():
-    from pdx.engines.connector_config import ConnectorConfig
+    from pdx.connector.config import ConnectorConfig
 
     cfg = ConnectorConfig.from_extra_config({"store": {"socket": "/tmp/s.sock", "timeout_s": 0.2}})
     assert cfg.store == StoreConfig("/tmp/s.sock", timeout_s=0.2)

@@ -36,8 +36,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from pdx.engines.connector_config import StoreConfig
-from pdx.engines.vllm_metadata import StoreLoadSpec, StoreSaveSpec
+from pdx.connector.config import StoreConfig
+from pdx.engines.vllm.metadata import StoreLoadSpec, StoreSaveSpec
 from pdx.errors import ConfigError
 from pdx.keys import KeyExtras, chunk_keys
 
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.request import Request
 
-    from pdx.engines.kv_regions import KVRegions
+    from pdx.connector.kv_regions import KVRegions
 
 logger = logging.getLogger(__name__)
 

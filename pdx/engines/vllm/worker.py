@@ -1,49 +1,30 @@
 """PdxConnector's worker side: registers the KV cache, feeds the loop-side sender/receiver.
 
 vLLM calls these from the model runner's thread; everything that does I/O runs
-on one background event loop (``_LoopThread``), reached with
+on one background event loop (``LoopThread``), reached with
 ``call_soon_threadsafe`` so the forward pass never waits on the network.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import threading
 import time
-from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from pdx.engines.connector_config import ConnectorConfig
-from pdx.engines.control import LayerDst
-from pdx.engines.decode_side import DecodeSide
-from pdx.engines.kv_regions import KVRegions, describe_kv_caches
-from pdx.engines.prefill_side import PrefillSide
-from pdx.engines.send_book import LayerSrc, SendBook, WriteItem
-from pdx.engines.vllm_metadata import PdxConnectorMetadata, PdxKVConnectorStats, PdxWorkerMeta
+from pdx.connector.config import ConnectorConfig
+from pdx.connector.control import LayerDst
+from pdx.connector.decode_side import DecodeSide
+from pdx.connector.kv_regions import KVRegions, describe_kv_caches
+from pdx.connector.prefill_side import PrefillSide
+from pdx.connector.send_book import LayerSrc, SendBook, WriteItem
+from pdx.engines.vllm.metadata import PdxConnectorMetadata, PdxKVConnectorStats, PdxWorkerMeta
+from pdx.transports.loop_thread import LoopThread
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
-
-
-class _LoopThread:
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call(self, fn: Any, *args: Any) -> None:
-        self.loop.call_soon_threadsafe(fn, *args)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
 
 
 class PdxWorker:
@@ -54,7 +35,7 @@ class PdxWorker:
         self.is_producer = is_producer
         self.is_consumer = is_consumer
         self.engine_id = engine_id
-        self._loop: _LoopThread | None = None
+        self._loop: LoopThread | None = None
         self._transport: Any = None
         self._prefill: PrefillSide | None = None
         self._decode: DecodeSide | None = None
@@ -77,12 +58,12 @@ class PdxWorker:
 
     # -- start-up --------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        from transports import create_transport
+        from pdx.transports import create_transport
 
         regions = describe_kv_caches(kv_caches)
         self._regions, self._kv_caches = regions, kv_caches
         self._layer_index = regions.layer_index
-        self._loop = _LoopThread(f"pdx-kv-{self.engine_id[:8]}")
+        self._loop = LoopThread(f"pdx-kv-{self.engine_id[:8]}")
 
         async def _start() -> None:
             self._transport = create_transport(self.cfg.transport, **self.cfg.transport_options)

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from pdx.engines.control import (
+from pdx.connector.control import (
     Connection,
     ControlError,
     ControlHandler,
@@ -29,9 +29,9 @@ from pdx.engines.control import (
     Register,
     Release,
 )
-from pdx.engines.send_book import Destination, LayerSrc, SendBook, SendState, WriteItem
-from transports.base import SegmentPairs
-from transports.errors import TransportError
+from pdx.connector.send_book import Destination, LayerSrc, SendBook, SendState, WriteItem
+from pdx.transports.base import SegmentPairs
+from pdx.transports.errors import TransportError
 
 logger = logging.getLogger(__name__)
 

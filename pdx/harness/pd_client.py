@@ -6,7 +6,7 @@ Two protocols, both over stock vLLM OpenAI servers:
   ``stream=false`` and ``kv_transfer_params={"do_remote_decode": true, ...}``; its
   response's ``kv_transfer_params`` go unchanged, with the original request, to D.
 - **pdx (push)**: P and D get the request *at the same time* with one shared
-  transfer id (``pdx.engines.protocol``); D's leg names P's connector control
+  transfer id (``pdx.connector.protocol``); D's leg names P's connector control
   address. D's response is the answer.
 
 These are what a router does, reduced to the calls; ``pdx route`` is the
@@ -110,7 +110,7 @@ def pdx_legs(
     body: dict[str, Any], prefill_kv_host: str, prefill_kv_port: int, transfer_id: str | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(P body, D body) for one pdx request sharing ``transfer_id`` (new if None)."""
-    from pdx.engines import protocol
+    from pdx.connector import protocol
 
     tid = transfer_id or protocol.new_transfer_id()
     prefill_body = prefill_leg(body, protocol.prefill_params(tid))

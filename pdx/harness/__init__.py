@@ -1,0 +1,1 @@
+"""Run real engines as child processes for tests, benchmarks and ``pdx launch``."""

@@ -1,0 +1,1 @@
+"""Fakes shipped with pdx for tests and benchmarks: engines that speak the real protocols."""
