@@ -1,4 +1,4 @@
-"""The three PD protocols the router speaks, as pure body-rewriting functions.
+"""The three PD protocols the router speaks: one ``PDProtocol`` (``base.py``) per fleet kind.
 
 ==========  ==========================  ==========================================
 protocol    fleet                       dispatch
@@ -9,9 +9,29 @@ protocol    fleet                       dispatch
 ==========  ==========================  ==========================================
 
 Each module builds the leg bodies from the client's parsed JSON body (a dict it
-never mutates); ``pdx.router.proxy`` does the I/O.
+never mutates); ``pdx.router.proxy`` does the I/O. ``create_protocol(name)`` is
+the only place a protocol name is looked at; it imports the implementation lazily.
 """
 
 from __future__ import annotations
 
-CONCURRENT = frozenset({"pdx", "sglang"})  # protocols that dispatch both legs at once
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pdx.router.protocols.base import PDProtocol
+
+_REGISTRY = {
+    "pdx": ("pdx.router.protocols.pdx", "PdxProtocol"),
+    "nixl": ("pdx.router.protocols.nixl", "NixlProtocol"),
+    "sglang": ("pdx.router.protocols.sglang", "SglangProtocol"),
+}
+
+
+def create_protocol(name: str) -> PDProtocol:
+    """The protocol a fleet speaks (``pdx.config.topology.protocol_of``); KeyError names the choices."""
+    try:
+        module, cls = _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown PD protocol {name!r}; one of {sorted(_REGISTRY)}") from None
+    return getattr(import_module(module), cls)()

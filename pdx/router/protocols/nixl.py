@@ -16,7 +16,15 @@ again with P.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from pdx.router.protocols.base import Legs, PDProtocol
+
+if TYPE_CHECKING:
+    from pdx.config.topology import Engine
+    from pdx.router.request import RequestCtx
 
 PREFILL_PARAMS: dict[str, Any] = {
     "do_remote_decode": True,
@@ -49,3 +57,14 @@ def decode_body(body: dict[str, Any], prefill_response: dict[str, Any]) -> dict[
     else:
         out.pop("kv_transfer_params", None)
     return out
+
+
+class NixlProtocol(PDProtocol):
+    name = "nixl"
+    is_concurrent = False
+
+    def legs(self, ctx: RequestCtx, prefill: Engine) -> Legs:
+        return Legs(orjson.dumps(prefill_body(ctx.body)), None)
+
+    def decode_after_prefill(self, ctx: RequestCtx, prefill_answer: bytes) -> bytes:
+        return orjson.dumps(decode_body(ctx.body, orjson.loads(prefill_answer)))

@@ -24,9 +24,16 @@ The keys themselves are defined once, in ``pdx.connector.protocol``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from pdx.connector import protocol as keys
+from pdx.router.protocols.base import Legs, PDProtocol
+
+if TYPE_CHECKING:
+    from pdx.config.topology import Engine
+    from pdx.router.request import RequestCtx
 
 new_transfer_id = keys.new_transfer_id
 
@@ -53,3 +60,15 @@ def decode_body(body: dict[str, Any], transfer_id: str, prefill_kv_host: str, pr
         keys.PEER: f"{prefill_kv_host}:{prefill_kv_port}",
     }
     return out
+
+
+class PdxProtocol(PDProtocol):
+    name = "pdx"
+    is_concurrent = True
+
+    def legs(self, ctx: RequestCtx, prefill: Engine) -> Legs:
+        tid = new_transfer_id()
+        return Legs(
+            orjson.dumps(prefill_body(ctx.body, tid)),
+            orjson.dumps(decode_body(ctx.body, tid, prefill.host, prefill.kv_port or 0)),
+        )

@@ -15,7 +15,15 @@ pair and mints a new room; a room is never reused.
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from pdx.router.protocols.base import Legs, PDProtocol
+
+if TYPE_CHECKING:
+    from pdx.config.topology import Engine
+    from pdx.router.request import RequestCtx
 
 
 def new_room() -> int:
@@ -41,3 +49,18 @@ def merge_input_logprobs(prefill_response: dict[str, Any], decode_response: dict
     out = dict(decode_response)
     out["meta_info"] = d_meta
     return out
+
+
+class SglangProtocol(PDProtocol):
+    name = "sglang"
+    is_concurrent = True
+    is_prefill_required = True  # an SGLang decode server cannot prefill by itself
+    serves_generate = True
+
+    def legs(self, ctx: RequestCtx, prefill: Engine) -> Legs:
+        body = orjson.dumps(leg_body(ctx.body, prefill.host, prefill.bootstrap_port, new_room()))
+        is_merged = ctx.route == "/generate" and bool(ctx.body.get("return_logprob")) and not ctx.is_stream
+        return Legs(body, body, is_merged)
+
+    def merge_answers(self, ctx: RequestCtx, prefill_answer: bytes, decode_answer: bytes) -> bytes:
+        return orjson.dumps(merge_input_logprobs(orjson.loads(prefill_answer), orjson.loads(decode_answer)))
