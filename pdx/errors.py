@@ -8,7 +8,8 @@ into the control plane (``raise KVTransferError(...) from exc``)::
     ├── LayoutError               two KV layouts cannot be copied directly, or a layout is malformed
     ├── KVTransferError           moving KV between engines failed (wraps a transports error)
     │   ├── KVLeaseExpired        the decode side never confirmed; the prefill side freed its blocks
-    │   └── KVControlError        the connector control channel refused a request or lost its peer
+    │   ├── KVControlError        the connector control channel refused a request or lost its peer
+    │   └── KVMessageError        a peer's data-plane message is malformed (size, version, range); dropped
     ├── RoutingError              no healthy engine (pair) can take the request
     ├── EngineError               an engine answered with an error or cannot be reached
     └── StorageError              the storage tier failed (callers fall back to recompute)
@@ -43,6 +44,10 @@ class KVLeaseExpired(KVTransferError):
 
 class KVControlError(KVTransferError):
     """The connector control channel refused a request (auth, mismatch, expired) or lost its peer."""
+
+
+class KVMessageError(KVTransferError):
+    """A peer's data-plane message (e.g. a layer-landed notification) is malformed; it is dropped."""
 
 
 class RoutingError(PdxError):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import threading
 import time
@@ -21,7 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdx.connector.control import ControlClient, ControlError, LayerDst, Register, Release
+from pdx.connector.figures import TransferFigures
+from pdx.connector.messages import LayerLanded
+from pdx.connector.protocol import PeerAddress
 from pdx.connector.recv_book import RecvBook, RecvState, RecvStatus
+from pdx.errors import KVMessageError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ class RecvOutcome:
     req_id: str
     is_ok: bool
     failed_block_ids: frozenset[int]
-    figures: dict[str, Any]
+    figures: TransferFigures
     first_block_id: int | None  # D's first block that was loaded (the debug corruption hook uses it)
 
 
@@ -49,7 +52,8 @@ class DecodeSide:
         self.engine = engine
         self.recv_timeout_s = recv_timeout_s
         self.book = RecvBook()
-        self._clients: dict[tuple[str, int], ControlClient] = {}
+        self._clients: dict[PeerAddress, ControlClient] = {}
+        self.num_malformed = 0  # layer-landed notifications dropped as malformed
         self._outcomes: list[RecvOutcome] = []
         self._outcomes_lock = threading.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -65,16 +69,15 @@ class DecodeSide:
         return out
 
     # -- from the worker thread (scheduled on the loop) ---------------------------------
-    def recv(self, req_id: str, transfer_id: str, peer: str, block_ids: list[int], first_block: int,
+    def recv(self, req_id: str, transfer_id: str, peer: PeerAddress, block_ids: list[int], first_block: int,
              num_tokens: int) -> None:
-        host, _, port = peer.rpartition(":")
-        state = RecvState(req_id, transfer_id, (host.strip("[]"), int(port)), block_ids, first_block,
-                          num_tokens, len(self.layers), self.block_size,
+        state = RecvState(req_id, transfer_id, peer, block_ids, first_block, num_tokens, len(self.layers),
+                          self.block_size,
                           deadline=time.monotonic() + self.recv_timeout_s, t_registered=time.time())
         self.book.add(state)
         self._spawn(self._register(state))
 
-    def release(self, req_id: str, transfer_id: str, peer: str) -> None:
+    def release(self, req_id: str, transfer_id: str, peer: PeerAddress) -> None:
         """D's request ended: stop P, then (if reserved) report the blocks free."""
         state = self.book.states.get(req_id)
         if state is not None:
@@ -83,20 +86,19 @@ class DecodeSide:
                 self.book.fail(transfer_id, "the decode request was aborted")
                 self._spawn(self._release_and_finalize(state))
             return
-        host, _, port = peer.rpartition(":")
-        self._spawn(self._send_release((host.strip("[]"), int(port)), transfer_id, "aborted before admission"))
+        self._spawn(self._send_release(peer, transfer_id, "aborted before admission"))
 
     # -- registration --------------------------------------------------------------------
-    async def _client(self, peer: tuple[str, int]) -> ControlClient:
+    async def _client(self, peer: PeerAddress) -> ControlClient:
         client = self._clients.get(peer)
         if client is None or client.is_closed:
-            client = ControlClient(peer[0], peer[1], self.token, self.engine, self._on_failed)
+            client = ControlClient(peer.host, peer.port, self.token, self.engine, self._on_failed)
             self._clients[peer] = client
             try:
                 await client.connect()
             except (OSError, asyncio.TimeoutError, ControlError) as exc:
                 self._clients.pop(peer, None)
-                raise ControlError(f"cannot reach the prefill control server {peer[0]}:{peer[1]}: {exc}") from exc
+                raise ControlError(f"cannot reach the prefill control server {peer}: {exc}") from exc
         return client
 
     async def _register(self, state: RecvState) -> None:
@@ -130,13 +132,13 @@ class DecodeSide:
         else:
             self._spawn(self._release_and_finalize(state))
 
-    async def _send_release(self, peer: tuple[str, int], transfer_id: str, why: str) -> None:
+    async def _send_release(self, peer: PeerAddress, transfer_id: str, why: str) -> None:
         try:
             client = await self._client(peer)
             await client.request(lambda seq: Release(seq=seq, transfer_id=transfer_id, reason=why),
                                  timeout=RELEASE_TIMEOUT_S)
         except ControlError as exc:
-            logger.debug("release of %s at %s:%d: %s", transfer_id, peer[0], peer[1], exc)
+            logger.debug("release of %s at %s: %s", transfer_id, peer, exc)
 
     async def _release_and_finalize(self, state: RecvState) -> None:
         await self._send_release(state.peer, state.transfer_id, state.error or "released")
@@ -147,12 +149,14 @@ class DecodeSide:
         while True:
             note = await self.transport.wait_notification()
             try:
-                d = json.loads(note.payload)
-                done = self.book.landed(str(d["t"]), int(d["l"]), int(d["s"]), int(d["e"]), int(d["n"]),
-                                        float(d["ts"]), time.time(), float(d.get("tp", 0.0)) or None)
-            except (ValueError, KeyError, TypeError):
-                logger.warning("ignoring a malformed transfer notification from %s", note.peer)
+                msg = LayerLanded.decode(note.payload)
+            except KVMessageError as exc:
+                self.num_malformed += 1
+                logger.warning("dropped a malformed notification from %s (%d so far): %s", note.peer,
+                               self.num_malformed, exc)
                 continue
+            done = self.book.landed(msg.transfer_id, msg.layer, msg.start, msg.end, msg.nbytes, msg.t_saved,
+                                    time.time(), msg.t_posted or None)
             if done is not None:
                 self._finalize(done)
 
@@ -174,21 +178,21 @@ class DecodeSide:
         if client is not None:
             client.transfer_ids.discard(state.transfer_id)
         t_done = state.t_done or time.time()
-        figures = {
-            "transfer_id": state.transfer_id,
-            "ok": is_ok,
-            "error": state.error,
-            "nbytes": state.nbytes,
-            "num_tokens": state.num_tokens - state.start_token,
-            "num_writes": state.num_notifications,
-            "transfer_ms": round(1e3 * state.busy_s, 3),
-            "wait_ms": round(1e3 * (t_done - state.t_registered), 3),
-            "exposed_ms": round(1e3 * max(t_done - state.t_last_saved, 0.0), 3) if state.t_last_saved else None,
-            "t_done": round(t_done, 6),  # wall clock: all of it landed
-        }
-        if state.t_last_saved and state.t_last_posted:  # exposed_ms = last_post_ms + last_write_ms
-            figures["last_post_ms"] = round(1e3 * max(state.t_last_posted - state.t_last_saved, 0.0), 3)
-            figures["last_write_ms"] = round(1e3 * max(t_done - state.t_last_posted, 0.0), 3)
+        has_post = bool(state.t_last_saved and state.t_last_posted)  # exposed = last_post + last_write
+        figures = TransferFigures(
+            transfer_id=state.transfer_id,
+            is_ok=is_ok,
+            error=state.error,
+            nbytes=state.nbytes,
+            num_tokens=state.num_tokens - state.start_token,
+            num_writes=state.num_notifications,
+            transfer_ms=1e3 * state.busy_s,
+            wait_ms=1e3 * (t_done - state.t_registered),
+            exposed_ms=1e3 * max(t_done - state.t_last_saved, 0.0) if state.t_last_saved else None,
+            t_done=t_done,
+            last_post_ms=1e3 * max(state.t_last_posted - state.t_last_saved, 0.0) if has_post else None,
+            last_write_ms=1e3 * max(t_done - state.t_last_posted, 0.0) if has_post else None,
+        )
         with self._outcomes_lock:
             first = state.block_ids[state.first_block] if state.first_block < len(state.block_ids) else None
             self._outcomes.append(RecvOutcome(state.req_id, is_ok, failed, figures, first))

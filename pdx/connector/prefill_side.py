@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import threading
 import time
@@ -29,6 +28,7 @@ from pdx.connector.control import (
     Register,
     Release,
 )
+from pdx.connector.messages import LayerLanded
 from pdx.connector.send_book import Destination, LayerSrc, SendBook, SendState, WriteItem
 from pdx.transports.base import SegmentPairs
 from pdx.transports.errors import TransportError
@@ -37,13 +37,6 @@ logger = logging.getLogger(__name__)
 
 TICK_S = 0.05  # lease / release check period
 READY_POLL_S = 0.0002  # GPU: poll period of a layer's "KV written" event
-
-
-def encode_notif(transfer_id: str, layer: int, start: int, end: int, nbytes: int, t_saved: float,
-                 t_posted: float) -> bytes:
-    """What D counts: bytes of (layer, prompt tokens [start, end)) are in place; P's wall clocks."""
-    return json.dumps({"t": transfer_id, "l": layer, "s": start, "e": end, "n": nbytes, "ts": t_saved,
-                       "tp": t_posted}, separators=(",", ":")).encode()
 
 
 class PrefillSide(ControlHandler):
@@ -168,7 +161,8 @@ class PrefillSide(ControlHandler):
         while item.ready is not None and not item.ready.query():
             await asyncio.sleep(READY_POLL_S)
         pairs = SegmentPairs(table).merged()
-        notif = encode_notif(state.transfer_id, item.layer, start, end, pairs.nbytes, item.t_saved, time.time())
+        notif = LayerLanded(state.transfer_id, item.layer, start, end, pairs.nbytes, item.t_saved,
+                            time.time()).encode()
         state.num_inflight += 1
         t0 = time.perf_counter()
         try:

@@ -14,15 +14,17 @@ blocks published for that transfer id.
 
 A request without ``pdx_transfer_id`` is served locally, with no transfer.
 This module is the single definition of these keys; the router builds its
-params with ``prefill_params`` / ``decode_params``.
+params with ``prefill_params`` / ``decode_params``. A peer address is parsed
+once, by ``parse_peer``, into a ``PeerAddress`` (``[HOST]:PORT`` for IPv6).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pdx.errors import ConfigError
 
@@ -36,7 +38,36 @@ PREFILL: Literal["prefill"] = "prefill"
 DECODE: Literal["decode"] = "decode"
 
 _TID_RE = re.compile(r"^[0-9a-fA-F]{8,64}$")
-_PEER_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+_PEER_RE = re.compile(r"(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[A-Za-z0-9_.\-]{1,253})):(?P<port>\d{1,5})")
+
+
+class PeerAddress(NamedTuple):
+    """A peer's ``(host, port)``; ``host`` carries no brackets, ``str()`` adds them for IPv6."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_peer(text: str) -> PeerAddress:
+    """``"HOST:PORT"`` or ``"[IPV6]:PORT"`` -> ``PeerAddress``; ``ConfigError`` says what is wrong."""
+    m = _PEER_RE.fullmatch(text) if isinstance(text, str) else None
+    if m is None:
+        is_bare_ipv6 = isinstance(text, str) and text.count(":") > 1 and not text.startswith("[")
+        hint = " (write an IPv6 host in brackets)" if is_bare_ipv6 else ""
+        raise ConfigError(f"a peer address must be 'HOST:PORT' or '[IPV6]:PORT', got {text!r:.100}{hint}")
+    host = m["host"] or m["ipv6"]
+    if m["ipv6"] is not None:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"peer address {text!r}: {host!r} in brackets is not an IPv6 address") from None
+    port = int(m["port"])
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"peer address {text!r}: port {port} is outside 1-65535")
+    return PeerAddress(host, port)
 
 
 @dataclass(frozen=True)
@@ -45,18 +76,18 @@ class PdxTransferParams:
 
     transfer_id: str  # hex, shared by both legs
     role: Literal["prefill", "decode"]
-    peer: str | None = None  # decode only: P's control address "host:port"
+    peer: PeerAddress | None = None  # decode only: P's connector control address
 
     @property
-    def peer_host_port(self) -> tuple[str, int]:
+    def peer_host_port(self) -> PeerAddress:
+        """``peer``, for callers that predate ``PeerAddress`` (tests/router reads it)."""
         assert self.peer is not None
-        host, _, port = self.peer.rpartition(":")
-        return host.strip("[]"), int(port)
+        return self.peer
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {TRANSFER_ID: self.transfer_id, ROLE: self.role}
         if self.peer is not None:
-            out[PEER] = self.peer
+            out[PEER] = str(self.peer)
         return out
 
 
@@ -71,7 +102,7 @@ def prefill_params(transfer_id: str) -> dict[str, Any]:
 
 def decode_params(transfer_id: str, prefill_kv_host: str, prefill_kv_port: int) -> dict[str, Any]:
     """``kv_transfer_params`` for the D leg; the address is P's connector control server."""
-    return PdxTransferParams(transfer_id, DECODE, f"{prefill_kv_host}:{prefill_kv_port}").to_dict()
+    return PdxTransferParams(transfer_id, DECODE, PeerAddress(prefill_kv_host, prefill_kv_port)).to_dict()
 
 
 def parse(params: dict[str, Any] | None) -> PdxTransferParams | None:
@@ -83,11 +114,10 @@ def parse(params: dict[str, Any] | None) -> PdxTransferParams | None:
         raise ConfigError(f"kv_transfer_params.{TRANSFER_ID} must be 8-64 hex characters, got {tid!r}")
     if role not in (PREFILL, DECODE):
         raise ConfigError(f"kv_transfer_params.{ROLE} must be 'prefill' or 'decode', got {role!r}")
+    address = None
     if role == DECODE:
-        if not isinstance(peer, str) or not _PEER_RE.match(peer):
-            raise ConfigError(
-                f"kv_transfer_params.{PEER} must be the prefill connector's 'host:port', got {peer!r}"
-            )
-    else:
-        peer = None
-    return PdxTransferParams(tid, role, peer)
+        try:
+            address = parse_peer(peer)  # type: ignore[arg-type]  # checked inside
+        except ConfigError as exc:
+            raise ConfigError(f"kv_transfer_params.{PEER} must be the prefill connector's address: {exc}") from None
+    return PdxTransferParams(tid, role, address)

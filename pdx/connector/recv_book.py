@@ -12,6 +12,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from pdx.connector.protocol import PeerAddress
+
 
 class RecvStatus(enum.Enum):
     WAITING = "waiting"  # registered (or registering); layers landing
@@ -24,7 +26,7 @@ class RecvStatus(enum.Enum):
 class RecvState:
     req_id: str
     transfer_id: str
-    peer: tuple[str, int]  # P's control address
+    peer: PeerAddress  # P's connector control address
     block_ids: list[int]  # D's blocks for the whole prompt
     first_block: int
     num_tokens: int

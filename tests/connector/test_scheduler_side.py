@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from pdx.connector import protocol  # noqa: E402
+from pdx.connector.figures import TransferFigures  # noqa: E402
 from pdx.engines.vllm.metadata import PdxWorkerMeta  # noqa: E402
 from pdx.engines.vllm.scheduler import PdxScheduler  # noqa: E402
 
@@ -73,7 +74,7 @@ def test_decode_loads_once_beyond_its_local_hit_and_releases_on_abort():
     assert s.get_num_new_matched_tokens(req, 128) == (172, True)
     s.update_state_after_alloc(req, Blocks([4, 5, 6]), 172)
     (recv,) = s.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).recvs
-    assert (recv.first_block, recv.num_tokens, recv.block_ids, recv.peer) == (1, 300, (4, 5, 6), "127.0.0.1:15600")
+    assert (recv.first_block, recv.num_tokens, recv.block_ids, recv.peer) == (1, 300, (4, 5, 6), ("127.0.0.1", 15600))
     assert s.get_num_new_matched_tokens(req, 0) == (0, False)  # after a failure: recompute
     req.status = Status.FINISHED_ABORTED
     assert s.request_finished(req, [4, 5, 6]) == (False, None)
@@ -86,9 +87,13 @@ def test_decode_answer_carries_transfer_figures():
     req = _request("d1", protocol.decode_params(TID, "127.0.0.1", 15600))
     s.get_num_new_matched_tokens(req, 0)
     s.update_state_after_alloc(req, Blocks([1, 2, 3]), 300)
+    fig = TransferFigures(TID, True, None, 4096, 300, 2, 1.5, 20.25, 3.0, 1.7e9, 1.0, 2.0)
     s.update_connector_output(SimpleNamespace(finished_sending=None, finished_recving={"d1"},
-                                              kv_connector_worker_meta=PdxWorkerMeta({"d1": {"ok": True}})))
-    assert s.request_finished(req, [1, 2, 3]) == (False, {protocol.STATS: {"ok": True}})
+                                              kv_connector_worker_meta=PdxWorkerMeta({"d1": fig})))
+    assert s.request_finished(req, [1, 2, 3]) == (False, {protocol.STATS: {
+        "transfer_id": TID, "ok": True, "error": None, "nbytes": 4096, "num_tokens": 300, "num_writes": 2,
+        "transfer_ms": 1.5, "wait_ms": 20.25, "exposed_ms": 3.0, "t_done": 1.7e9,
+        "last_post_ms": 1.0, "last_write_ms": 2.0}})
 
 
 def test_requests_without_pdx_params_are_left_alone():

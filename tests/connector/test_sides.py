@@ -12,21 +12,26 @@ import time
 import numpy as np
 import pytest
 from pdx.transports import create_transport
+from pdx.transports.base import Notification
 
 from pdx.connector.control import LayerDst
 from pdx.connector.decode_side import DecodeSide
+from pdx.connector.messages import LayerLanded
 from pdx.connector.prefill_side import PrefillSide
-from pdx.connector.send_book import LayerSrc, SendBook, WriteItem
+from pdx.connector.protocol import PeerAddress
+from pdx.connector.send_book import SendBook, WriteItem
+from pdx.layout import vllm_cpu, vllm_flash
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, BLOCK_NBYTES = 2, 16, 4, 64
+LAYOUT = vllm_cpu(NUM_LAYERS, 1, 2, BLOCK_SIZE, "float32")  # one head of head_dim 2: 64-byte blocks
 TOKEN = "secret"
 
 
 class Fleet:
     """One P side and one D side sharing a loop, each with its own 'KV cache' array."""
 
-    def __init__(self, lease_s: float = 5.0, recv_timeout_s: float = 5.0) -> None:
-        self.lease_s, self.recv_timeout_s = lease_s, recv_timeout_s
+    def __init__(self, lease_s: float = 5.0, recv_timeout_s: float = 5.0, d_layout=LAYOUT) -> None:
+        self.lease_s, self.recv_timeout_s, self.d_layout = lease_s, recv_timeout_s, d_layout
 
     async def __aenter__(self) -> Fleet:
         self.p_kv = np.random.default_rng(0).integers(
@@ -37,15 +42,14 @@ class Fleet:
         pr = self.pt.register(self.p_kv.reshape(-1))
         dr = self.dt.register(self.d_kv.reshape(-1))
         layer_bytes = NUM_BLOCKS * BLOCK_NBYTES
-        src = [LayerSrc(pr.region_id, i * layer_bytes, BLOCK_NBYTES) for i in range(NUM_LAYERS)]
-        dst = [LayerDst(region_id=dr.region_id, offset=i * layer_bytes, block_stride=BLOCK_NBYTES)
-               for i in range(NUM_LAYERS)]
-        book = SendBook(self.lease_s, NUM_LAYERS, BLOCK_SIZE, BLOCK_NBYTES)
+        src = [(pr.region_id, i * layer_bytes) for i in range(NUM_LAYERS)]
+        dst = [LayerDst(region_id=dr.region_id, offset=i * layer_bytes) for i in range(NUM_LAYERS)]
+        book = SendBook(self.lease_s, LAYOUT)
         self.p = PrefillSide(self.pt, book, src, "127.0.0.1", 0, TOKEN, 5.0)
         await self.p.start()
-        self.d = DecodeSide(self.dt, dst, BLOCK_SIZE, BLOCK_NBYTES, TOKEN, "d0", self.recv_timeout_s)
+        self.d = DecodeSide(self.dt, self.d_layout, dst, TOKEN, "d0", self.recv_timeout_s)
         await self.d.start()
-        self.peer = f"127.0.0.1:{self.p.server.port}"
+        self.peer = PeerAddress("127.0.0.1", self.p.server.port)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -93,7 +97,7 @@ def test_blocks_land_in_the_reserved_blocks_and_both_sides_release():
                     assert (f.d_kv[layer, db] == f.p_kv[layer, pb]).all()
             untouched = [b for b in range(NUM_BLOCKS) if b not in d_blocks]
             assert not f.d_kv[:, untouched].any(), "P wrote outside the reserved blocks"
-            assert out.figures["nbytes"] == NUM_LAYERS * 3 * BLOCK_NBYTES
+            assert out.figures.nbytes == NUM_LAYERS * 3 * BLOCK_NBYTES
             assert f.p.pop_released() == []  # P's request not finished yet: blocks stay held
             f.p.finish("p-req", "ab" * 8, is_aborted=False)
             assert await f.released() == ["p-req"]
@@ -111,8 +115,25 @@ def test_figures_split_exposed_time_into_p_posting_and_the_last_write():
                 f.p.save("p", "fe" * 8, [2, 3], 8, WriteItem(layer, 0, 8, computed))
             (out,) = await f.outcomes()
             fig = out.figures
-            assert out.is_ok and fig["last_post_ms"] >= 200.0 and fig["last_write_ms"] >= 0.0
-            assert fig["exposed_ms"] == pytest.approx(fig["last_post_ms"] + fig["last_write_ms"], abs=0.01)
+            assert out.is_ok and fig.last_post_ms >= 200.0 and fig.last_write_ms >= 0.0
+            assert fig.exposed_ms == pytest.approx(fig.last_post_ms + fig.last_write_ms, abs=0.01)
+            assert fig.to_dict()["exposed_ms"] == pytest.approx(
+                fig.to_dict()["last_post_ms"] + fig.to_dict()["last_write_ms"], abs=0.01)
+    run(main())
+
+
+def test_malformed_notifications_are_dropped_and_counted_and_the_transfer_still_lands():
+    async def main():
+        async with Fleet() as f:
+            f.d.recv("d", "0f" * 8, f.peer, [0, 1], 0, 8)
+            await asyncio.sleep(0.05)
+            good = LayerLanded("0f" * 8, 0, 0, 8, 1, time.time(), time.time()).encode()
+            for payload in (b"", b"garbage", b'{"t":"0f0f0f0f","l":0}', good[:-1], b"\x02" + good[1:]):
+                f.dt.notifications.push(Notification("intruder", payload))
+            f.save_all("p", "0f" * 8, [2, 3], 8)
+            (out,) = await f.outcomes()
+            assert out.is_ok and out.figures.num_writes == NUM_LAYERS
+            assert f.d.num_malformed == 5
     run(main())
 
 
@@ -146,6 +167,33 @@ def test_chunked_prefill_completes_only_when_every_token_landed():
     run(main())
 
 
+@pytest.mark.parametrize("d_layout", [
+    vllm_cpu(NUM_LAYERS, 1, 4, BLOCK_SIZE, "bfloat16"),  # same block bytes, other dtype and head_dim
+    vllm_flash(NUM_LAYERS, 1, 2, BLOCK_SIZE, "float32", order="NHD"),  # same bytes, other order
+    vllm_cpu(NUM_LAYERS, 1, 2, 2 * BLOCK_SIZE, "float32"),  # other block size
+], ids=["dtype", "order", "block_size"])
+def test_a_decoder_with_another_kv_layout_is_refused_naming_both_and_nothing_is_held(d_layout):
+    """P compares D's layout fingerprint before any byte moves: D fails the transfer at once
+    (vLLM recomputes or fails it), P frees its blocks without waiting for its lease."""
+    assert d_layout.fingerprint() != LAYOUT.fingerprint()
+
+    async def main():
+        async with Fleet(lease_s=60.0, recv_timeout_s=60.0, d_layout=d_layout) as f:
+            f.save_all("p", "bc" * 8, [0, 1, 2], 10)
+            f.d.recv("d", "bc" * 8, f.peer, [3, 4, 5], 0, 10)
+            (out,) = await f.outcomes()
+            d_blocks = -(-10 // d_layout.block_size)  # D's blocks for 10 tokens, all to recompute
+            assert not out.is_ok and out.failed_block_ids == set([3, 4, 5][:d_blocks])
+            error = out.figures.error
+            assert "KV layout mismatch" in error
+            assert f"decoder {d_layout.summary()}" in error and f"prefill {LAYOUT.summary()}" in error
+            f.p.finish("p", "bc" * 8, is_aborted=False)
+            assert await f.released() == ["p"]
+            assert f.p.book.num_held == 0 and f.d.book.num_reserved == 0
+            assert not f.d_kv.any()
+    run(main())
+
+
 def test_lease_expiry_frees_p_when_d_never_registers():
     async def main():
         async with Fleet(lease_s=0.3) as f:
@@ -158,7 +206,7 @@ def test_lease_expiry_frees_p_when_d_never_registers():
             f.d.recv("d", "12" * 8, f.peer, [0, 1], 0, 8)
             (out,) = await f.outcomes()
             assert not out.is_ok and out.failed_block_ids == {0, 1}
-            assert "over on the prefill side" in out.figures["error"]
+            assert "over on the prefill side" in out.figures.error
             assert not f.d_kv.any()
     run(main())
 
@@ -185,7 +233,7 @@ def test_prefill_abort_fails_the_decoder_at_once():
             f.p.save("p", "56" * 8, [2, 3], 8, WriteItem(0, 0, 8, time.time()))
             f.p.finish("p", "56" * 8, is_aborted=True)
             (out,) = await f.outcomes()
-            assert not out.is_ok and "aborted" in out.figures["error"]
+            assert not out.is_ok and "aborted" in out.figures.error
             assert await f.released() == ["p"]
     run(main())
 
@@ -211,7 +259,7 @@ def test_bad_token_is_refused():
             f.d.token = "wrong"
             f.d.recv("d", "9a" * 8, f.peer, [0], 0, 4)
             (out,) = await f.outcomes()
-            assert not out.is_ok and "auth_token" in out.figures["error"]
+            assert not out.is_ok and "auth_token" in out.figures.error
     run(main())
 
 

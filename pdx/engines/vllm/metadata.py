@@ -1,20 +1,22 @@
 """What PdxConnector's scheduler side tells its workers each step, and what they answer.
 
 Scheduler -> worker: ``PdxConnectorMetadata`` (pickled into every step).
-Worker -> scheduler: ``PdxWorkerMeta`` (per-request transfer figures, aggregated
+Worker -> scheduler: ``PdxWorkerMeta`` (per-request ``TransferFigures``, aggregated
 over workers) and ``PdxKVConnectorStats`` (vLLM's connector stats/logging).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorWorkerMetadata,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+from pdx.connector.figures import TransferFigures, aggregate_figures
+from pdx.connector.protocol import PeerAddress
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class RecvSpec:
 
     req_id: str
     transfer_id: str
-    peer: str  # P's control address "host:port"
+    peer: PeerAddress  # P's connector control address
     block_ids: tuple[int, ...]  # D's blocks for the whole prompt
     first_block: int  # D's local prefix hit, in blocks
     num_tokens: int
@@ -58,7 +60,7 @@ class ReleaseSpec:
 
     req_id: str
     transfer_id: str
-    peer: str
+    peer: PeerAddress
     is_reserved: bool  # a RecvSpec was issued, so the worker must report finished_recving
 
 
@@ -96,12 +98,14 @@ class PdxConnectorMetadata(KVConnectorMetadata):
 
 @dataclass
 class PdxWorkerMeta(KVConnectorWorkerMetadata):
-    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # req_id -> transfer figures
+    stats: dict[str, TransferFigures] = field(default_factory=dict)  # by req_id
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, PdxWorkerMeta)
         merged = dict(self.stats)
-        merged.update(other.stats)
+        for rid, fig in other.stats.items():
+            mine = merged.get(rid)
+            merged[rid] = fig if mine is None else aggregate_figures(mine, fig)
         return PdxWorkerMeta(merged)
 
 
@@ -116,15 +120,15 @@ class PdxKVConnectorStats(KVConnectorStats):
     def reset(self) -> None:
         self.data = {"num_transfers": 0, "num_failed": 0, "nbytes": 0, "transfer_s": 0.0, "exposed_s": 0.0}
 
-    def record(self, figures: dict[str, Any]) -> None:
-        if figures.get("ok"):
+    def record(self, figures: TransferFigures) -> None:
+        if figures.is_ok:
             self.data["num_transfers"] += 1
         else:
             self.data["num_failed"] += 1
             return
-        self.data["nbytes"] += int(figures.get("nbytes") or 0)
-        self.data["transfer_s"] += float(figures.get("transfer_ms") or 0.0) / 1e3
-        self.data["exposed_s"] += float(figures.get("exposed_ms") or 0.0) / 1e3
+        self.data["nbytes"] += figures.nbytes
+        self.data["transfer_s"] += figures.transfer_ms / 1e3
+        self.data["exposed_s"] += (figures.exposed_ms or 0.0) / 1e3
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for key, value in other.data.items():

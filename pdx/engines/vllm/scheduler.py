@@ -17,6 +17,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from pdx.connector import protocol
+from pdx.connector.figures import TransferFigures
 from pdx.engines.vllm.metadata import (
     FinishSpec,
     PdxConnectorMetadata,
@@ -60,10 +61,10 @@ class PdxScheduler:
         # D
         self._local_hit: dict[str, int] = {}  # req_id -> block-aligned local prefix hit
         self._attempted: set[str] = set()  # requests whose load was tried (never twice)
-        self._recving: dict[str, tuple[str, str]] = {}  # req_id -> (transfer id, peer), until finished_recving
+        self._recving: dict[str, tuple[str, protocol.PeerAddress]] = {}  # req_id -> (transfer id, peer), until finished_recving
         self._recvs: list[RecvSpec] = []
         self._releases: list[ReleaseSpec] = []
-        self._figures: dict[str, dict[str, Any]] = {}  # req_id -> transfer figures from the worker
+        self._figures: dict[str, TransferFigures] = {}  # by req_id, from the workers
 
     def is_decode_leg(self, request: Request) -> bool:
         p = _params(request)
@@ -167,7 +168,8 @@ class PdxScheduler:
             elif not was_attempted and p.peer is not None:
                 # Ended before admission: P may be holding blocks for it; let P free them now.
                 self._releases.append(ReleaseSpec(rid, p.transfer_id, p.peer, is_reserved=False))
-            return False, ({protocol.STATS: figures} if figures else None)
+            # The HTTP edge: D's response carries the figures as JSON.
+            return False, ({protocol.STATS: figures.to_dict()} if figures is not None else None)
         return False, None
 
     def debug_counts(self) -> dict[str, int]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pdx.connector.config import ConnectorConfig
 from pdx.connector.control import LayerDst
 from pdx.connector.decode_side import DecodeSide
+from pdx.connector.figures import TransferFigures
 from pdx.connector.kv_regions import KVRegions, describe_kv_caches
 from pdx.connector.prefill_side import PrefillSide
 from pdx.connector.send_book import LayerSrc, SendBook, WriteItem
@@ -43,7 +44,7 @@ class PdxWorker:
         self._layer_index: dict[str, int] = {}
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._load_errors: set[int] = set()
-        self._figures: dict[str, dict[str, Any]] = {}
+        self._figures: dict[str, TransferFigures] = {}  # by req_id
         self._attention_done: dict[str, float] = {}  # P, with stats_path: transfer id -> wall clock
         self._stats = PdxKVConnectorStats()
 
@@ -151,11 +152,11 @@ class PdxWorker:
                 self._figures[out.req_id] = out.figures
                 self._stats.record(out.figures)
                 logger.debug("transfer for %s: %s", out.req_id, out.figures)
-                if out.is_ok and self.cfg.should_corrupt(out.figures["transfer_id"]) and out.first_block_id is not None:
+                if out.is_ok and self.cfg.should_corrupt(out.figures.transfer_id) and out.first_block_id is not None:
                     self._corrupt(out.first_block_id)
                 if self.cfg.stats_path:
                     with open(self.cfg.stats_path, "a") as fh:
-                        fh.write(json.dumps({"req_id": out.req_id, **out.figures}) + "\n")
+                        fh.write(json.dumps({"req_id": out.req_id, **out.figures.to_dict()}) + "\n")
         return sending or None, recving or None
 
     def _corrupt(self, block_id: int) -> None:

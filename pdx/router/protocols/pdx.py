@@ -57,7 +57,7 @@ def decode_body(body: dict[str, Any], transfer_id: str, prefill_kv_host: str, pr
     out["kv_transfer_params"] = {
         keys.TRANSFER_ID: transfer_id,
         keys.ROLE: keys.DECODE,
-        keys.PEER: f"{prefill_kv_host}:{prefill_kv_port}",
+        keys.PEER: str(keys.PeerAddress(prefill_kv_host, prefill_kv_port)),
     }
     return out
 
