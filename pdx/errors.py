@@ -12,6 +12,9 @@ into the control plane (``raise KVTransferError(...) from exc``)::
     │   └── KVMessageError        a peer's data-plane message is malformed (size, version, range); dropped
     ├── RoutingError              no healthy engine (pair) can take the request
     ├── EngineError               an engine answered with an error or cannot be reached
+    │   ├── UpstreamError         the router's connection to an engine failed (refused, reset, timeout, bad HTTP)
+    │   ├── LegFailed             one leg of a request failed; the router retries on another pair
+    │   └── EngineRejected        an engine answered 4xx; the client gets that answer, never retried
     └── StorageError              the storage tier failed (callers fall back to recompute)
         ├── StoreUnavailable      the store server or an L2 backend did not answer in time
         └── ChunkCorrupt          a stored chunk failed its header or checksum check (a miss)
@@ -56,6 +59,34 @@ class RoutingError(PdxError):
 
 class EngineError(PdxError):
     """An engine answered with an error or could not be reached."""
+
+
+class UpstreamError(EngineError):
+    """The router's connection to an engine failed: refused, reset, timed out, bad HTTP, aborted."""
+
+    def __init__(self, message: str, *, is_timeout: bool = False, is_sent: bool = True) -> None:
+        super().__init__(message)
+        self.is_timeout = is_timeout
+        self.is_sent = is_sent  # False: nothing reached the engine, a retry is always safe
+
+
+class LegFailed(EngineError):
+    """One leg failed in a way another pair may not: retry with ``engine_id`` excluded."""
+
+    def __init__(self, engine_id: str, message: str, *, is_timeout: bool = False) -> None:
+        super().__init__(message)
+        self.engine_id = engine_id
+        self.is_timeout = is_timeout
+
+
+class EngineRejected(EngineError):
+    """An engine answered with a client error (4xx): the client gets it unchanged, no retry."""
+
+    def __init__(self, status: int, body: bytes, content_type: bytes) -> None:
+        super().__init__(f"engine answered {status}")
+        self.status = status
+        self.body = body
+        self.content_type = content_type
 
 
 class StorageError(PdxError):

@@ -10,15 +10,7 @@ with or without the ``vllm:`` prefix and the ``_total`` suffix::
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
-
-_SAMPLE = re.compile(
-    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
-    r"(?:\{(?P<labels>.*)\})?"
-    r"\s+(?P<value>\S+)(?:\s+\S+)?$"
-)
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
 @dataclass(frozen=True)
@@ -49,20 +41,33 @@ class MetricSamples:
         return {s.name for s in self.samples}
 
 
-def _unescape(value: str) -> str:
-    return value.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
-
-
 def parse_prometheus_text(text: str) -> MetricSamples:
-    """Parse Prometheus text exposition format (comments and blank lines skipped)."""
-    samples = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _SAMPLE.match(line)
-        if match is None:
-            raise ValueError(f"not a Prometheus sample line: {line!r}")
-        labels = tuple(sorted((k, _unescape(v)) for k, v in _LABEL.findall(match["labels"] or "")))
-        samples.append(Sample(match["name"], labels, float(match["value"])))
+    """Parse Prometheus text exposition format with ``prometheus_client``'s parser.
+
+    Every sample is kept under its exposed name: a counter ``x`` gives ``x_total``
+    and, from prometheus_client exporters such as vLLM, ``x_created`` (a Unix
+    timestamp, never a count); exemplars and timestamps are dropped. Raises
+    ``ValueError`` naming the bad line.
+    """
+    from prometheus_client.parser import text_string_to_metric_families  # not at `import pdx`
+
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError as exc:
+        raise ValueError(f"not a Prometheus sample line ({exc}): {_first_bad_line(text)!r}") from exc
+    samples = [
+        Sample(s.name, tuple(sorted(s.labels.items())), float(s.value)) for fam in families for s in fam.samples
+    ]
     return MetricSamples(tuple(samples))
+
+
+def _first_bad_line(text: str) -> str:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                list(text_string_to_metric_families(line + "\n"))
+            except ValueError:
+                return line[:200]
+    return text[:200]

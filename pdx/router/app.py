@@ -21,12 +21,15 @@ from typing import Any
 import orjson
 
 from pdx.config.topology import Topology
+from pdx.errors import LegFailed, RoutingError
 from pdx.router import workers
-from pdx.router.errors import client_error, send_json
-from pdx.router.fleet import Fleet, NoEngine
+from pdx.router.fleet import Fleet
 from pdx.router.health import run_checks
+from pdx.router.metrics import create_registry, render
 from pdx.router.prefix import num_prompt_tokens, prefix_keys, prompt_units
-from pdx.router.proxy import Dispatcher, EngineAnswer, LegFailed, RequestCtx
+from pdx.router.proxy import Dispatcher
+from pdx.router.request import RequestCtx
+from pdx.router.respond import client_error, send_json
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +54,9 @@ class RouterApp:
         self.topology = topology
         self.config = topology.router
         self.fleet = Fleet(topology)
-        self.metrics = self.fleet.metrics
-        self.dispatcher = Dispatcher(self)
-        self._background: set[asyncio.Task] = set()
+        self.dispatcher = Dispatcher(self.config.timeouts)
+        self.metrics = self.dispatcher.metrics  # read-only here: the dispatcher counts
+        self.registry = create_registry(self.metrics, self.fleet.states)  # per app, never the global one
         self._health_task: asyncio.Task | None = None
         self._session_header = self.config.policies.session_header.lower().encode()
         token = self.config.auth_token
@@ -86,15 +89,11 @@ class RouterApp:
         self._health_task = asyncio.ensure_future(run_checks(self.fleet.states, self.config.health))
 
     async def shutdown(self) -> None:
-        tasks = list(self._background) + ([self._health_task] if self._health_task else [])
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+        await self.dispatcher.aclose()
         await self.fleet.aclose()
-
-    def keep_until_done(self, task: asyncio.Task) -> None:
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     # -- HTTP ---------------------------------------------------------------------------
     async def handle_http(self, scope: dict, receive: Any, send: Any) -> None:
@@ -111,8 +110,8 @@ class RouterApp:
                 ready, why = self.fleet.readiness()
                 return await send_json(send, 200 if ready else 503, orjson.dumps({"ready": ready, "reason": why}))
             if path == "/metrics":
-                body = self.metrics.render(self.fleet.states())
-                return await send_json(send, 200, body, b"text/plain; version=0.0.4")
+                body, content_type = render(self.registry)
+                return await send_json(send, 200, body, content_type)
             if path == "/v1/models":
                 return await send_json(send, 200, self._models)
         if path == "/workers" or path.startswith("/workers/"):
@@ -145,9 +144,9 @@ class RouterApp:
             elif name == session_header:
                 session_id = value.decode("latin-1")
         if self._auth is not None and client_auth != self._auth:
-            return await self._fail(send, path, 401, "missing or wrong bearer token", "authentication_error")
+            return await self.dispatcher.reject(send, path, 401, "missing or wrong bearer token", "authentication_error")
         if content_length > cfg.max_body_bytes:
-            return await self._fail(send, path, 413, f"request body over {cfg.max_body_bytes} bytes")
+            return await self.dispatcher.reject(send, path, 413, f"request body over {cfg.max_body_bytes} bytes")
         # body
         message = await receive()
         raw = message.get("body", b"")
@@ -161,17 +160,17 @@ class RouterApp:
                 parts.append(message.get("body", b""))
                 size += len(parts[-1])
                 if size > cfg.max_body_bytes:
-                    return await self._fail(send, path, 413, f"request body over {cfg.max_body_bytes} bytes")
+                    return await self.dispatcher.reject(send, path, 413, f"request body over {cfg.max_body_bytes} bytes")
             raw = b"".join(parts)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            return await self._fail(send, path, 400, f"request body is not valid JSON: {exc}")
+            return await self.dispatcher.reject(send, path, 400, f"request body is not valid JSON: {exc}")
         problem = self._validate(path, body)
         if problem is not None:
             status, text, param = problem
             code = "model_not_found" if status == 404 else None
-            return await self._fail(send, path, status, text, param=param, code=code)
+            return await self.dispatcher.reject(send, path, status, text, param=param, code=code)
         units = prompt_units(body)
         chunk_size = cfg.policies.chunk_size
         ctx = RequestCtx(
@@ -204,15 +203,13 @@ class RouterApp:
         except asyncio.CancelledError:
             if not finished.is_disconnected:
                 raise
-            self.metrics.errors["client_disconnect"] += 1
-            logger.info("request %s: client disconnected; both legs aborted", ctx.request_id)
+            self.dispatcher.record_disconnect(ctx)
             return
         finally:
             watch.cancel()
             if finished.watcher is not None:
                 finished.watcher.cancel()
-        self.metrics.requests[(path, status)] += 1
-        self.metrics.latency.observe(time.perf_counter() - t0)
+        self.dispatcher.finish(ctx, status)
 
     def _start_watch(self, receive: Any, task: asyncio.Task | None, finished: _Finished) -> None:
         if not finished.is_done:
@@ -241,7 +238,7 @@ class RouterApp:
             if not isinstance(messages, list) or not messages:
                 return 400, "missing required field 'messages' (a non-empty list)", "messages"
         if field is None:
-            if self.fleet.protocol != "sglang":
+            if not self.fleet.protocol.serves_generate:
                 return 400, "/generate is served for SGLang fleets only; use /v1/completions", None
             if body.get("text") is None and body.get("input_ids") is None:
                 return 400, "missing required field 'text' or 'input_ids'", "text"
@@ -250,77 +247,36 @@ class RouterApp:
             return 400, "'stream' must be true or false", "stream"
         return None
 
-    async def _fail(self, send: Any, path: str, status: int, message: str, type_: str = "invalid_request_error",
-                    param: str | None = None, code: str | None = None) -> None:
-        self.metrics.requests[(path, status)] += 1
-        self.metrics.errors["bad_request" if status < 500 else "engine"] += 1
-        await client_error(send, status, message, type_, param=param, code=code)
-
     # -- dispatch with retries ----------------------------------------------------------
     async def generate(self, ctx: RequestCtx, send: Any) -> int:
         """Serve one request; return the status sent to the client."""
         cfg = self.config
         fleet = self.fleet
+        dispatcher = self.dispatcher
         excluded: set[str] = set()
         last: LegFailed | None = None
         for attempt in range(cfg.max_retries + 1):
             if attempt:
-                self.metrics.retries += 1
+                dispatcher.record_retry()
                 await asyncio.sleep(cfg.retry_backoff_ms / 1000.0 * (2 ** (attempt - 1)))
             try:
                 p, d = fleet.pick_pair(ctx, excluded)
-            except NoEngine as exc:
+            except RoutingError as exc:
                 if last is not None:
                     break
-                self.metrics.errors["no_engine"] += 1
-                await client_error(send, 503, str(exc), "service_unavailable", code="no_engine")
-                return 503
+                return await dispatcher.fail(send, 503, str(exc), "service_unavailable", kind="no_engine",
+                                             code="no_engine")  # fmt: skip
             try:
-                if p is None:
-                    self.metrics.decode_only += 1
-                    await self.dispatcher.run_decode_only(ctx, d, send)
-                elif fleet.protocol == "pdx":
-                    await self.dispatcher.run_pdx(ctx, p, d, send)
-                elif fleet.protocol == "nixl":
-                    await self.dispatcher.run_nixl(ctx, p, d, send)
-                else:
-                    await self.dispatcher.run_sglang(ctx, p, d, send)
+                status = await dispatcher.attempt(ctx, fleet.protocol, p, d, send)
             except LegFailed as exc:
                 logger.info("request %s attempt %d failed: %s", ctx.request_id, attempt + 1, exc)
                 excluded.add(exc.engine_id)
                 last = exc
                 continue
-            except EngineAnswer as answer:
-                await send_json(send, answer.status, answer.body, answer.content_type, ctx.request_id)
-                return answer.status
-            fleet.record_prefix(ctx.keys, p, d)
-            return 200
+            if status == 200:
+                fleet.record_prefix(ctx.keys, p, d)
+            return status
         assert last is not None
-        self.metrics.errors["engine"] += 1
         kind = "timed out" if last.is_timeout else "failed"
-        await client_error(send, 502, f"engine {kind} after {cfg.max_retries + 1} attempts: {last}", "engine_error")
-        return 502
-
-    # -- relay helpers (called by the dispatcher) ----------------------------------------
-    async def send_start(self, send: Any, status: int, content_type: bytes, ctx: RequestCtx,
-                         content_length: int | None) -> None:
-        headers = [(b"content-type", content_type), (b"x-request-id", ctx.request_id.encode())]
-        if content_length is not None:
-            headers.append((b"content-length", str(content_length).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-
-    async def send_first(self, send: Any, first: bytes, ctx: RequestCtx, more: bool) -> None:
-        await send({"type": "http.response.body", "body": first, "more_body": more})
-        self.metrics.ttft.observe(time.perf_counter() - ctx.t0)
-
-    def record_transfer_stats(self, data: bytes) -> None:
-        try:
-            params = orjson.loads(data).get("kv_transfer_params") or {}
-        except (orjson.JSONDecodeError, AttributeError):
-            return
-        self.metrics.record_kv_stats(params.get("pdx_transfer_stats"))
-
-    def record_transfer_stats_sse(self, chunk: bytes) -> None:
-        for line in chunk.split(b"\n"):
-            if line.startswith(b"data: {") and b"pdx_transfer_stats" in line:
-                self.record_transfer_stats(line[6:])
+        return await dispatcher.fail(send, 502, f"engine {kind} after {cfg.max_retries + 1} attempts: {last}",
+                                     "engine_error", kind="engine")  # fmt: skip

@@ -5,28 +5,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pdx.config.topology import Engine, Topology, protocol_of
 from pdx.errors import RoutingError
 from pdx.router import policies
-from pdx.router.metrics import RouterMetrics
 from pdx.router.prefix import PrefixIndex, match_prefix
+from pdx.router.protocols import create_protocol
 from pdx.router.state import EngineState
 from pdx.router.upstream import EnginePool
 
+if TYPE_CHECKING:
+    from pdx.router.request import RequestCtx
+
 logger = logging.getLogger(__name__)
-
-
-class NoEngine(RoutingError):
-    """No healthy engine can take the request now."""
 
 
 class Fleet:
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
         self.config = topology.router
-        self.protocol = topology.protocol
-        self.metrics = RouterMetrics()
+        self.protocol = create_protocol(topology.protocol)  # the first engine to join sets it
         self.prefix_index = PrefixIndex()
         self._engines: dict[str, EngineState] = {}
         self._counter = 0
@@ -51,8 +50,9 @@ class Fleet:
             return f"an engine with id {engine.id!r} is already registered"
         if any(s.engine.url == engine.url for s in self._engines.values()):
             return f"an engine at {engine.url} is already registered"
-        if self._engines and protocol_of([engine]) != self.protocol:
-            return f"this fleet speaks the {self.protocol!r} protocol; the engine would speak {protocol_of([engine])!r}"
+        if self._engines and protocol_of([engine]) != self.protocol.name:
+            return (f"this fleet speaks the {self.protocol.name!r} protocol; "
+                    f"the engine would speak {protocol_of([engine])!r}")
         return None
 
     def add(self, engine: Engine) -> EngineState:
@@ -66,7 +66,7 @@ class Fleet:
             client_auth=cfg.auth_token is None,
         )  # fmt: skip
         if not self._engines:
-            self.protocol = protocol_of([engine])
+            self.protocol = create_protocol(protocol_of([engine]))
         self._engines[engine.id] = state
         logger.info("engine %s (%s, %s) joined", engine.id, engine.role, engine.url)
         return state
@@ -97,28 +97,25 @@ class Fleet:
             return kept or found  # every candidate failed once: try them again
         return found
 
-    def pick_pair(self, ctx, excluded: set[str]) -> tuple[EngineState | None, EngineState]:
+    def pick_pair(self, ctx: RequestCtx, excluded: set[str]) -> tuple[EngineState | None, EngineState]:
         """(P, D) for one attempt; P is None when D serves the request alone."""
         now = time.monotonic()
         pol = self.config.policies
         decoders = self._available(False, excluded, now)
         if not decoders:
-            raise NoEngine("no healthy decode engine is available; check GET /workers")
+            raise RoutingError("no healthy decode engine is available; check GET /workers")
         counter = self._counter
         self._counter = counter + 1
         matched = match_prefix(ctx.keys, self.prefix_index) if ctx.keys else {}
-        if self.protocol != "sglang":
-            d_matched = max((matched.get(s.id, 0) for s in decoders), default=0) * pol.chunk_size
-            if policies.should_skip_prefill(
-                ctx.num_tokens, d_matched, min_tokens=pol.disaggregate_min_tokens,
-                prefix_fraction=pol.decode_prefix_fraction,
-            ):  # fmt: skip
-                d = self._pick(pol.decode, decoders, counter, matched, ctx.session_id, prefer_prefix=True)
-                return None, d
+        protocol = self.protocol
+        d_matched = max((matched.get(s.id, 0) for s in decoders), default=0) * pol.chunk_size
+        if not protocol.needs_prefill(ctx.num_tokens, d_matched, pol):
+            d = self._pick(pol.decode, decoders, counter, matched, ctx.session_id, prefer_prefix=True)
+            return None, d
         prefillers = self._available(True, excluded, now)
         if not prefillers:
-            if self.protocol == "sglang":
-                raise NoEngine("no healthy prefill engine is available; check GET /workers")
+            if protocol.is_prefill_required:
+                raise RoutingError("no healthy prefill engine is available; check GET /workers")
             d = self._pick(pol.decode, decoders, counter, matched, ctx.session_id)
             return None, d  # vLLM D can prefill by itself
         p = self._pick(pol.prefill, prefillers, counter, matched, ctx.session_id)
@@ -149,6 +146,6 @@ class Fleet:
             return False, "no engines registered"
         if not self._available(False, set(), now):
             return False, "no healthy decode engine"
-        if self.protocol == "sglang" and not self._available(True, set(), now):
+        if self.protocol.is_prefill_required and not self._available(True, set(), now):
             return False, "no healthy prefill engine"
         return True, "ok"

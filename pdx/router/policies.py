@@ -11,6 +11,8 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Protocol, TypeVar
 
+from pdx.errors import ConfigError, RoutingError
+
 
 class Candidate(Protocol):
     @property
@@ -89,7 +91,7 @@ def pick(
 ) -> C:
     """Dispatch by policy name (the names the topology accepts)."""
     if not candidates:
-        raise ValueError("no candidates")
+        raise RoutingError("no candidate engine to pick from")
     if len(candidates) == 1:
         return candidates[0]
     if policy == "round_robin":
@@ -100,7 +102,7 @@ def pick(
         return prefix_aware(candidates, matched_chunks or {}, counter)
     if policy == "session_affinity":
         return session_affinity(candidates, session_id, counter)
-    raise ValueError(f"unknown policy {policy!r}")
+    raise ConfigError(f"unknown policy {policy!r}; use round_robin, least_loaded, prefix_aware or session_affinity")
 
 
 def should_skip_prefill(

@@ -1,10 +1,14 @@
-"""Dispatch one generation request to a (P, D) pair, relay D's answer, retry on failure.
+"""Run one attempt of a generation request on a (P, D) pair and write the client's response.
 
-The retry loop re-picks the pair (excluding engines that just failed) and mints a
-fresh transfer id / bootstrap room each attempt. A failure can be retried only
-until the first byte reaches the client; after that the response is committed.
-A client disconnect cancels the handler, which aborts both legs (closing an
-upstream connection makes vLLM and SGLang abort the request and free its blocks).
+The app parses the request, picks the pair and retries; the ``Dispatcher`` sends
+the legs its ``PDProtocol`` builds, relays D's answer (SSE passthrough or whole
+JSON), writes error answers, and keeps the request metrics. It never calls back
+into the app.
+
+An attempt can fail over to another pair only until the first byte reaches the
+client; after that the response is committed. A client disconnect cancels the
+handler, which aborts both legs (closing an upstream connection makes vLLM and
+SGLang abort the request and free its blocks).
 """
 
 from __future__ import annotations
@@ -12,55 +16,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from pdx.router.protocols import nixl as nixl_protocol
-from pdx.router.protocols import pdx as pdx_protocol
-from pdx.router.protocols import sglang as sglang_protocol
-from pdx.router.state import EngineState
-from pdx.router.upstream import AbortHandle, UpstreamError
+from pdx.errors import EngineRejected, LegFailed, UpstreamError
+from pdx.router.metrics import RouterMetrics
+from pdx.router.respond import client_error, send_json
+from pdx.router.upstream import AbortHandle
+
+if TYPE_CHECKING:
+    from pdx.config.topology import Timeouts
+    from pdx.router.protocols.base import PDProtocol
+    from pdx.router.request import RequestCtx
+    from pdx.router.state import EngineState
 
 logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _POST = b"POST"
 _STATS_MARK = b"pdx_transfer_stats"
-
-
-@dataclass(slots=True)
-class RequestCtx:
-    route: str  # "/v1/completions", ...
-    route_bytes: bytes  # the same, encoded
-    body: dict[str, Any]
-    is_stream: bool
-    request_id: str
-    client_auth: bytes | None  # the client's Authorization value
-    keys: list[bytes]  # prefix chunk keys
-    num_tokens: int
-    session_id: str | None
-    t0: float
-
-
-class LegFailed(Exception):
-    """One leg failed in a way another pair may not (retry with that engine excluded)."""
-
-    def __init__(self, engine_id: str, message: str, *, is_timeout: bool = False) -> None:
-        super().__init__(message)
-        self.engine_id = engine_id
-        self.is_timeout = is_timeout
-
-
-class EngineAnswer(Exception):
-    """An engine answered with a client error (4xx): pass it through unchanged."""
-
-    def __init__(self, status: int, body: bytes, content_type: bytes) -> None:
-        super().__init__(status)
-        self.status = status
-        self.body = body
-        self.content_type = content_type
+_JSON = b"application/json"
 
 
 def leg_headers(state: EngineState, ctx: RequestCtx) -> bytes:
@@ -73,36 +49,126 @@ def leg_headers(state: EngineState, ctx: RequestCtx) -> bytes:
 
 
 class Dispatcher:
-    """Runs one attempt of a request on a chosen pair; owned by the router app."""
+    """Sends legs, writes responses, counts requests; owned by the router app."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app  # RouterApp: metrics, timeouts, background tasks
-        self.timeouts = app.config.timeouts
+    def __init__(self, timeouts: Timeouts, metrics: RouterMetrics | None = None) -> None:
+        self.timeouts = timeouts
+        self.metrics = metrics if metrics is not None else RouterMetrics()
+        self._background: set[asyncio.Task] = set()  # P legs still running after D answered
+
+    async def aclose(self) -> None:
+        """Cancel P legs still running on their own (idempotent)."""
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- outcomes the app reports -------------------------------------------------------
+    async def reject(self, send: Any, route: str, status: int, message: str, type_: str = "invalid_request_error",
+                     *, param: str | None = None, code: str | None = None) -> None:
+        """Refuse a request before dispatch (bad input, auth, size): error body, counted."""
+        self.metrics.requests[(route, status)] += 1
+        self.metrics.errors["bad_request" if status < 500 else "engine"] += 1
+        await client_error(send, status, message, type_, param=param, code=code)
+
+    async def fail(self, send: Any, status: int, message: str, type_: str, *, kind: str,
+                   code: str | None = None) -> int:
+        """End a dispatched request with an error (no engine, retries exhausted); returns ``status``."""
+        self.metrics.errors[kind] += 1
+        await client_error(send, status, message, type_, code=code)
+        return status
+
+    def finish(self, ctx: RequestCtx, status: int) -> None:
+        """Count a dispatched request once its response is sent."""
+        self.metrics.requests[(ctx.route, status)] += 1
+        self.metrics.latency.observe(time.perf_counter() - ctx.t0)
+
+    def record_retry(self) -> None:
+        self.metrics.retries += 1
+
+    def record_disconnect(self, ctx: RequestCtx) -> None:
+        self.metrics.errors["client_disconnect"] += 1
+        logger.info("request %s: client disconnected; both legs aborted", ctx.request_id)
+
+    # -- one attempt --------------------------------------------------------------------
+    async def attempt(self, ctx: RequestCtx, protocol: PDProtocol, p: EngineState | None, d: EngineState,
+                      send: Any) -> int:
+        """Serve ``ctx`` on (``p``, ``d``); ``p`` None: D alone. Returns the status sent.
+
+        Raises ``LegFailed`` when nothing was sent and another pair may succeed.
+        An engine's 4xx is passed to the client unchanged.
+        """
+        try:
+            if p is None:
+                self.metrics.decode_only += 1
+                await self._decode(d, ctx, protocol.decode_only(ctx), send, AbortHandle())
+            elif protocol.is_concurrent:
+                await self._concurrent(ctx, protocol, p, d, send)
+            else:
+                await self._sequential(ctx, protocol, p, d, send)
+        except EngineRejected as answer:
+            await send_json(send, answer.status, answer.body, answer.content_type, ctx.request_id)
+            return answer.status
+        return 200
+
+    async def _sequential(self, ctx: RequestCtx, protocol: PDProtocol, p: EngineState, d: EngineState,
+                          send: Any) -> None:
+        legs = protocol.legs(ctx, p.engine)
+        p_data = await self._prefill(p, ctx, legs.prefill)
+        try:
+            d_body = protocol.decode_after_prefill(ctx, p_data)
+        except ValueError:
+            raise LegFailed(p.id, f"prefill engine {p.id} answered with invalid JSON") from None
+        await self._decode(d, ctx, d_body, send, AbortHandle())
+
+    async def _concurrent(self, ctx: RequestCtx, protocol: PDProtocol, p: EngineState, d: EngineState,
+                          send: Any) -> None:
+        legs = protocol.legs(ctx, p.engine)
+        assert legs.decode is not None, f"{protocol.name}: concurrent legs need both bodies"
+        handle = AbortHandle()
+        p_task = asyncio.get_running_loop().create_task(self._prefill(p, ctx, legs.prefill))
+
+        def on_p_done(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                handle.abort()  # no effect once D's answer is fully relayed
+
+        p_task.add_done_callback(on_p_done)
+        merge = protocol if legs.is_merged else None
+        try:
+            await self._decode(d, ctx, legs.decode, send, handle, p_task, merge)
+        except BaseException:
+            if not p_task.done():
+                p_task.cancel()
+            raise
+        if not p_task.done():
+            self._background.add(p_task)  # P's leg finishes on its own
+            p_task.add_done_callback(self._background.discard)
+        elif not p_task.cancelled() and p_task.exception() is not None:
+            logger.warning("request %s: prefill failed after decode answered: %s", ctx.request_id, p_task.exception())
 
     # -- one leg that must complete (P) ---------------------------------------------------
-    async def prefill(self, p: EngineState, ctx: RequestCtx, body: bytes) -> bytes:
-        """Send the P leg and read its whole response; LegFailed / EngineAnswer on failure."""
+    async def _prefill(self, p: EngineState, ctx: RequestCtx, body: bytes) -> bytes:
+        """Send the P leg and read its whole response; LegFailed / EngineRejected on failure."""
         p.begin()
         ok = False
+        timeout = self.timeouts.prefill_s
         try:
-            resp = await p.pool.request(
-                _POST, ctx.route_bytes, body, leg_headers(p, ctx), timeout=self.timeouts.prefill_s
-            )
-            data = await resp.read(self.timeouts.prefill_s)
+            resp = await p.pool.request(_POST, ctx.route_bytes, body, leg_headers(p, ctx), timeout=timeout)
+            data = await resp.read(timeout)
             if resp.status == 200:
                 ok = True
                 return data
             if resp.status in RETRYABLE_STATUS:
                 raise LegFailed(p.id, f"prefill engine {p.id} answered {resp.status}: {data[:200]!r}")
             ok = True
-            raise EngineAnswer(resp.status, data, resp.header(b"content-type") or b"application/json")
+            raise EngineRejected(resp.status, data, resp.header(b"content-type") or _JSON)
         except UpstreamError as exc:
             raise LegFailed(p.id, f"prefill engine {p.id}: {exc}", is_timeout=exc.is_timeout) from None
         finally:
             p.end(ok)
 
     # -- the leg whose answer the client gets (D) -----------------------------------------
-    async def decode(
+    async def _decode(
         self,
         d: EngineState,
         ctx: RequestCtx,
@@ -110,12 +176,13 @@ class Dispatcher:
         send: Any,
         handle: AbortHandle,
         p_task: asyncio.Task | None = None,
-        merge_logprobs: bool = False,
+        merge: PDProtocol | None = None,
     ) -> None:
         """Send the D leg and relay its answer; commit at the first byte sent to the client.
 
         ``p_task`` (concurrent protocols): its failure before the commit aborts D and
-        raises P's LegFailed/EngineAnswer instead.
+        raises P's LegFailed/EngineRejected instead. ``merge``: read D whole and send
+        ``merge.merge_answers`` of P's and D's answers.
         """
         d.begin()
         ok = True
@@ -131,20 +198,18 @@ class Dispatcher:
                     if resp.status in RETRYABLE_STATUS:
                         ok = False
                         raise LegFailed(d.id, f"decode engine {d.id} answered {resp.status}: {data[:200]!r}")
-                    raise EngineAnswer(resp.status, data, resp.header(b"content-type") or b"application/json")
-                content_type = resp.header(b"content-type") or b"application/json"
+                    raise EngineRejected(resp.status, data, resp.header(b"content-type") or _JSON)
+                content_type = resp.header(b"content-type") or _JSON
                 is_sse = content_type.startswith(b"text/event-stream")
-                if not is_sse or merge_logprobs:
+                if not is_sse or merge is not None:
                     data = await resp.read(t.idle_s)
                     first, chunks = data, None
                 else:
                     chunks = resp.iter_body(t.idle_s)
                     first = await chunks.__anext__()
-                if merge_logprobs and p_task is not None:
+                if merge is not None and p_task is not None:
                     p_data = await p_task  # raises P's failure: nothing sent yet
-                    first = orjson.dumps(
-                        sglang_protocol.merge_input_logprobs(orjson.loads(p_data), orjson.loads(first))
-                    )
+                    first = merge.merge_answers(ctx, p_data, first)
                 handle.is_committed = True  # D produced output: P's fate no longer matters here
             except UpstreamError as exc:
                 if handle.is_aborted and p_task is not None:
@@ -154,23 +219,24 @@ class Dispatcher:
             except StopAsyncIteration:
                 first, chunks = b"", None
             # committed from here on
-            await self.app.send_start(send, 200, content_type, ctx, None if chunks is not None else len(first))
-            await self.app.send_first(send, first, ctx, more=chunks is not None)
+            await self._send_start(send, content_type, ctx, None if chunks is not None else len(first))
+            await send({"type": "http.response.body", "body": first, "more_body": chunks is not None})
+            self.metrics.ttft.observe(time.perf_counter() - ctx.t0)
             if chunks is None:
                 if _STATS_MARK in first:
-                    self.app.record_transfer_stats(first)
+                    self._record_transfer_stats(first)
                 return
             if _STATS_MARK in first:
-                self.app.record_transfer_stats_sse(first)
+                self._record_transfer_stats_sse(first)
             try:
                 async for chunk in chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     if _STATS_MARK in chunk:
-                        self.app.record_transfer_stats_sse(chunk)
+                        self._record_transfer_stats_sse(chunk)
             except UpstreamError as exc:
                 ok = False
                 logger.warning("decode engine %s broke the stream of %s: %s", d.id, ctx.request_id, exc)
-                self.app.metrics.errors["stream_broken"] += 1
+                self.metrics.errors["stream_broken"] += 1
                 err = orjson.dumps({"error": {"message": f"decode engine failed mid-stream: {exc}",
                                               "type": "engine_error", "code": 502}})
                 await send({"type": "http.response.body", "body": b"data: " + err + b"\n\n", "more_body": True})
@@ -180,57 +246,22 @@ class Dispatcher:
                 await chunks.aclose()  # an abandoned stream closes its connection now, not at GC
             d.end(ok)
 
-    # -- protocols --------------------------------------------------------------------------
-    async def run_pdx(self, ctx: RequestCtx, p: EngineState, d: EngineState, send: Any) -> None:
-        tid = pdx_protocol.new_transfer_id()
-        p_body = orjson.dumps(pdx_protocol.prefill_body(ctx.body, tid))
-        d_body = orjson.dumps(pdx_protocol.decode_body(ctx.body, tid, p.pool.host, p.engine.kv_port or 0))
-        await self._concurrent(ctx, p, d, p_body, d_body, send, merge_logprobs=False)
+    # -- response writing -----------------------------------------------------------------
+    @staticmethod
+    async def _send_start(send: Any, content_type: bytes, ctx: RequestCtx, content_length: int | None) -> None:
+        headers = [(b"content-type", content_type), (b"x-request-id", ctx.request_id.encode())]
+        if content_length is not None:
+            headers.append((b"content-length", str(content_length).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
 
-    async def run_sglang(self, ctx: RequestCtx, p: EngineState, d: EngineState, send: Any) -> None:
-        room = sglang_protocol.new_room()
-        body = orjson.dumps(sglang_protocol.leg_body(ctx.body, p.pool.host, p.engine.bootstrap_port, room))
-        merge = ctx.route == "/generate" and bool(ctx.body.get("return_logprob")) and not ctx.is_stream
-        await self._concurrent(ctx, p, d, body, body, send, merge_logprobs=merge)
-
-    async def run_nixl(self, ctx: RequestCtx, p: EngineState, d: EngineState, send: Any) -> None:
-        p_data = await self.prefill(p, ctx, orjson.dumps(nixl_protocol.prefill_body(ctx.body)))
+    def _record_transfer_stats(self, data: bytes) -> None:
         try:
-            p_json = orjson.loads(p_data)
-        except orjson.JSONDecodeError:
-            raise LegFailed(p.id, f"prefill engine {p.id} answered with invalid JSON") from None
-        d_body = orjson.dumps(nixl_protocol.decode_body(ctx.body, p_json))
-        await self.decode(d, ctx, d_body, send, AbortHandle())
+            params = orjson.loads(data).get("kv_transfer_params") or {}
+        except (orjson.JSONDecodeError, AttributeError):
+            return
+        self.metrics.record_kv_stats(params.get("pdx_transfer_stats"))
 
-    async def run_decode_only(self, ctx: RequestCtx, d: EngineState, send: Any) -> None:
-        body = dict(ctx.body)
-        body.pop("kv_transfer_params", None)
-        await self.decode(d, ctx, orjson.dumps(body), send, AbortHandle())
-
-    async def _concurrent(
-        self, ctx: RequestCtx, p: EngineState, d: EngineState, p_body: bytes, d_body: bytes, send: Any,
-        *, merge_logprobs: bool,
-    ) -> None:
-        handle = AbortHandle()
-        p_task = asyncio.get_running_loop().create_task(self.prefill(p, ctx, p_body))
-
-        def on_p_done(task: asyncio.Task) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                handle.abort()  # no effect once D's answer is fully relayed
-
-        p_task.add_done_callback(on_p_done)
-        try:
-            await self.decode(d, ctx, d_body, send, handle, p_task, merge_logprobs)
-        except BaseException:
-            if not p_task.done():
-                p_task.cancel()
-            raise
-        if not p_task.done():
-            self.app.keep_until_done(p_task)  # P's leg finishes on its own
-        elif not p_task.cancelled() and p_task.exception() is not None:
-            logger.warning("request %s: prefill failed after decode answered: %s", ctx.request_id, p_task.exception())
-
-
-
-def now() -> float:
-    return time.perf_counter()
+    def _record_transfer_stats_sse(self, chunk: bytes) -> None:
+        for line in chunk.split(b"\n"):
+            if line.startswith(b"data: {") and _STATS_MARK in line:
+                self._record_transfer_stats(line[6:])

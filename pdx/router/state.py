@@ -42,11 +42,12 @@ class EngineState:
         self.is_trial_in_flight = False
         self.failure_threshold = failure_threshold
         self.cooldown_s = cooldown_s
-        # figures scraped from the engine's /metrics
+        # figures scraped from the engine's /metrics (exported only once has_scraped_metrics)
+        self.has_scraped_metrics = False
         self.num_running = 0.0
         self.num_waiting = 0.0
-        self.kv_usage = 0.0
-        self.kv_failed_transfers = 0.0
+        self.kv_usage = 0.0  # 0..1
+        self.kv_failed_transfers: float | None = None  # None: the engine does not count them
         self.prompt_tokens_by_source: dict[str, float] = {}
         # pre-encoded headers for every request to this engine
         self.auth_header = b"Authorization: Bearer " + engine.api_key.encode() + b"\r\n" if engine.api_key else b""

@@ -11,7 +11,7 @@ per pool checks every ``SWEEP_S`` (no timer or task per request).
     async for chunk in response.iter_body(): ...   # streaming; pool on completion
     response.abort()                        # drop the connection (the engine aborts)
 
-Failures raise ``UpstreamError`` (connect refused, reset, timeout, bad HTTP);
+Failures raise ``pdx.errors.UpstreamError`` (connect refused, reset, timeout, bad HTTP);
 ``is_sent`` tells whether the engine may have started on the request.
 """
 
@@ -24,19 +24,12 @@ from collections.abc import AsyncGenerator
 
 import httptools
 
+from pdx.errors import UpstreamError
+
 logger = logging.getLogger(__name__)
 
 _PAUSE_BYTES = 1 << 20  # stop reading a streaming response this far ahead of the consumer
 SWEEP_S = 0.1  # timeout resolution
-
-
-class UpstreamError(Exception):
-    """An engine could not be reached or broke the connection."""
-
-    def __init__(self, message: str, *, is_timeout: bool = False, is_sent: bool = True) -> None:
-        super().__init__(message)
-        self.is_timeout = is_timeout
-        self.is_sent = is_sent  # False: nothing reached the engine, a retry is always safe
 
 
 class _Conn(asyncio.Protocol):

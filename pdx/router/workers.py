@@ -17,8 +17,8 @@ from pydantic import ValidationError
 
 from pdx.config import schema
 from pdx.config.loader import to_engine
-from pdx.router.errors import client_error, send_json
 from pdx.router.health import check_engine
+from pdx.router.respond import client_error, send_json
 
 
 async def _read_body(receive: Any, limit: int) -> bytes | None:
@@ -39,7 +39,7 @@ async def handle(app: Any, scope: dict, receive: Any, send: Any) -> None:
     fleet = app.fleet
     method, path = scope["method"], scope["path"]
     if path == "/workers" and method == "GET":
-        body = orjson.dumps({"protocol": fleet.protocol, "workers": [s.describe() for s in fleet.states()]})
+        body = orjson.dumps({"protocol": fleet.protocol.name, "workers": [s.describe() for s in fleet.states()]})
         return await send_json(send, 200, body)
     if path == "/workers" and method == "POST":
         raw = await _read_body(receive, 1 << 16)

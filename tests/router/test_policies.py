@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from pdx.errors import ConfigError, RoutingError
 from pdx.router import policies
 from pdx.router.prefix import (
     PrefixIndex,
@@ -64,9 +65,9 @@ def test_pick_dispatches_by_name_and_rejects_unknown():
     es = [E("a"), E("b")]
     assert policies.pick("round_robin", es, counter=1).id == "b"
     assert policies.pick("least_loaded", [E("a", in_flight=1), E("b")], counter=0).id == "b"
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="unknown policy 'random'"):
         policies.pick("random", es, counter=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(RoutingError):
         policies.pick("round_robin", [], counter=0)
 
 

@@ -11,6 +11,7 @@ import pytest
 from harness import start_fleet
 
 from pdx.connector import protocol as pdx_keys
+from pdx.engines.metrics import MetricSamples, parse_prometheus_text
 from pdx.testing.fake_engine import FakeEngine
 
 PROTOCOLS = ["pdx", "nixl", "sglang"]
@@ -23,6 +24,12 @@ def fakes_for(protocol: str, num_prefill: int = 1, num_decode: int = 1, **kw) ->
     return [FakeEngine(f"p{i}", role="prefill", kind=kind, connector=connector, **kw) for i in range(num_prefill)] + [
         FakeEngine(f"d{i}", role="decode", kind=kind, connector=connector, **kw) for i in range(num_decode)
     ]
+
+
+def scrape(url: str) -> MetricSamples:
+    r = C.get(url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return parse_prometheus_text(r.text)
 
 
 def sse_events(text: str) -> list[str]:
@@ -184,7 +191,7 @@ def test_circuit_breaker_opens_after_repeated_failures(harness):
         assert C.post(url + "/v1/completions", json={"prompt": "hi"}).status_code == 200
     assert len(d1.requests) == 2  # then its circuit opened
     assert app.fleet.get("d1").is_circuit_open_now()
-    assert 'pdx_router_engine_circuit_open{engine="d1",role="decode"} 1' in C.get(url + "/metrics").text
+    assert scrape(url).sum("pdx_router_engine_circuit_open", engine="d1", role="decode") == 1
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -243,12 +250,14 @@ def test_models_health_ready_metrics(harness):
     C.post(url + "/v1/completions", json={"prompt": "hi"})
     C.post(url + "/v1/completions", json={"prompt": "hi", "stream": True})
     time.sleep(0.5)  # one health round scrapes the engines' /metrics
-    text = C.get(url + "/metrics").text
-    assert 'pdx_router_requests_total{route="/v1/completions",code="200"} 2' in text
-    assert "pdx_router_ttft_seconds_count 2" in text and "pdx_router_latency_seconds_count 2" in text
-    assert 'pdx_router_engine_prompt_tokens{engine="d0",source="external_kv_transfer"} 8.0' in text
-    assert "pdx_router_kv_transfer_reports_total 2" in text  # D's pdx_transfer_stats, both modes
-    assert 'pdx_router_kv_transfer_stat_total{name="num_bytes"} 8192' in text
+    m = scrape(url)
+    assert m.sum("pdx_router_requests_total", route="/v1/completions", code="200") == 2
+    assert m.sum("pdx_router_ttft_seconds_count") == 2 and m.sum("pdx_router_latency_seconds_count") == 2
+    assert m.sum("pdx_router_engine_prompt_tokens_total", engine="d0", role="decode",
+                 source="external_kv_transfer") == 8  # fmt: skip
+    assert m.sum("pdx_router_kv_transfer_reports_total") == 2  # D's pdx_transfer_stats, both modes
+    assert m.sum("pdx_router_kv_transfer_bytes_total") == 8192
+    assert m.sum("pdx_router_kv_transfer_busy_seconds_total") == pytest.approx(0.002)  # reported in ms
 
 
 def test_prefix_aware_sends_a_repeated_prefix_to_the_same_prefill(harness):

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from pdx.router.upstream import AbortHandle, EnginePool, UpstreamError
+from pdx.errors import UpstreamError
+from pdx.router.upstream import AbortHandle, EnginePool
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 

@@ -1,4 +1,8 @@
-"""OpenAI-style error bodies and small response helpers for the ASGI app."""
+"""Writing ASGI responses: JSON bodies and OpenAI-style error bodies.
+
+The dispatcher writes generation responses with these; the app writes the small
+JSON answers of its other routes (health, ready, models, workers) with them too.
+"""
 
 from __future__ import annotations
 
