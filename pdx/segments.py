@@ -27,7 +27,7 @@ import numpy as np
 
 from pdx.errors import LayoutError
 from pdx.layout import LayoutKind, PagedKVLayout
-from pdx.transports.base import (
+from pdx.transports.segments import (
     LOCAL_OFFSET,
     LOCAL_REGION,
     NBYTES,

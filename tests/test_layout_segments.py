@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 import pdx.kernels as kernels  # noqa: E402
 from pdx.kernels.views import layer_tensors  # noqa: E402
-from pdx.transports.base import NBYTES  # noqa: E402
+from pdx.transports.segments import NBYTES  # noqa: E402
 
 from pdx import layout as L  # noqa: E402
 from pdx.errors import LayoutError  # noqa: E402

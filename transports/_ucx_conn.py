@@ -24,7 +24,7 @@ from ._ucx_runtime import CONNECT_TIMEOUT, HELLO, abort_endpoint, run_op
 logger = logging.getLogger(__name__)
 
 
-class _Conn:
+class UcxConn:
     """Initiator side of one peer: an endpoint used by one exchange at a time (on the runtime loop)."""
 
     def __init__(self, host: str, port: int, alive_port: int, ops: set[asyncio.Task[Any]]) -> None:

@@ -57,7 +57,7 @@ def import_ucxx() -> Any:
     return ucxx
 
 
-def _view(addr: int, nbytes: int) -> np.ndarray:
+def region_view(addr: int, nbytes: int) -> np.ndarray:
     raw: Any = (ctypes.c_uint8 * nbytes).from_address(addr)
     return np.frombuffer(raw, dtype=np.uint8)
 
@@ -116,7 +116,7 @@ def abort_endpoint(ep: Any) -> None:
         logger.debug("ucxx endpoint abort failed", exc_info=True)
 
 
-class _Runtime:
+class UcxRuntime:
     """The process's ucxx runtime: its event loop thread, UCX context, worker and progress thread.
 
     Like a CUDA context it is a once-per-process resource: started by the first ucx transport and
@@ -127,7 +127,7 @@ class _Runtime:
     closed transports that a request UCX never ended might still touch (see ``settle_ops``).
     """
 
-    _instance: _Runtime | None = None
+    _instance: UcxRuntime | None = None
     _lock = threading.Lock()
 
     def __init__(self) -> None:
@@ -143,7 +143,7 @@ class _Runtime:
         self.fds = frozenset(open_fds() - before)
 
     @classmethod
-    def acquire(cls) -> _Runtime:
+    def acquire(cls) -> UcxRuntime:
         with cls._lock:
             if cls._instance is None:
                 cls._instance = cls()

@@ -21,11 +21,11 @@ from ._ucx_runtime import (
     DONE,
     HELLO,
     WRITE,
-    _view,
     abort_endpoint,
+    region_view,
     run_op,
 )
-from .base import Notification
+from .notifications import Notification
 
 if TYPE_CHECKING:
     from .ucx import UcxTransport
@@ -160,7 +160,7 @@ class UcxTarget:
             region = regions.get(rid)
             if region is not None and n > 0 and off >= 0 and off + n <= region.nbytes:
                 status[i] = 0
-                views.append(_view(region.addr + off, n))
+                views.append(region_view(region.addr + off, n))
         if num:
             await run_op(self.ops, ep.send(status))
         for view in views:

@@ -18,15 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import (
-    LOCAL_REGION,
-    REMOTE_REGION,
-    MemoryRegion,
-    Peer,
-    SegmentPairs,
-    Transfer,
-    Transport,
-)
+from .base import MemoryRegion, Peer, Transport
 from .descriptor import decode_descriptor, encode_descriptor, host_id
 from .errors import (
     ConnectError,
@@ -35,6 +27,8 @@ from .errors import (
     TransportError,
     TransportUnavailable,
 )
+from .segments import LOCAL_REGION, REMOTE_REGION, SegmentPairs
+from .transfer import Transfer
 
 logger = logging.getLogger(__name__)
 

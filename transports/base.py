@@ -18,9 +18,10 @@ Target (for KV: the decode engine)
     ``await wait_notification(timeout, peer=None)`` -> ``Notification`` (each delivered exactly once)
     ``pop_notifications()``                      -> every notification received so far, removed from the box
 
-Segments never see tokens or layers: a ``SegmentPairs`` is a table of
+Segments never see tokens or layers: a ``SegmentPairs`` (``segments.py``) is a table of
 ``(local_region, local_offset, remote_region, remote_offset, nbytes)`` rows, int64.
-A notification is sent only after every byte of its transfer is in place at the target.
+A ``Notification`` (``notifications.py``) is sent only after every byte of its transfer
+is in place at the target. A ``Transfer`` and its ``TransferReport`` are in ``transfer.py``.
 
 Failure contract: a transfer completes, or fails with a report naming its failed
 segment indices, within its timeout; a peer that dies gives ``PeerLost`` within a
@@ -31,52 +32,21 @@ leaves both sides usable.
 from __future__ import annotations
 
 import abc
-import asyncio
-import collections
-import enum
 import itertools
 import logging
 import sys
-import threading
-from collections.abc import Iterable, Sequence
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import RegistrationError, SegmentError, TransportClosed
+from .errors import RegistrationError, TransportClosed, TransportUnavailable
+from .notifications import Notification, NotificationBox
+from .segments import SegmentPairs
+from .transfer import Transfer
 
 logger = logging.getLogger(__name__)
-
-# Columns of a SegmentPairs table.
-LOCAL_REGION, LOCAL_OFFSET, REMOTE_REGION, REMOTE_OFFSET, NBYTES = range(5)
-
-
-class TransferStatus(enum.Enum):
-    PENDING = "pending"
-    DONE = "done"
-    FAILED = "failed"
-    ABORTED = "aborted"
-
-
-@dataclass(frozen=True)
-class TransferReport:
-    status: TransferStatus
-    num_segments: int
-    nbytes: int  # bytes requested, all segments
-    failed_segments: tuple[int, ...] = ()  # row indices into the posted SegmentPairs
-    error: str | None = None
-    seconds: float = 0.0  # post to completion
-
-    @property
-    def ok(self) -> bool:
-        return self.status is TransferStatus.DONE
-
-
-@dataclass(frozen=True)
-class Notification:
-    peer: str  # the sender endpoint's name
-    payload: bytes
 
 
 @dataclass(frozen=True)
@@ -87,101 +57,6 @@ class RegionInfo:
     nbytes: int
     device: str = "cpu"  # "cpu" or "cuda:N"
     extra: dict[str, Any] = field(default_factory=dict)  # transport-specific (shm name, IPC handle, ...)
-
-
-class SegmentPairs:
-    """A batch of (local segment -> remote segment) pairs, stored as an int64 [n, 5] table."""
-
-    __slots__ = ("table",)
-
-    def __init__(self, table: np.ndarray) -> None:
-        table = np.ascontiguousarray(table, dtype=np.int64)
-        if table.ndim != 2 or table.shape[1] != 5:
-            raise SegmentError(f"segment table must have shape [n, 5], got {table.shape}")
-        if len(table) and (table[:, NBYTES] <= 0).any():
-            raise SegmentError("every segment must have nbytes > 0")
-        if len(table) and ((table[:, LOCAL_OFFSET] < 0) | (table[:, REMOTE_OFFSET] < 0)).any():
-            raise SegmentError("segment offsets must be >= 0")
-        self.table = table
-
-    @classmethod
-    def from_tuples(cls, rows: Iterable[Sequence[int]]) -> SegmentPairs:
-        rows = list(rows)
-        return cls(np.asarray(rows, dtype=np.int64).reshape(len(rows), 5))
-
-    @classmethod
-    def strided(
-        cls,
-        local_region: int,
-        remote_region: int,
-        nbytes: int,
-        count: int,
-        local_offset: int = 0,
-        remote_offset: int = 0,
-        local_stride: int | None = None,
-        remote_stride: int | None = None,
-    ) -> SegmentPairs:
-        """``count`` segments of ``nbytes`` at regular strides (default: packed)."""
-        idx = np.arange(count, dtype=np.int64)
-        t = np.empty((count, 5), dtype=np.int64)
-        t[:, LOCAL_REGION] = local_region
-        t[:, LOCAL_OFFSET] = local_offset + idx * (local_stride or nbytes)
-        t[:, REMOTE_REGION] = remote_region
-        t[:, REMOTE_OFFSET] = remote_offset + idx * (remote_stride or nbytes)
-        t[:, NBYTES] = nbytes
-        return cls(t)
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.table[:, NBYTES].sum())
-
-    def merged(self) -> SegmentPairs:
-        """Adjacent rows whose local and remote runs both continue are merged into one."""
-        t = self.table
-        if len(t) < 2:
-            return self
-        cont = (
-            (t[1:, LOCAL_REGION] == t[:-1, LOCAL_REGION])
-            & (t[1:, REMOTE_REGION] == t[:-1, REMOTE_REGION])
-            & (t[1:, LOCAL_OFFSET] == t[:-1, LOCAL_OFFSET] + t[:-1, NBYTES])
-            & (t[1:, REMOTE_OFFSET] == t[:-1, REMOTE_OFFSET] + t[:-1, NBYTES])
-        )
-        if not cont.any():
-            return self
-        starts = np.flatnonzero(np.concatenate(([True], ~cont)))
-        out = t[starts].copy()
-        out[:, NBYTES] = np.add.reduceat(t[:, NBYTES], starts)
-        return SegmentPairs(out)
-
-    def validate(self, local: dict[int, int], remote: dict[int, int]) -> None:
-        """Raise ``SegmentError`` unless every row fits its regions (``{region_id: nbytes}``)."""
-        t = self.table
-        for col_r, col_o, regions, side in (
-            (LOCAL_REGION, LOCAL_OFFSET, local, "local"),
-            (REMOTE_REGION, REMOTE_OFFSET, remote, "remote"),
-        ):
-            col = t[:, col_r]
-            all_ends = t[:, col_o] + t[:, NBYTES]
-            is_one = len(col) > 0 and bool((col == col[0]).all())  # one region: no hash, no row masks
-            for rid in [int(col[0])] if is_one else np.unique(col).tolist():
-                size = regions.get(rid)
-                if size is None:
-                    first = 0 if is_one else int(np.flatnonzero(col == rid)[0])
-                    raise SegmentError(
-                        f"segment {first}: {side} region {rid} is not registered "
-                        f"(known {side} regions: {sorted(regions)}); register it, or refresh the peer descriptor"
-                    )
-                ends = all_ends if is_one else all_ends[col == rid]
-                if int(ends.max()) > size:
-                    rows = np.arange(len(col)) if is_one else np.flatnonzero(col == rid)
-                    bad = int(rows[int(np.argmax(ends > size))])
-                    raise SegmentError(
-                        f"segment {bad}: {side} range [{t[bad, col_o]}, {t[bad, col_o] + t[bad, NBYTES]}) "
-                        f"is outside {side} region {rid} of {size} bytes"
-                    )
 
 
 _region_ids = itertools.count(1)
@@ -279,107 +154,6 @@ class Peer:
         return {rid: r.nbytes for rid, r in self.regions.items()}
 
 
-class Transfer(abc.ABC):
-    """A posted batch of segment pairs. ``wait`` returns its report or raises a TransferError."""
-
-    num_segments: int
-    nbytes: int
-
-    @abc.abstractmethod
-    def poll(self) -> TransferStatus:
-        """Current status, without blocking."""
-
-    @abc.abstractmethod
-    async def wait(self, timeout: float | None = None) -> TransferReport:
-        """Wait for completion. Raises ``TransferTimeout`` (the transfer is aborted),
-        ``PeerLost``, ``TransferAborted`` or ``TransferError``; each carries ``.report``."""
-
-    @abc.abstractmethod
-    def abort(self) -> None:
-        """Stop the transfer; idempotent. Bytes already written at the target may be partial."""
-
-
-class NotificationBox:
-    """Thread-safe notification queue that asyncio code can wait on without polling.
-
-    Transports push from any thread (receiver threads, progress threads); every
-    notification is handed out exactly once.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._items: collections.deque[Notification] = collections.deque()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._cond = threading.Condition(self._lock)
-
-    def push(self, note: Notification) -> None:
-        with self._lock:
-            self._items.append(note)
-            waiters, self._waiters = self._waiters, []
-            self._cond.notify_all()
-        for loop, fut in waiters:
-            try:
-                loop.call_soon_threadsafe(_set_if_pending, fut)
-            except RuntimeError:  # loop closed
-                pass
-
-    def pop_all(self) -> list[Notification]:
-        with self._lock:
-            items = list(self._items)
-            self._items.clear()
-            return items
-
-    def _take(self, peer: str | None, payload: bytes | None) -> Notification | None:
-        for i, n in enumerate(self._items):
-            if (peer is None or n.peer == peer) and (payload is None or n.payload == payload):
-                del self._items[i]
-                return n
-        return None
-
-    async def wait(
-        self, timeout: float | None = None, peer: str | None = None, payload: bytes | None = None
-    ) -> Notification:
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            with self._lock:
-                note = self._take(peer, payload)
-                if note is not None:
-                    return note
-                fut: asyncio.Future[None] = loop.create_future()
-                self._waiters.append((loop, fut))
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError("no matching notification arrived in time")
-            try:
-                await asyncio.wait_for(fut, remaining)
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"no matching notification arrived within {timeout}s") from None
-
-    def wait_blocking(
-        self, timeout: float | None = None, peer: str | None = None, payload: bytes | None = None
-    ) -> Notification:
-        """The same as ``wait`` for threads that have no event loop."""
-        with self._cond:
-            ok = self._cond.wait_for(lambda: self._has(peer, payload), timeout)
-            if not ok:
-                raise TimeoutError(f"no matching notification arrived within {timeout}s")
-            note = self._take(peer, payload)
-            assert note is not None
-            return note
-
-    def _has(self, peer: str | None, payload: bytes | None) -> bool:
-        return any(
-            (peer is None or n.peer == peer) and (payload is None or n.payload == payload)
-            for n in self._items
-        )
-
-
-def _set_if_pending(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 class Transport(abc.ABC):
     """One endpoint of a medium. Create through ``transports.create_transport(name, **options)``."""
 
@@ -391,8 +165,6 @@ class Transport(abc.ABC):
     devices: tuple[str, ...] = ("cpu",)
 
     def __init__(self, name: str | None = None) -> None:
-        import uuid
-
         self.name = name or f"{self.kind}-{uuid.uuid4().hex[:12]}"
         self.regions: dict[int, MemoryRegion] = {}
         self.notifications = NotificationBox()
@@ -464,8 +236,6 @@ class Transport(abc.ABC):
         self, peer: Peer, pairs: SegmentPairs, notif: bytes | None = None
     ) -> Transfer:
         """Read the peer's segments into local segments (where ``supports_read``)."""
-        from .errors import TransportUnavailable
-
         raise TransportUnavailable(f"{self.kind} does not support reads; use post_write from the other side")
 
     # -- notifications (target side) -----------------------------------------------------

@@ -16,40 +16,25 @@ is False elsewhere.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import struct
 import threading
-import time
 from typing import Any
 
 from ._peer_wire import decode_descriptor, encode_descriptor
-from .base import (
-    LOCAL_OFFSET,
-    LOCAL_REGION,
-    NBYTES,
-    REMOTE_OFFSET,
-    REMOTE_REGION,
-    MemoryRegion,
-    Notification,
-    Peer,
-    SegmentPairs,
-    Transfer,
-    TransferReport,
-    TransferStatus,
-    Transport,
-)
+from .base import MemoryRegion, Peer, Transport
 from .errors import (
     ConnectError,
     DescriptorError,
     PeerLost,
     RegistrationError,
-    TransferAborted,
     TransferError,
-    TransferTimeout,
     TransportUnavailable,
 )
+from .notifications import Notification
+from .segments import LOCAL_OFFSET, LOCAL_REGION, NBYTES, REMOTE_OFFSET, REMOTE_REGION, SegmentPairs
+from .transfer import Transfer, TransferStatus
 
 logger = logging.getLogger(__name__)
 _FRAME = struct.Struct("!II")  # sender name length, payload length
@@ -69,54 +54,29 @@ def _check(result: Any, what: str) -> Any:
 
 
 class CudaIpcTransfer(Transfer):
+    """Copies queued on the transport's stream and an event after them; polled with ``cudaEventQuery``."""
+
+    poll_interval = 1e-3  # the sleep ladder of ``wait`` tops out here
+
     def __init__(self, pairs: SegmentPairs, event: Any, notify: Any, timeout: float) -> None:
-        self.num_segments, self.nbytes = len(pairs), pairs.nbytes
-        self._event, self._notify, self._timeout = event, notify, timeout
-        self._t0 = time.perf_counter()
-        self._report: TransferReport | None = None
-        self._kind: type[TransferError] = TransferError
+        super().__init__(len(pairs), pairs.nbytes, timeout=timeout, label="CUDA IPC copy")
+        self._event, self._notify = event, notify
 
-    def poll(self) -> TransferStatus:
-        if self._report is None:
-            err = _cudart().cudaEventQuery(self._event)[0]
-            if int(err) == 0:
-                self._settle()
-            elif int(err) != int(_cudart().cudaError_t.cudaErrorNotReady):
-                self._set(TransferStatus.FAILED, f"CUDA copy failed: error {int(err)}", TransferError)
-        return TransferStatus.PENDING if self._report is None else self._report.status
-
-    def _settle(self) -> None:
+    def _check(self) -> None:
+        err = int(_cudart().cudaEventQuery(self._event)[0])
+        if err == int(_cudart().cudaError_t.cudaErrorNotReady):
+            return
+        if err != 0:
+            self.settle(TransferStatus.FAILED, TransferError, f"CUDA copy failed: error {err}")
+            return
         try:
             self._notify()
         except OSError as exc:
-            self._set(TransferStatus.FAILED, f"control socket to the target broke: {exc}", PeerLost)
+            self.settle(TransferStatus.FAILED, PeerLost, f"control socket to the target broke: {exc}")
             return
-        self._set(TransferStatus.DONE, None, TransferError)
+        self.settle(TransferStatus.DONE)
 
-    async def wait(self, timeout: float | None = None) -> TransferReport:
-        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
-        delay = 20e-6
-        while self.poll() is TransferStatus.PENDING:
-            if time.monotonic() > deadline:
-                self._set(TransferStatus.FAILED, "CUDA IPC copy did not complete in time", TransferTimeout)
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1e-3)
-        report = self._report
-        assert report is not None
-        if report.ok:
-            return report
-        raise self._kind(report.error or "transfer failed", report)
-
-    def abort(self) -> None:  # copies already queued on the stream cannot be recalled
-        self._set(TransferStatus.ABORTED, "aborted by the initiator", TransferAborted)
-
-    def _set(self, status: TransferStatus, error: str | None, kind: type[TransferError]) -> None:
-        if self._report is None:
-            failed = () if status is TransferStatus.DONE else tuple(range(self.num_segments))
-            self._report = TransferReport(status, self.num_segments, self.nbytes, failed, error,
-                                          time.perf_counter() - self._t0)
-            self._kind = kind
+    # abort and timeouts settle the report only: copies already queued on the stream cannot be recalled
 
 
 class CudaIpcTransport(Transport):

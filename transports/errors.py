@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .base import TransferReport
+    from .transfer import TransferReport
 
 
 class TransportError(Exception):

@@ -15,21 +15,12 @@ import threading
 import uuid
 import weakref
 
-from .base import (
-    LOCAL_OFFSET,
-    LOCAL_REGION,
-    NBYTES,
-    REMOTE_OFFSET,
-    REMOTE_REGION,
-    Notification,
-    Peer,
-    SegmentPairs,
-    Transfer,
-    Transport,
-)
+from .base import Peer, Transport
 from .descriptor import decode_descriptor, encode_descriptor
 from .errors import ConnectError, DescriptorError, PeerLost
-from .transfer import ThreadTransfer
+from .notifications import Notification
+from .segments import LOCAL_OFFSET, LOCAL_REGION, NBYTES, REMOTE_OFFSET, REMOTE_REGION, SegmentPairs
+from .transfer import ThreadTransfer, Transfer
 
 logger = logging.getLogger(__name__)
 

@@ -123,7 +123,7 @@ class Endpoint:
         return peer.name
 
     def post_write(self, peer: str, table: np.ndarray, notif: bytes | None, timeout: float) -> tuple:
-        from .base import SegmentPairs
+        from .segments import SegmentPairs
 
         async def go() -> tuple:
             t = await self.transport.post_write(self.peers[peer], SegmentPairs(table), notif)
@@ -134,7 +134,7 @@ class Endpoint:
 
     def post_write_nowait(self, peer: str, table: np.ndarray, notif: bytes | None = None) -> None:
         """Post and return at once (the transfer keeps running; used to kill an initiator mid-transfer)."""
-        from .base import SegmentPairs
+        from .segments import SegmentPairs
 
         async def go() -> None:
             self.posted.append(await self.transport.post_write(self.peers[peer], SegmentPairs(table), notif))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import PeerLost, TransferAborted, TransferError
 from .transfer import ThreadTransfer
 from .wire import (
     ACK,
@@ -130,7 +131,7 @@ class Stream:
             except queue.Empty:
                 return
             if part is not None:
-                part.transfer.part_failed(self.conn.lost_kind, self.conn.lost_reason or "connection closed")
+                part.transfer.part_failed(self.conn.lost_error, self.conn.lost_reason or "connection closed")
 
     def _read_loop(self) -> None:
         try:
@@ -160,7 +161,7 @@ class Stream:
             self.queue.put(None)
             self.sender.join()
             while self.inflight:
-                self.inflight.popleft().transfer.part_failed(self.conn.lost_kind, self.conn.lost_reason or "connection closed")
+                self.inflight.popleft().transfer.part_failed(self.conn.lost_error, self.conn.lost_reason or "connection closed")
 
 
 class StreamConnection:
@@ -175,7 +176,7 @@ class StreamConnection:
         self._lock = threading.Lock()
         self._next = 0
         self.lost_reason: str | None = None
-        self.lost_kind = "PeerLost"
+        self.lost_error: type[TransferError] = PeerLost
 
     def start(self, socks: list[socket.socket]) -> None:
         self.streams = [Stream(s, self, i) for i, s in enumerate(socks)]
@@ -184,10 +185,10 @@ class StreamConnection:
     def is_lost(self) -> bool:
         return self.lost_reason is not None
 
-    def lose(self, reason: str, kind: str = "PeerLost") -> None:
+    def lose(self, reason: str, error_class: type[TransferError] = PeerLost) -> None:
         with self._lock:
             if self.lost_reason is None:
-                self.lost_reason, self.lost_kind = reason, kind
+                self.lost_reason, self.lost_error = reason, error_class
                 logger.info("%s", reason)
         for s in self.streams:
             try:
@@ -196,7 +197,7 @@ class StreamConnection:
                 pass
 
     def close(self, reason: str) -> None:
-        self.lose(reason, "TransferAborted")
+        self.lose(reason, TransferAborted)
         for s in self.streams:
             s.reader.join(10)
             s.sender.join(10)

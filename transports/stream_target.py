@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import Notification
 from .cma import CmaCopier, cma_probe
+from .notifications import Notification
 from .pins import RegionPins, region_addresses
 from .wire import (
     ACK,

@@ -19,19 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import (
-    LOCAL_OFFSET,
-    LOCAL_REGION,
-    NBYTES,
-    REMOTE_OFFSET,
-    REMOTE_REGION,
-    MemoryRegion,
-    Notification,
-    Peer,
-    SegmentPairs,
-    Transfer,
-    Transport,
-)
+from .base import MemoryRegion, Peer, Transport
 from .descriptor import Descriptor, decode_descriptor, encode_descriptor
 from .errors import (
     ConnectError,
@@ -40,10 +28,12 @@ from .errors import (
     SegmentError,
     TransportUnavailable,
 )
+from .notifications import Notification
 from .pins import RegionPins, region_addresses
+from .segments import LOCAL_OFFSET, LOCAL_REGION, NBYTES, REMOTE_OFFSET, REMOTE_REGION, SegmentPairs
 from .stream_initiator import Part, StreamConnection, split
 from .stream_target import MAX_ROWS, StreamServer
-from .transfer import ThreadTransfer
+from .transfer import ThreadTransfer, Transfer
 from .wire import MAX_HELLO, MODE_CMA, MODE_INLINE, OP_READ, OP_WRITE
 
 logger = logging.getLogger(__name__)
@@ -218,7 +208,7 @@ class StreamTransport(Transport):
             global_rows = np.arange(len(t)) if rows is None else rows
             parts.append(Part(transfer, op, conn.mode, index, len(cuts), global_rows, wire, views, notif if index == 0 else None))
         if not conn.submit(parts):
-            transfer.fail("PeerLost", conn.lost_reason or "connection lost")
+            transfer.fail(PeerLost, conn.lost_reason or "connection lost")
             raise PeerLost(f"{self.kind} peer {peer.name!r} is gone ({conn.lost_reason}); connect again")
         return transfer
 

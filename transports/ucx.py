@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Coroutine
 from concurrent.futures import CancelledError, Future
 from typing import Any
@@ -38,113 +37,71 @@ from typing import Any
 import numpy as np
 
 from ._peer_wire import decode_descriptor, encode_descriptor
-from ._ucx_conn import _Conn
+from ._ucx_conn import UcxConn
 from ._ucx_runtime import (
     CONNECT_TIMEOUT,
     DONE,
     WRITE,
-    _Runtime,
-    _view,
+    UcxRuntime,
     collect_endpoints,
     import_ucxx,
+    region_view,
     run_op,
     settle_ops,
 )
 from ._ucx_target import UcxTarget
-from .base import (
-    LOCAL_OFFSET,
-    LOCAL_REGION,
-    NBYTES,
-    REMOTE_OFFSET,
-    REMOTE_REGION,
-    Peer,
-    SegmentPairs,
-    Transfer,
-    TransferReport,
-    TransferStatus,
-    Transport,
-)
+from .base import Peer, Transport
 from .errors import (
     ConnectError,
     PeerLost,
     TransferAborted,
     TransferError,
-    TransferTimeout,
     TransportUnavailable,
 )
+from .segments import LOCAL_OFFSET, LOCAL_REGION, NBYTES, REMOTE_OFFSET, REMOTE_REGION, SegmentPairs
+from .transfer import Transfer, TransferStatus
 
 logger = logging.getLogger(__name__)
 
 class UcxTransfer(Transfer):
-    def __init__(self, transport: UcxTransport, peer: Peer, pairs: SegmentPairs, future: Future[Any]) -> None:
-        self.num_segments = len(pairs)
-        self.nbytes = pairs.nbytes
-        self._transport = transport
-        self._peer = peer
+    """One write exchange running on the runtime loop; settled when its future ends."""
+
+    def __init__(self, peer: Peer, pairs: SegmentPairs, future: Future[Any], timeout: float,
+                 runtime_loop: asyncio.AbstractEventLoop, inflight: set[UcxTransfer]) -> None:
+        super().__init__(len(pairs), pairs.nbytes, timeout=timeout, label=f"ucx write to {peer.name}")
+        self.peer = peer
         self._future = future
-        self._t0 = time.perf_counter()
-        self._report: TransferReport | None = None
-        self._kind: type[TransferError] = TransferError
+        self._runtime_loop = runtime_loop
+        self._inflight = inflight  # the transport's in-flight set; this transfer leaves it when settled
+        inflight.add(self)
+        future.add_done_callback(self._collect)
 
-    def poll(self) -> TransferStatus:
-        if self._report is None and self._future.done():
-            self._collect()
-        return TransferStatus.PENDING if self._report is None else self._report.status
+    def _on_settled(self) -> None:
+        self._inflight.discard(self)
 
-    async def wait(self, timeout: float | None = None) -> TransferReport:
-        if self._report is None:
-            timeout = self._transport.timeout if timeout is None else timeout
-            try:
-                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._future)), timeout)
-            except asyncio.TimeoutError:
-                self._fail(TransferStatus.ABORTED, TransferTimeout,
-                           f"ucx write to {self._peer.name} did not complete within {timeout}s")
-            except BaseException:
-                pass  # collected below
-            if self._report is None:
-                self._collect()
-        report = self._report
-        assert report is not None
-        if report.ok:
-            return report
-        raise self._kind(report.error or "transfer failed", report)
-
-    def abort(self) -> None:
-        self._fail(TransferStatus.ABORTED, TransferAborted, "aborted by the initiator")
-
-    def _fail(self, status: TransferStatus, kind: type[TransferError], error: str) -> None:
-        if self._report is not None:
-            return
+    def _stop(self) -> None:
         self._future.cancel()
         try:  # the stream is mid-exchange: drop the connection; the next post reconnects
-            self._transport._runtime.loop.call_soon_threadsafe(self._peer.state.drop)
+            self._runtime_loop.call_soon_threadsafe(self.peer.state.drop)
         except RuntimeError:  # the runtime already stopped (transport closed)
             pass
-        self._set(status, tuple(range(self.num_segments)), error, kind)
 
-    def _collect(self) -> None:
+    def _collect(self, future: Future[Any]) -> None:
         try:
-            failed = self._future.result()
+            failed = future.result()
         except (asyncio.CancelledError, CancelledError):
-            self._set(TransferStatus.ABORTED, tuple(range(self.num_segments)), "aborted", TransferAborted)
+            self.settle(TransferStatus.ABORTED, TransferAborted, "aborted")
             return
         except Exception as exc:
-            self._set(TransferStatus.FAILED, tuple(range(self.num_segments)),
-                      f"connection to {self._peer.name} broke: {type(exc).__name__}: {exc}", PeerLost)
+            self.settle(TransferStatus.FAILED, PeerLost,
+                        f"connection to {self.peer.name} broke: {type(exc).__name__}: {exc}")
             return
         if failed:
-            self._set(TransferStatus.FAILED, tuple(failed),
-                      f"{len(failed)} segment(s) rejected by {self._peer.name}: region released or out of range",
-                      TransferError)
+            self.settle(TransferStatus.FAILED, TransferError,
+                        f"{len(failed)} segment(s) rejected by {self.peer.name}: region released or out of range",
+                        failed)
         else:
-            self._set(TransferStatus.DONE, (), None, TransferError)
-
-    def _set(self, status: TransferStatus, failed: tuple[int, ...], error: str | None,
-             kind: type[TransferError]) -> None:
-        self._report = TransferReport(status, self.num_segments, self.nbytes, failed, error,
-                                      time.perf_counter() - self._t0)
-        self._kind = kind
-        self._transport._inflight.discard(self)
+            self.settle(TransferStatus.DONE)
 
 
 class UcxTransport(Transport):
@@ -153,7 +110,7 @@ class UcxTransport(Transport):
 
     kind = "ucx"
     supports_read = False
-    process_threads = ("pdx-ucxx",)  # the process-wide ucxx runtime's loop thread (see _Runtime)
+    process_threads = ("pdx-ucxx",)  # the process-wide ucxx runtime's loop thread (see UcxRuntime)
     devices = ("cpu",)
 
     @classmethod
@@ -172,7 +129,7 @@ class UcxTransport(Transport):
             raise TransportUnavailable(f"ucxx is not installed ({exc}); pip install ucxx-cu12") from exc
         self.host = host
         self.timeout = timeout
-        self._runtime = _Runtime.acquire()
+        self._runtime = UcxRuntime.acquire()
         self._peers: dict[str, Peer] = {}
         self._inflight: set[UcxTransfer] = set()
         self._exchanges: set[asyncio.Task[Any]] = set()  # on the runtime loop
@@ -183,7 +140,7 @@ class UcxTransport(Transport):
     @classmethod
     def process_fds(cls) -> frozenset[str]:
         """fds (``"N->target"``) of the process-wide ucxx runtime, kept until the process exits."""
-        return _Runtime.owned_fds()
+        return UcxRuntime.owned_fds()
 
     def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return self._runtime.submit(coro).result(CONNECT_TIMEOUT + 5)
@@ -206,7 +163,7 @@ class UcxTransport(Transport):
             raise DescriptorError(f"ucx descriptor of {desc.name} has no listener address")
         old = self._peers.get(desc.name)
         conn = old.state if old is not None and old.state.address == address \
-            else _Conn(host, port, alive_port, self._ops)
+            else UcxConn(host, port, alive_port, self._ops)
         try:
             await asyncio.wrap_future(self._runtime.submit(self._open(conn)))
         except Exception as exc:
@@ -216,15 +173,15 @@ class UcxTransport(Transport):
         self._peers[desc.name] = peer
         return peer
 
-    async def _open(self, conn: _Conn) -> None:
+    async def _open(self, conn: UcxConn) -> None:
         await conn.ensure(self.name.encode())  # returns nothing: a future holding the endpoint keeps UCX alive
 
     async def disconnect(self, peer: Peer) -> None:
         if self._peers.pop(peer.name, None) is None:
             return
         for tr in list(self._inflight):
-            if tr._peer is peer:
-                tr._fail(TransferStatus.FAILED, PeerLost, f"peer {peer.name} was disconnected")
+            if tr.peer is peer:
+                tr.cancel(TransferStatus.FAILED, PeerLost, f"peer {peer.name} was disconnected")
         self._runtime.loop.call_soon_threadsafe(peer.state.drop)
 
     # -- transfers ------------------------------------------------------------------------
@@ -237,15 +194,13 @@ class UcxTransport(Transport):
         t = pairs.table
         local_addr = np.array([self.regions[int(r)].addr for r in t[:, LOCAL_REGION]], dtype=np.int64) \
             if len(t) else np.zeros(0, dtype=np.int64)
-        sources = [_view(int(a) + int(o), int(n)) for a, o, n in zip(local_addr, t[:, LOCAL_OFFSET], t[:, NBYTES],
+        sources = [region_view(int(a) + int(o), int(n)) for a, o, n in zip(local_addr, t[:, LOCAL_OFFSET], t[:, NBYTES],
                                                                      strict=True)]
         table = np.ascontiguousarray(t[:, [REMOTE_REGION, REMOTE_OFFSET, NBYTES]])
         future = self._runtime.submit(self._exchange(peer.state, table, sources, notif))
-        transfer = UcxTransfer(self, peer, pairs, future)
-        self._inflight.add(transfer)
-        return transfer
+        return UcxTransfer(peer, pairs, future, self.timeout, self._runtime.loop, self._inflight)
 
-    async def _exchange(self, conn: _Conn, table: np.ndarray, sources: list[np.ndarray],
+    async def _exchange(self, conn: UcxConn, table: np.ndarray, sources: list[np.ndarray],
                         notif: bytes | None) -> list[int]:
         """Run one write exchange on the runtime loop; returns the failed row indices."""
         task = asyncio.current_task()
@@ -256,7 +211,7 @@ class UcxTransport(Transport):
         finally:
             self._exchanges.discard(task)
 
-    async def _exchange_locked(self, conn: _Conn, table: np.ndarray, sources: list[np.ndarray],
+    async def _exchange_locked(self, conn: UcxConn, table: np.ndarray, sources: list[np.ndarray],
                                notif: bytes | None) -> list[int]:
         if conn.lock is None:
             conn.lock = asyncio.Lock()
@@ -300,7 +255,7 @@ class UcxTransport(Transport):
         if self._closed:
             return
         for tr in list(self._inflight):
-            tr._fail(TransferStatus.ABORTED, TransferAborted, "transport closed")
+            tr.cancel(TransferStatus.ABORTED, TransferAborted, "transport closed")
         for peer in list(self._peers.values()):
             await self.disconnect(peer)
         # UCX may still read a cut-off exchange's source memory, or receive into a target region:

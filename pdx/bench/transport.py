@@ -62,8 +62,8 @@ async def _pdx_points(kind: str, points: list[tuple[int, np.ndarray]], posts: in
                       tick: Any) -> list[list[float]]:
     """Per-post seconds of pdx's ``kind`` for each (segment, order) point."""
     import pdx.transports as transports
-    from pdx.transports.base import SegmentPairs
     from pdx.transports.remote import RemoteEndpoint
+    from pdx.transports.segments import SegmentPairs
 
     remote = None
     target = None

@@ -30,8 +30,8 @@ from pdx.connector.control import (
 )
 from pdx.connector.messages import LayerLanded
 from pdx.connector.send_book import Destination, LayerSrc, SendBook, SendState, WriteItem
-from pdx.transports.base import SegmentPairs
 from pdx.transports.errors import TransportError
+from pdx.transports.segments import SegmentPairs
 
 logger = logging.getLogger(__name__)
 

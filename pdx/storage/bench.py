@@ -83,7 +83,7 @@ def measure(client: StoreClient, chunk_mb: float, total_mb: int, repeat: int,
 
 def bare_read(client: Any, chunk_mb: float, total_mb: int, repeat: int) -> float:
     """GB/s of a bare transport read of the same bytes out of the store's arena (no store ops)."""
-    from pdx.transports.base import SegmentPairs
+    from pdx.transports.segments import SegmentPairs
 
     nbytes = int(chunk_mb * (1 << 20))
     num = max(1, total_mb * (1 << 20) // nbytes)

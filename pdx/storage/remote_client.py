@@ -223,8 +223,8 @@ class RemoteStoreClient(StoreClient):
         (``channel._fail()``, under the lock that guards it), which ends its leases."""
         if not rows:
             return True, 0.0
-        from pdx.transports.base import SegmentPairs
         from pdx.transports.errors import TransportError
+        from pdx.transports.segments import SegmentPairs
 
         pairs = SegmentPairs.from_tuples(rows).merged()
         timeout = self.timeout_s + pairs.nbytes / MIN_TRANSFER_BPS

@@ -308,7 +308,7 @@ def test_torn_writes_are_not_stored_and_damaged_chunks_are_not_loaded(store_fact
     import asyncio
 
     from pdx.transports import create_transport
-    from pdx.transports.base import SegmentPairs
+    from pdx.transports.segments import SegmentPairs
 
     from pdx.storage.arena import SharedArena
     from pdx.storage.checksum import checksum

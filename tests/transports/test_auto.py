@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pdx.transports as transports
 import pytest
-from pdx.transports.base import SegmentPairs
 from pdx.transports.errors import ConnectError
 from pdx.transports.remote import digest, pattern
+from pdx.transports.segments import SegmentPairs
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ def test_cuda_ipc_write_in_process_lands_and_notifies():
     import asyncio
 
     import torch
-    from pdx.transports.base import SegmentPairs
+    from pdx.transports.segments import SegmentPairs
 
     async def go():
         a, b = transports.create_transport("cuda_ipc"), transports.create_transport("cuda_ipc")

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pdx.transports as transports
 import pytest
-from pdx.transports.base import SegmentPairs
 from pdx.transports.errors import ConnectError, DescriptorError, SegmentError, TransferError
 from pdx.transports.remote import digest, pattern
+from pdx.transports.segments import SegmentPairs
 
 
 def _transfer_works(aio, initiator, target, peer_descriptor=None) -> None:

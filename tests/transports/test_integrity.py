@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pdx.transports.base import SegmentPairs
 from pdx.transports.remote import digest, pattern
+from pdx.transports.segments import SegmentPairs
 
 KiB, MiB = 1 << 10, 1 << 20
 

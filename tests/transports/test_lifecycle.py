@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pdx.transports as transports
 import pytest
-from pdx.transports.base import SegmentPairs, TransferStatus
 from pdx.transports.errors import PeerLost, SegmentError, TransferAborted, TransportClosed
 from pdx.transports.remote import digest, pattern
+from pdx.transports.segments import SegmentPairs
+from pdx.transports.transfer import TransferStatus
 
 MiB = 1 << 20
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pdx.transports as transports
 import pytest
-from pdx.transports.base import SegmentPairs
+from pdx.transports.segments import SegmentPairs
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 pytestmark = [pytest.mark.nixl, pytest.mark.skipif("nixl" not in transports.available_transports(),

@@ -6,8 +6,8 @@ import threading
 import time
 
 import pytest
-from pdx.transports.base import SegmentPairs
 from pdx.transports.remote import RemoteError, digest, pattern
+from pdx.transports.segments import SegmentPairs
 
 MiB = 1 << 20
 

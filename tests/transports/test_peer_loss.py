@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pdx.transports.base import SegmentPairs, TransferStatus
 from pdx.transports.errors import PeerLost, TransferTimeout
 from pdx.transports.remote import digest, pattern
+from pdx.transports.segments import SegmentPairs
+from pdx.transports.transfer import TransferStatus
 
 MiB = 1 << 20
 

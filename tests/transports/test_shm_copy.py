@@ -8,9 +8,9 @@ import threading
 import numpy as np
 import pdx.transports as transports
 import pytest
-from pdx.transports.base import SegmentPairs
 from pdx.transports.cma import PIECE_BYTES, SPLIT_BYTES, CmaCopier, split_pieces
 from pdx.transports.remote import digest, pattern
+from pdx.transports.segments import SegmentPairs
 
 MiB = 1 << 20
 

@@ -4,8 +4,8 @@ every byte, through its unix socket."""
 from __future__ import annotations
 
 import pytest
-from pdx.transports.base import SegmentPairs
 from pdx.transports.remote import digest, pattern
+from pdx.transports.segments import SegmentPairs
 from pdx.transports.wire import MODE_INLINE
 
 MiB = 1 << 20

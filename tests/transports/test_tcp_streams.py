@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pdx.transports as transports
 import pytest
-from pdx.transports.base import SegmentPairs
 from pdx.transports.errors import TransferError
 from pdx.transports.remote import digest, pattern
+from pdx.transports.segments import SegmentPairs
 
 MiB = 1 << 20
 

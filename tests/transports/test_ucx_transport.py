@@ -12,8 +12,8 @@ import weakref
 import numpy as np
 import pdx.transports as transports
 import pytest
-from pdx.transports.base import SegmentPairs
 from pdx.transports.errors import DescriptorError
+from pdx.transports.segments import SegmentPairs
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 TRANSPORT_KIND = "ucx"  # the leak check accepts the ucxx runtime's threads and fds
