@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pdx.storage.metrics import render_prometheus
+from pdx.storage.metrics import create_registry, render
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from pdx.storage.server import StoreServer
 
 logger = logging.getLogger(__name__)
@@ -50,9 +52,11 @@ class ClearBody(BaseModel):
 
 
 async def start_http(server: StoreServer, host: str, port: int) -> asyncio.Server:
+    registry = create_registry(server.stats)  # this server's own, never the global one
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            status, ctype, body = await _serve_one(server, reader)
+            status, ctype, body = await _serve_one(server, reader, registry)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
             status, ctype, body = (
                 400,
@@ -74,7 +78,9 @@ async def start_http(server: StoreServer, host: str, port: int) -> asyncio.Serve
     return await asyncio.start_server(handle, host, port)
 
 
-async def _serve_one(server: StoreServer, reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
+async def _serve_one(
+    server: StoreServer, reader: asyncio.StreamReader, registry: CollectorRegistry
+) -> tuple[int, str, bytes]:
     request_line = (await reader.readline()).decode("latin-1").split()
     if len(request_line) != 3:
         raise ValueError("bad request line")
@@ -94,7 +100,8 @@ async def _serve_one(server: StoreServer, reader: asyncio.StreamReader) -> tuple
         if path == "/stats":
             return 200, "application/json", _json(server.stats())
         if path == "/metrics":
-            return 200, "text/plain; version=0.0.4", render_prometheus(server.stats())
+            body, content_type = render(registry)
+            return 200, content_type, body
     elif method == "POST" and path in ("/lookup", "/pin", "/unpin", "/clear"):
         model = ClearBody if path == "/clear" else KeysBody
         try:

@@ -1,14 +1,20 @@
-"""Store counters and their Prometheus rendering.
+"""Store counters and their Prometheus rendering (prometheus_client, one registry per server).
 
 The server keeps plain integers (``StoreCounters``, event-loop thread only); the
-``/metrics`` endpoint and the ``stats`` op read the same numbers, so the two never
-disagree.
+``/metrics`` endpoint (``StoreCollector``, read at scrape time) and the ``stats``
+op read the same numbers, so the two never disagree. Metrics are in base units:
+the ``stats`` op's ``load_gbps`` is ``pdx_store_load_speed_bytes_per_second``.
+prometheus_client is imported where used, not at ``import pdx.storage``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 EWMA_ALPHA = 0.2
 
@@ -57,60 +63,81 @@ class StoreCounters:
         return asdict(self)
 
 
-# stats key -> (metric name, type, help, labels)
-_METRICS: list[tuple[str, str, str, str, dict[str, str]]] = [
-    ("hits_l1", "pdx_store_hits_total", "counter", "Chunks served from the store", {"tier": "l1"}),
-    ("hits_l2", "pdx_store_hits_total", "counter", "Chunks served from the store", {"tier": "l2"}),
-    ("misses", "pdx_store_misses_total", "counter", "Chunks asked for and not served", {}),
-    ("lookup_chunks", "pdx_store_lookup_chunks_total", "counter", "Keys named in lookups", {}),
-    ("lookup_hits", "pdx_store_lookup_hits_total", "counter", "Keys found by lookups", {}),
-    ("loaded_bytes", "pdx_store_loaded_bytes_total", "counter", "Bytes loaded by engines", {}),
-    ("saved_bytes", "pdx_store_saved_bytes_total", "counter", "Bytes saved by engines", {}),
-    ("load_seconds", "pdx_store_load_seconds_total", "counter", "Engine copy time for loads", {}),
-    ("save_seconds", "pdx_store_save_seconds_total", "counter", "Engine copy time for saves", {}),
-    ("load_gbps", "pdx_store_load_gbps", "gauge", "Recent load copy speed (GB/s)", {}),
-    ("save_gbps", "pdx_store_save_gbps", "gauge", "Recent save copy speed (GB/s)", {}),
-    ("evictions", "pdx_store_evictions_total", "counter", "Chunks evicted from L1", {}),
-    ("evicted_bytes", "pdx_store_evicted_bytes_total", "counter", "Bytes evicted from L1", {}),
-    ("reserve_no_space", "pdx_store_save_rejected_total", "counter", "Chunks not saved", {"reason": "no_space"}),
-    ("reserve_too_large", "pdx_store_save_rejected_total", "counter", "Chunks not saved", {"reason": "too_large"}),
-    ("leases_expired", "pdx_store_leases_expired_total", "counter", "Leases ended by TTL", {}),
-    ("l2_writes", "pdx_store_l2_writes_total", "counter", "Chunks written through to L2", {}),
-    ("l2_write_dropped", "pdx_store_l2_write_dropped_total", "counter", "Write-throughs dropped (queue full)", {}),
-    ("l2_promotions", "pdx_store_l2_promotions_total", "counter", "Chunks promoted from L2 to L1", {}),
-    ("l2_errors", "pdx_store_l2_errors_total", "counter", "L2 operations that failed", {}),
-    ("l2_corrupt", "pdx_store_l2_corrupt_total", "counter", "L2 values that failed their checks", {}),
-    ("remote_loaded_chunks", "pdx_store_remote_loaded_chunks_total", "counter", "Chunks read by remote clients", {}),
-    ("remote_loaded_bytes", "pdx_store_remote_loaded_bytes_total", "counter", "Bytes read by remote clients", {}),
-    ("remote_saved_chunks", "pdx_store_remote_saved_chunks_total", "counter", "Chunks saved by remote clients", {}),
-    ("remote_saved_bytes", "pdx_store_remote_saved_bytes_total", "counter", "Bytes saved by remote clients", {}),
-    ("remote_save_corrupt", "pdx_store_remote_save_corrupt_total", "counter", "Remote saves refused at commit (checksum)", {}),
-    ("remote_refused", "pdx_store_remote_refused_total", "counter", "Remote connections refused", {}),
-    ("remote_clients", "pdx_store_remote_clients", "gauge", "Remote clients connected", {}),
-    ("capacity_bytes", "pdx_store_capacity_bytes", "gauge", "L1 arena capacity", {}),
-    ("used_bytes", "pdx_store_used_bytes", "gauge", "L1 slot bytes in use", {}),
-    ("num_chunks", "pdx_store_chunks", "gauge", "Chunks stored in L1", {}),
-    ("num_pinned", "pdx_store_pinned_chunks", "gauge", "Chunks pinned by operators", {}),
-    ("num_leases", "pdx_store_leases", "gauge", "Open read and write leases", {}),
-    ("l2_queue_depth", "pdx_store_l2_queue_depth", "gauge", "Write-throughs waiting", {}),
+# stats key -> (metric name, type, help, labels, scale to the base unit)
+_METRICS: list[tuple[str, str, str, str, dict[str, str], float]] = [
+    ("hits_l1", "pdx_store_hits_total", "counter", "Chunks served by loads, from L1 or promoted from L2", {"tier": "l1"}, 1),
+    ("hits_l2", "pdx_store_hits_total", "counter", "Chunks served by loads, from L1 or promoted from L2", {"tier": "l2"}, 1),
+    ("misses", "pdx_store_misses_total", "counter", "Chunks asked for by loads and not served", {}, 1),
+    ("lookup_chunks", "pdx_store_lookup_chunks_total", "counter", "Keys named in lookups", {}, 1),
+    ("lookup_hits", "pdx_store_lookup_hits_total", "counter", "Keys found by lookups", {}, 1),
+    ("loaded_bytes", "pdx_store_loaded_bytes_total", "counter", "Bytes engines copied out of L1", {}, 1),
+    ("saved_bytes", "pdx_store_saved_bytes_total", "counter", "Bytes engines copied into L1", {}, 1),
+    ("load_seconds", "pdx_store_load_seconds_total", "counter", "Engine copy time for loads", {}, 1),
+    ("save_seconds", "pdx_store_save_seconds_total", "counter", "Engine copy time for saves", {}, 1),
+    ("load_gbps", "pdx_store_load_speed_bytes_per_second", "gauge", "Recent load copy speed (EWMA per lease)", {}, 1e9),
+    ("save_gbps", "pdx_store_save_speed_bytes_per_second", "gauge", "Recent save copy speed (EWMA per lease)", {}, 1e9),
+    ("evictions", "pdx_store_evictions_total", "counter", "Chunks evicted from L1", {}, 1),
+    ("evicted_bytes", "pdx_store_evicted_bytes_total", "counter", "Bytes evicted from L1", {}, 1),
+    ("reserve_no_space", "pdx_store_save_rejected_total", "counter", "Chunks not saved", {"reason": "no_space"}, 1),
+    ("reserve_too_large", "pdx_store_save_rejected_total", "counter", "Chunks not saved", {"reason": "too_large"}, 1),
+    ("leases_expired", "pdx_store_leases_expired_total", "counter", "Leases ended by TTL", {}, 1),
+    ("l2_writes", "pdx_store_l2_writes_total", "counter", "Chunks written through to L2", {}, 1),
+    ("l2_write_dropped", "pdx_store_l2_write_dropped_total", "counter", "Write-throughs dropped (queue full)", {}, 1),
+    ("l2_promotions", "pdx_store_l2_promotions_total", "counter", "Chunks promoted from L2 to L1", {}, 1),
+    ("l2_errors", "pdx_store_l2_errors_total", "counter", "L2 operations that failed", {}, 1),
+    ("l2_corrupt", "pdx_store_l2_corrupt_total", "counter", "L2 values that failed their checks", {}, 1),
+    ("remote_loaded_chunks", "pdx_store_remote_loaded_chunks_total", "counter", "Chunks read by remote clients", {}, 1),
+    ("remote_loaded_bytes", "pdx_store_remote_loaded_bytes_total", "counter", "Bytes read by remote clients", {}, 1),
+    ("remote_saved_chunks", "pdx_store_remote_saved_chunks_total", "counter", "Chunks saved by remote clients", {}, 1),
+    ("remote_saved_bytes", "pdx_store_remote_saved_bytes_total", "counter", "Bytes saved by remote clients", {}, 1),
+    ("remote_save_corrupt", "pdx_store_remote_save_corrupt_total", "counter", "Remote saves refused at commit (checksum)", {}, 1),
+    ("remote_refused", "pdx_store_remote_refused_total", "counter", "Remote connections refused", {}, 1),
+    ("remote_clients", "pdx_store_remote_clients", "gauge", "Remote clients connected", {}, 1),
+    ("capacity_bytes", "pdx_store_capacity_bytes", "gauge", "L1 arena capacity", {}, 1),
+    ("used_bytes", "pdx_store_used_bytes", "gauge", "L1 slot bytes in use", {}, 1),
+    ("num_chunks", "pdx_store_chunks", "gauge", "Chunks stored in L1", {}, 1),
+    ("num_pinned", "pdx_store_pinned_chunks", "gauge", "Chunks pinned by operators", {}, 1),
+    ("num_leases", "pdx_store_leases", "gauge", "Open read and write leases", {}, 1),
+    ("l2_queue_depth", "pdx_store_l2_queue_depth", "gauge", "Write-throughs waiting", {}, 1),
 ]  # fmt: skip
 
 
-def render_prometheus(stats: dict[str, Any]) -> bytes:
-    """Prometheus text exposition (format 0.0.4) of a stats dict."""
-    lines: list[str] = []
-    seen: set[str] = set()
-    for key, name, kind, help_, labels in _METRICS:
-        if key not in stats:
-            continue
-        if name not in seen:
-            seen.add(name)
-            lines.append(f"# HELP {name} {help_}")
-            lines.append(f"# TYPE {name} {kind}")
-        label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        lines.append(
-            f"{name}{{{label_text}}} {float(stats[key])!r}"
-            if labels
-            else f"{name} {float(stats[key])!r}"
-        )
-    return ("\n".join(lines) + "\n").encode()
+class StoreCollector:
+    """prometheus_client collector over ``stats()``: read at scrape time, nothing on the hot path."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self.stats()
+        families: dict[str, Any] = {}
+        for key, name, kind, help_, labels, scale in _METRICS:
+            if key not in stats:
+                continue
+            fam = families.get(name)
+            if fam is None:
+                if kind == "counter":
+                    fam = CounterMetricFamily(name.removesuffix("_total"), help_, labels=list(labels))
+                else:
+                    fam = GaugeMetricFamily(name, help_, labels=list(labels))
+                families[name] = fam
+            fam.add_metric(list(labels.values()), float(stats[key]) * scale)
+        yield from families.values()
+
+
+def create_registry(stats: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    """A registry of its own for one store server (never prometheus_client's global one)."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(stats))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """(body, content type) of the Prometheus text exposition."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return generate_latest(registry), CONTENT_TYPE_LATEST

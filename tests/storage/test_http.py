@@ -27,18 +27,16 @@ def test_metrics_parse_and_count_hits_misses_and_bytes(store, client_factory):
     assert client.load(keys, [np.zeros(CHUNK, np.uint8) for _ in keys]) == 2
     with urllib.request.urlopen(store.http + "/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
+    families = list(text_string_to_metric_families(text))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in families for s in fam.samples}
+    assert all(f"# HELP {fam.name}" in text and fam.documentation for fam in families)
     assert samples[("pdx_store_hits_total", (("tier", "l1"),))] == 2
     assert samples[("pdx_store_misses_total", ())] == 1
     assert samples[("pdx_store_loaded_bytes_total", ())] == 2 * CHUNK
     assert samples[("pdx_store_saved_bytes_total", ())] == 2 * CHUNK
     assert samples[("pdx_store_chunks", ())] == 2
     assert samples[("pdx_store_capacity_bytes", ())] > 0
-    assert samples[("pdx_store_load_gbps", ())] > 0
+    assert samples[("pdx_store_load_speed_bytes_per_second", ())] > 0  # the stats op's load_gbps, in bytes/s
 
 
 def test_lookup_pin_unpin_clear(store, client_factory):
