@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import orjson
+import pytest
+
+from pdx.config.topology import Engine, Policies
 from pdx.connector import protocol as pdx_keys
-from pdx.router.protocols import nixl, pdx, sglang
+from pdx.router.protocols import create_protocol, nixl, pdx, sglang
+from pdx.router.request import RequestCtx
 
 CLIENT = {"model": "tiny", "prompt": "hi", "max_tokens": 9, "min_tokens": 3, "stream": True,
           "stream_options": {"include_usage": True}}  # fmt: skip
@@ -60,3 +65,50 @@ def test_sglang_merges_prefills_input_logprobs_first():
     merged = sglang.merge_input_logprobs(p, d)
     assert merged["meta_info"]["input_token_logprobs"] == [[-1.0, 5, None], [-2.0, 6, None]]
     assert merged["meta_info"]["id"] == "r" and d["meta_info"]["input_token_logprobs"] == [[-2.0, 6, None]]
+
+
+def _ctx(body: dict, route: str = "/v1/completions") -> RequestCtx:
+    return RequestCtx(route=route, route_bytes=route.encode(), body=body, is_stream=body.get("stream") is True,
+                      request_id="r", client_auth=None, keys=[], num_tokens=100, session_id=None, t0=0.0)  # fmt: skip
+
+
+PREFILL = Engine(id="p0", url="http://10.0.0.1:8100", role="prefill", kv_port=5700, bootstrap_port=8998)
+
+
+def test_each_fleet_kind_answers_legs_concurrency_and_whether_p_is_needed():
+    ctx = _ctx(copy.deepcopy(CLIENT))
+    pol = Policies(disaggregate_min_tokens=64)
+    by_name = {name: create_protocol(name) for name in ("pdx", "nixl", "sglang")}
+    assert {n: p.name for n, p in by_name.items()} == {"pdx": "pdx", "nixl": "nixl", "sglang": "sglang"}
+    assert {n: p.is_concurrent for n, p in by_name.items()} == {"pdx": True, "nixl": False, "sglang": True}
+    # conditional disaggregation: a short prompt skips P on vLLM fleets, never on SGLang
+    assert {n: p.needs_prefill(10, 0, pol) for n, p in by_name.items()} == {"pdx": False, "nixl": False, "sglang": True}
+    assert all(p.needs_prefill(100, 0, pol) for p in by_name.values())
+    assert [n for n, p in by_name.items() if p.serves_generate] == ["sglang"]
+
+    pdx_legs = by_name["pdx"].legs(ctx, PREFILL)
+    p_body, d_body = orjson.loads(pdx_legs.prefill), orjson.loads(pdx_legs.decode)
+    assert p_body == pdx.prefill_body(CLIENT, p_body["kv_transfer_params"]["pdx_transfer_id"])
+    assert d_body["kv_transfer_params"]["pdx_transfer_id"] == p_body["kv_transfer_params"]["pdx_transfer_id"]
+    assert pdx_keys.parse(d_body["kv_transfer_params"]).peer_host_port == ("10.0.0.1", 5700)
+    assert by_name["pdx"].legs(ctx, PREFILL).prefill != pdx_legs.prefill  # a fresh transfer id per attempt
+
+    nixl_legs = by_name["nixl"].legs(ctx, PREFILL)
+    assert orjson.loads(nixl_legs.prefill) == nixl.prefill_body(CLIENT) and nixl_legs.decode is None
+    answer = orjson.dumps({"kv_transfer_params": {"remote_block_ids": [[1]]}})
+    assert orjson.loads(by_name["nixl"].decode_after_prefill(ctx, answer))["kv_transfer_params"] == {
+        "remote_block_ids": [[1]]}  # fmt: skip
+    with pytest.raises(ValueError):
+        by_name["nixl"].decode_after_prefill(ctx, b"not json")
+
+    sg_legs = by_name["sglang"].legs(ctx, PREFILL)
+    assert sg_legs.prefill == sg_legs.decode and not sg_legs.is_merged
+    assert orjson.loads(sg_legs.prefill)["bootstrap_port"] == 8998
+    generate = _ctx({"text": "hi", "return_logprob": True}, route="/generate")
+    assert by_name["sglang"].legs(generate, PREFILL).is_merged
+
+    assert all(orjson.loads(p.decode_only(_ctx({**CLIENT, "kv_transfer_params": {"x": 1}}))) == CLIENT
+               for p in by_name.values())  # fmt: skip
+    assert ctx.body == CLIENT  # never mutated
+    with pytest.raises(KeyError, match="unknown PD protocol"):
+        create_protocol("mooncake")
