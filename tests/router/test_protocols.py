@@ -9,6 +9,7 @@ import pytest
 
 from pdx.config.topology import Engine, Policies
 from pdx.connector import protocol as pdx_keys
+from pdx.errors import ConfigError
 from pdx.router.protocols import create_protocol, nixl, pdx, sglang
 from pdx.router.request import RequestCtx
 
@@ -110,5 +111,5 @@ def test_each_fleet_kind_answers_legs_concurrency_and_whether_p_is_needed():
     assert all(orjson.loads(p.decode_only(_ctx({**CLIENT, "kv_transfer_params": {"x": 1}}))) == CLIENT
                for p in by_name.values())  # fmt: skip
     assert ctx.body == CLIENT  # never mutated
-    with pytest.raises(KeyError, match="unknown PD protocol"):
+    with pytest.raises(ConfigError, match="unknown PD protocol 'mooncake'"):
         create_protocol("mooncake")

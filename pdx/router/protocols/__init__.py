@@ -18,6 +18,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
+from pdx.errors import ConfigError
+
 if TYPE_CHECKING:
     from pdx.router.protocols.base import PDProtocol
 
@@ -29,9 +31,9 @@ _REGISTRY = {
 
 
 def create_protocol(name: str) -> PDProtocol:
-    """The protocol a fleet speaks (``pdx.config.topology.protocol_of``); KeyError names the choices."""
+    """The protocol a fleet speaks (``pdx.config.topology.protocol_of``); ConfigError names the choices."""
     try:
         module, cls = _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown PD protocol {name!r}; one of {sorted(_REGISTRY)}") from None
+        raise ConfigError(f"unknown PD protocol {name!r}; use one of {sorted(_REGISTRY)}") from None
     return getattr(import_module(module), cls)()
