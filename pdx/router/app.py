@@ -8,6 +8,10 @@ Routes::
 
 Client input errors get an OpenAI-style error body with a 4xx status; engine
 failures 502 (after retries) and no usable engine 503.
+
+For a generation request the app parses and validates, picks the pair (``Fleet``)
+and retries; ``proxy.Dispatcher`` runs each attempt, writes the response and
+keeps the request metrics. The dispatcher never calls back into the app.
 """
 
 from __future__ import annotations
