@@ -21,6 +21,9 @@ from typing import Any
 
 import orjson
 
+from pdx.connector.figures import TransferFigures
+from pdx.connector.protocol import STATS
+
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8")]
 
@@ -177,10 +180,11 @@ class FakeEngine:
                 return await _reply(send, 500, b'{"error":{"message":"KV transfer timed out","code":500}}')
             if role == "decode":
                 self.tokens_by_source["external_kv_transfer"] += 4
-                out_params = {"pdx_transfer_stats": {  # the figures PdxConnector's D reports (decode_side.py)
-                    "transfer_id": kv["pdx_transfer_id"], "ok": True, "error": None, "nbytes": 4096,
-                    "num_tokens": 4, "num_writes": 2, "transfer_ms": 1.0, "wait_ms": 2.0, "exposed_ms": 0.5,
-                    "t_done": time.time()}}  # fmt: skip
+                figures = TransferFigures(  # what PdxConnector's D reports, in its JSON shape
+                    transfer_id=kv["pdx_transfer_id"], is_ok=True, error=None, nbytes=4096, num_tokens=4,
+                    num_writes=2, transfer_ms=1.0, wait_ms=2.0, exposed_ms=0.5, t_done=time.time(),
+                )  # fmt: skip
+                out_params = {STATS: figures.to_dict()}
             else:
                 self.tokens_by_source["local_compute"] += 4
         else:
