@@ -50,7 +50,7 @@ def test_completion_goes_through_both_legs(harness, protocol):
         assert leg.headers["x-request-id"] == "req-42" and leg.headers["authorization"] == "Bearer client"
     if protocol == "pdx":
         pp, dp = pdx_keys.parse(pr.body["kv_transfer_params"]), pdx_keys.parse(dr.body["kv_transfer_params"])
-        assert pp.transfer_id == dp.transfer_id and pp.role == "prefill" and dp.peer == "127.0.0.1:5700"
+        assert pp.transfer_id == dp.transfer_id and pp.role == "prefill" and str(dp.peer) == "127.0.0.1:5700"
         assert pr.body["max_tokens"] == 1 and dr.body["max_tokens"] == 5
         assert abs(pr.t - dr.t) < 1.0  # concurrent: the fakes' rendezvous needs both at once
     elif protocol == "nixl":
