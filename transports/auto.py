@@ -93,7 +93,7 @@ class AutoTransport(Transport):
     def descriptor(self) -> bytes:
         self._check_open()
         media = {m: t.descriptor().decode() for m, t in self.inner.items()}
-        return encode_descriptor(self, "auto", {"media": media}, {"media": list(self.inner)})
+        return encode_descriptor(self, {"media": media}, {"media": list(self.inner)})
 
     async def connect(self, descriptor: bytes) -> Peer:
         self._check_open()

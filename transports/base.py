@@ -57,6 +57,7 @@ class RegionInfo:
     nbytes: int
     device: str = "cpu"  # "cpu" or "cuda:N"
     extra: dict[str, Any] = field(default_factory=dict)  # transport-specific (shm name, IPC handle, ...)
+    addr: int | None = None  # address in the peer's process; only one-sided media publish it
 
 
 _region_ids = itertools.count(1)
@@ -166,6 +167,7 @@ class Transport(abc.ABC):
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name or f"{self.kind}-{uuid.uuid4().hex[:12]}"
+        self.instance = uuid.uuid4().hex  # nonce: a descriptor of an earlier object of this name is stale
         self.regions: dict[int, MemoryRegion] = {}
         self.notifications = NotificationBox()
         self._closed = False

@@ -22,8 +22,8 @@ import struct
 import threading
 from typing import Any
 
-from ._peer_wire import decode_descriptor, encode_descriptor
 from .base import MemoryRegion, Peer, Transport
+from .descriptor import decode_descriptor, encode_descriptor
 from .errors import (
     ConnectError,
     DescriptorError,
@@ -133,14 +133,13 @@ class CudaIpcTransport(Transport):
 
     def descriptor(self) -> bytes:
         self._check_open()
-        rows = [(r.region_id, r.nbytes, r.addr, r.device) for r in self.regions.values()]
         ipc = {str(rid): [h.hex(), off] for rid, (h, off) in self._handles.items()}
-        return encode_descriptor(self.kind, self.name, rows, extra={"port": self._server.getsockname()[1], "ipc": ipc})
+        return encode_descriptor(self, {"port": self._server.getsockname()[1], "ipc": ipc})
 
     async def connect(self, descriptor: bytes) -> Peer:
         self._check_open()
         desc = decode_descriptor(descriptor, self.kind)
-        ipc, port = desc.extra.get("ipc"), desc.extra.get("port")
+        ipc, port = desc.address.get("ipc"), desc.address.get("port")
         if not isinstance(ipc, dict) or not isinstance(port, int):
             raise DescriptorError(f"cuda_ipc descriptor of {desc.name} lacks IPC handles or a port")
         rt = _cudart()

@@ -12,7 +12,6 @@ import ctypes
 import itertools
 import logging
 import threading
-import uuid
 import weakref
 
 from .base import Peer, Transport
@@ -35,7 +34,6 @@ class LoopbackTransport(Transport):
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name)
-        self._instance = uuid.uuid4().hex
         with _LIVE_LOCK:
             if self.name in _LIVE:
                 raise ValueError(f"a loopback transport named {self.name!r} already exists in this process")
@@ -47,7 +45,7 @@ class LoopbackTransport(Transport):
 
     def descriptor(self) -> bytes:
         self._check_open()
-        return encode_descriptor(self, self._instance, {"pid_local": True})
+        return encode_descriptor(self, {"pid_local": True})
 
     async def connect(self, descriptor: bytes) -> Peer:
         self._check_open()
@@ -55,7 +53,7 @@ class LoopbackTransport(Transport):
         target = _LIVE.get(desc.name)
         if target is None or target.is_closed:
             raise ConnectError(f"loopback peer {desc.name!r} does not exist in this process (closed or never created)")
-        if target._instance != desc.instance:
+        if target.instance != desc.instance:
             raise DescriptorError(f"stale descriptor: loopback peer {desc.name!r} was re-created; ask it for a new one")
         return Peer(desc.name, desc.regions, state=weakref.ref(target))
 

@@ -40,8 +40,8 @@ from ._nixl_agent import (
     xfer_rows,
 )
 from ._nixl_transfer import NixlTransfer, group_rows, lookup
-from ._peer_wire import decode_descriptor, encode_descriptor
 from .base import MemoryRegion, Peer, Transport
+from .descriptor import decode_descriptor, encode_descriptor
 from .errors import (
     ConnectError,
     DescriptorError,
@@ -132,13 +132,12 @@ class NixlTransport(Transport):
         self._check_open()
         with self._nixl.lock:
             meta = self._nixl.agent.get_agent_metadata()
-        rows = [(r.region_id, r.nbytes, r.addr, r.device) for r in self.regions.values()]
         table = [self._table.ctypes.data, self._table.nbytes]
-        return encode_descriptor(self.kind, self.name, rows, blob=meta, extra={"table": table})
+        return encode_descriptor(self, {"table": table}, blob=meta, with_addr=True)
 
     async def connect(self, descriptor: bytes) -> Peer:
         self._check_open()
-        desc = decode_descriptor(descriptor, self.kind)
+        desc = decode_descriptor(descriptor, self.kind, with_addr=True)
         if desc.name == self.name:
             remote = self.name  # NIXL loopback: the agent addresses itself
         else:
@@ -159,7 +158,7 @@ class NixlTransport(Transport):
                     self._nixl.agent.make_connection(remote)
             except Exception as exc:
                 raise ConnectError(f"cannot connect to NIXL agent {remote}: {exc}") from bare(exc)
-            await self._read_table(remote, desc.extra.get("table"))
+            await self._read_table(remote, desc.address.get("table"))
         peer = Peer(desc.name, desc.regions, state=remote)
         self._peers[desc.name] = peer
         return peer
@@ -237,7 +236,7 @@ class NixlTransport(Transport):
                 transfer.prefailed, posted = np.flatnonzero(gone), np.flatnonzero(~gone)
                 t, notif = t[posted], None  # a partly failed transfer does not notify
         local = {rid: (r.addr, r.device) for rid, r in self.regions.items()}
-        remote = {rid: (int(r.extra["addr"]), r.device) for rid, r in peer.regions.items()}
+        remote = {rid: (int(r.addr or 0), r.device) for rid, r in peer.regions.items()}
         l_addr, l_dev = lookup(t[:, LOCAL_REGION], local)
         r_addr, r_dev = lookup(t[:, REMOTE_REGION], remote)
         groups = group_rows(l_dev, r_dev) if len(t) else []

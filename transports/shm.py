@@ -45,7 +45,7 @@ class ShmTransport(StreamTransport):
         return hasattr(socket, "AF_UNIX")
 
     def _listen(self) -> tuple[socket.socket, dict[str, Any]]:
-        path = f"pdx-shm-{self.name}-{self._instance[:12]}"
+        path = f"pdx-shm-{self.name}-{self.instance[:12]}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind("\0" + path)  # abstract namespace: nothing on disk to clean up
         sock.listen(128)

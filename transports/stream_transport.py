@@ -60,7 +60,6 @@ class StreamTransport(Transport):
         self.num_streams = num_streams
         self.split_bytes = split_bytes  # posts at least this large are spread over the streams
         self.connect_timeout = connect_timeout
-        self._instance = uuid.uuid4().hex
         self._pins = RegionPins()
         self._peers: dict[str, Peer] = {}
         try:
@@ -68,7 +67,7 @@ class StreamTransport(Transport):
         except OSError as exc:
             raise TransportUnavailable(f"{self.kind} cannot listen: {exc}; pick another host/port") from exc
         self._server = StreamServer(
-            listener, self._wake_listener, self.name, self._instance, self._pins, self._deliver, self.allow_cma,
+            listener, self._wake_listener, self.name, self.instance, self._pins, self._deliver, self.allow_cma,
             self.copy_threads,
         )
 
@@ -113,7 +112,7 @@ class StreamTransport(Transport):
     # -- peers ----------------------------------------------------------------------------------
     def descriptor(self) -> bytes:
         self._check_open()
-        return encode_descriptor(self, self._instance, self._address, {"host_pid": os.getpid()})
+        return encode_descriptor(self, self._address, {"host_pid": os.getpid()})
 
     async def connect(self, descriptor: bytes) -> Peer:
         self._check_open()

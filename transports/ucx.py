@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from ._peer_wire import decode_descriptor, encode_descriptor
 from ._ucx_conn import UcxConn
 from ._ucx_runtime import (
     CONNECT_TIMEOUT,
@@ -51,6 +50,7 @@ from ._ucx_runtime import (
 )
 from ._ucx_target import UcxTarget
 from .base import Peer, Transport
+from .descriptor import decode_descriptor, encode_descriptor
 from .errors import (
     ConnectError,
     PeerLost,
@@ -148,14 +148,13 @@ class UcxTransport(Transport):
     # -- descriptors and peers ------------------------------------------------------------
     def descriptor(self) -> bytes:
         self._check_open()
-        rows = [(r.region_id, r.nbytes, r.addr, r.device) for r in self.regions.values()]
-        return encode_descriptor(self.kind, self.name, rows, extra={
-            "host": self.host, "port": self._target.port, "alive_port": self._target.alive_port})
+        return encode_descriptor(self, {"host": self.host, "port": self._target.port,
+                                        "alive_port": self._target.alive_port})
 
     async def connect(self, descriptor: bytes) -> Peer:
         self._check_open()
         desc = decode_descriptor(descriptor, self.kind)
-        address = (desc.extra.get("host"), desc.extra.get("port"), desc.extra.get("alive_port"))
+        address = (desc.address.get("host"), desc.address.get("port"), desc.address.get("alive_port"))
         host, port, alive_port = address
         if not isinstance(host, str) or not isinstance(port, int) or not isinstance(alive_port, int):
             from .errors import DescriptorError

@@ -40,8 +40,9 @@ def _transfer_works(aio, initiator, target, peer_descriptor=None) -> None:
         lambda d: json.dumps({**json.loads(d), "kind": "no-such-transport"}).encode(),
         lambda d: json.dumps({**json.loads(d), "regions": [{"region_id": -1, "nbytes": 0}]}).encode(),
         lambda d: json.dumps({**json.loads(d), ("pdx" if b'"pdx"' in d else "version"): 99}).encode(),
+        lambda d: d + b" " * (16 << 20),  # valid JSON, but more than a peer may send
     ],
-    ids=["garbage", "truncated", "wrong-kind", "bad-region", "wrong-version"],
+    ids=["garbage", "truncated", "wrong-kind", "bad-region", "wrong-version", "oversized"],
 )
 def test_malformed_descriptor_is_rejected(kind, aio, initiator, target, mangle):
     bad = mangle(target.call("descriptor"))

@@ -90,7 +90,7 @@ def test_descriptor_without_a_liveness_port_is_rejected_and_both_sides_stay_usab
         a, b = transports.create_transport("ucx"), transports.create_transport("ucx")
         try:
             doc = json.loads(b.descriptor())
-            del doc["extra"]["alive_port"]
+            del doc["address"]["alive_port"]
             with pytest.raises(DescriptorError, match="listener address"):
                 await a.connect(json.dumps(doc).encode())
             src, dst = a.allocate(4096), b.allocate(4096)
