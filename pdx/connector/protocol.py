@@ -51,7 +51,7 @@ class PeerAddress(NamedTuple):
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_peer(text: str) -> PeerAddress:
+def parse_peer(text: object) -> PeerAddress:
     """``"HOST:PORT"`` or ``"[IPV6]:PORT"`` -> ``PeerAddress``; ``ConfigError`` says what is wrong."""
     m = _PEER_RE.fullmatch(text) if isinstance(text, str) else None
     if m is None:
@@ -117,7 +117,7 @@ def parse(params: dict[str, Any] | None) -> PdxTransferParams | None:
     address = None
     if role == DECODE:
         try:
-            address = parse_peer(peer)  # type: ignore[arg-type]  # checked inside
+            address = parse_peer(peer)
         except ConfigError as exc:
             raise ConfigError(f"kv_transfer_params.{PEER} must be the prefill connector's address: {exc}") from None
     return PdxTransferParams(tid, role, address)
