@@ -17,6 +17,8 @@ into the control plane (``raise KVTransferError(...) from exc``)::
     │   └── EngineRejected        an engine answered 4xx; the client gets that answer, never retried
     └── StorageError              the storage tier failed (callers fall back to recompute)
         ├── StoreUnavailable      the store server or an L2 backend did not answer in time
+        ├── StoreProtocolError    a store peer sent a frame that is not the protocol (connection closed)
+        │   └── StoreBadRequest   a store request failed validation (an error reply names the field)
         └── ChunkCorrupt          a stored chunk failed its header or checksum check (a miss)
 
 Messages say what was wrong and what to do about it.
@@ -95,6 +97,14 @@ class StorageError(PdxError):
 
 class StoreUnavailable(StorageError):
     """The store server or an L2 backend cannot be reached or did not answer in time."""
+
+
+class StoreProtocolError(StorageError):
+    """A store peer sent a frame that is not the store protocol; the connection is closed."""
+
+
+class StoreBadRequest(StoreProtocolError):
+    """A store request failed validation; it is answered with an error naming the field."""
 
 
 class ChunkCorrupt(StorageError):
