@@ -9,37 +9,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pdx.errors import ConfigError
-
-
-class _StoreConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    socket: str = Field(min_length=1)  # the node's `pdx store --socket`, or pdx-store://HOST:PORT (remote)
-    timeout_s: float = Field(default=1.0, gt=0)  # one store call; then a miss / a dropped save
-    l2_budget_s: float = Field(default=0.5, ge=0)  # extra wait for a lookup/load that reaches L2
-    chunk_size: int = Field(default=256, gt=0)  # tokens per stored chunk; a multiple of block_size
-    auth_token: str = ""  # remote store: its --remote-token; env PDX_STORE_REMOTE_TOKEN when empty
-
-    @field_validator("socket")
-    @classmethod
-    def _remote_address(cls, value: str) -> str:
-        if value.startswith("pdx-store://"):
-            from pdx.storage.remote_channel import parse_address
-
-            parse_address(value)  # ValueError -> a validation error naming the field
-        return value
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    socket: str
-    timeout_s: float = 1.0
-    l2_budget_s: float = 0.5
-    chunk_size: int = 256
-    auth_token: str = ""
+from pdx.storage.config import StoreClientOptions as _StoreConfig
+from pdx.storage.config import StoreConfig
 
 
 class _ExtraConfig(BaseModel):

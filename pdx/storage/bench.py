@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pdx.storage.client import StoreClient
+from pdx.storage.client import StoreClient, create_client
 
 
 def _start_store(socket_path: str, capacity_gb: float, slab_mb: int,
@@ -107,19 +107,17 @@ async def _read(transport: Any, peer: Any, pairs: Any) -> None:
 
 def run(total_mb: int, chunk_mbs: list[float], repeat: int, verify: bool,
         remote: str | None = None) -> list[dict[str, float]]:  # fmt: skip
-    from pdx.storage.remote_client import RemoteStoreClient
-
     with tempfile.TemporaryDirectory() as tmp:
         sock = os.path.join(tmp, "store.sock")
         slab_mb = max(64, int(max(chunk_mbs)) + 1)
         capacity_gb = 1.2 * total_mb * (1 << 20) / 1e9 + 3 * slab_mb * (1 << 20) / 1e9
         store, address = _start_store(sock, capacity_gb, slab_mb, remote)
         try:
-            with StoreClient(sock, timeout_s=30.0, verify_loads=verify) as client:
+            with create_client(sock, timeout_s=30.0, verify_loads=verify) as client:
                 rows = [measure(client, mb, total_mb, repeat) for mb in chunk_mbs]
                 if remote is None:
                     return rows
-                with RemoteStoreClient(f"pdx-store://{address}", token="", timeout_s=30.0) as far:
+                with create_client(f"pdx-store://{address}", timeout_s=30.0) as far:
                     for row, mb in zip(rows, chunk_mbs, strict=True):
                         got = measure(far, mb, total_mb, repeat, admin=client)
                         row.update(remote_save=got["save"], remote_load=got["load"],

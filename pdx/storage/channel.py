@@ -16,10 +16,20 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
-from pdx.errors import StorageError, StoreUnavailable
+from pdx.errors import StorageError, StoreProtocolError, StoreUnavailable
 from pdx.storage.arena import SharedArena
-from pdx.storage.protocol import VERSION, ProtocolError, encode_frame, recv_frame
+from pdx.storage.messages import (
+    VERSION,
+    ErrorReply,
+    Hello,
+    RemoteWelcome,
+    Request,
+    Welcome,
+    parse_reply,
+)
+from pdx.storage.protocol import encode_frame, recv_body
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +37,8 @@ MAX_RETRY_S = 30.0
 
 
 class StoreChannel:
+    welcome: type[Welcome | RemoteWelcome] = Welcome  # what this kind of store answers a hello with
+
     def __init__(
         self,
         socket_path: str,
@@ -45,30 +57,30 @@ class StoreChannel:
         self._retry_at = 0.0
         self._num_failures = 0  # in a row; sets the back-off
 
-    def call(self, msg: dict[str, Any], *, l2_budget_s: float = 0.0) -> dict[str, Any]:
-        """One request/reply within ``timeout_s`` (plus ``l2_budget_s`` if the store has L2)."""
+    def call(self, request: Request, *, l2_budget_s: float = 0.0) -> Any:
+        """One request/reply within ``timeout_s`` (plus ``l2_budget_s`` if the store has L2);
+        returns the request's reply type (``request.reply``)."""
         sock = self._connected()
         extra_timeout_s = l2_budget_s if self.has_l2 else 0.0
+        op = request.op  # type: ignore[attr-defined]
         try:
             sock.settimeout(self.timeout_s + extra_timeout_s)
-            sock.sendall(encode_frame(msg))
-            reply = recv_frame(sock)
-        except (OSError, ProtocolError) as exc:  # timeouts are OSErrors
+            sock.sendall(encode_frame(request))
+            reply = parse_reply(recv_body(sock), request.reply)
+        except (OSError, StoreProtocolError, ValidationError) as exc:  # timeouts are OSErrors
             self._fail()
-            raise StoreUnavailable(
-                f"store at {self.socket_path} failed {msg.get('op')!r}: {exc!r}"
-            ) from exc
-        if not reply.get("ok"):
-            raise StorageError(f"store refused {msg.get('op')!r}: {reply.get('error')}")
+            raise StoreUnavailable(f"store at {self.socket_path} failed {op!r}: {exc!r}") from exc
+        if isinstance(reply, ErrorReply):
+            raise StorageError(f"store refused {op!r}: {reply.error}")
         return reply
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, request: Request) -> None:
         """Send a request that gets no reply (``noreply``); failures only drop the socket."""
         if self._sock is None:
             return
         try:
             self._sock.settimeout(self.timeout_s)
-            self._sock.sendall(encode_frame({**msg, "noreply": True}))
+            self._sock.sendall(encode_frame(request.model_copy(update={"noreply": True})))
         except OSError:
             self._fail()
 
@@ -99,15 +111,13 @@ class StoreChannel:
         try:
             sock = self._open()
             sock.sendall(encode_frame(self._hello()))
-            hello = recv_frame(sock)
-            if not hello.get("ok", True):
-                raise ProtocolError(f"store refused the connection: {hello.get('error')}")
-            if hello.get("version") != VERSION:
-                raise ProtocolError(
-                    f"store speaks protocol v{hello.get('version')}, client v{VERSION}"
-                )
+            hello = parse_reply(recv_body(sock), self.welcome)
+            if isinstance(hello, ErrorReply):
+                raise StoreProtocolError(f"store refused the connection: {hello.error}")
+            if hello.version != VERSION:
+                raise StoreProtocolError(f"store speaks protocol v{hello.version}, client v{VERSION}")
             self._attach(hello)
-        except (OSError, ProtocolError, StorageError, KeyError, ValueError) as exc:
+        except (OSError, StorageError, ValidationError, ValueError) as exc:
             if sock is not None:
                 sock.close()
             self._fail()
@@ -130,11 +140,11 @@ class StoreChannel:
             raise
         return sock
 
-    def _hello(self) -> dict[str, Any]:
-        return {"op": "hello", "version": VERSION}
+    def _hello(self) -> Hello:
+        return Hello(version=VERSION)
 
-    def _attach(self, hello: dict[str, Any]) -> None:
-        """Map what the hello reply names (here: the node's arena)."""
-        self.arena = self._attach_arena(str(hello["arena"]), int(hello["arena_bytes"]))
+    def _attach(self, hello: Any) -> None:
+        """Map what the hello reply (``Welcome``) names: the node's arena."""
+        self.arena = self._attach_arena(hello.arena, hello.arena_bytes)
         self.array = self.arena.array
-        self.has_l2 = bool(hello.get("has_l2"))
+        self.has_l2 = hello.has_l2

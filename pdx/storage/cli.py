@@ -18,103 +18,52 @@ import sys
 from typing import Any
 
 from pdx.errors import PdxError
-from pdx.storage.config import GB, MB, StoreConfig
+from pdx.storage.config import StoreConfig, StoreOptions, parse_options
 
-DEFAULT_SOCKET = "/tmp/pdx-store.sock"
+# flag -> StoreOptions field (help and defaults come from the model); env PDX_STORE_<FLAG>
+FLAGS = {
+    "--socket": "socket",
+    "--capacity-gb": "capacity_gb",
+    "--slab-mb": "slab_mb",
+    "--http-host": "http_host",
+    "--http-port": "http_port",
+    "--l2": "l2",
+    "--l2-queue": "l2_queue",
+    "--l2-workers": "l2_workers",
+    "--lease-ttl-s": "lease_ttl_s",
+    "--remote-listen": "remote_listen",
+    "--remote-transport": "remote_transport",
+    "--remote-token": "auth_token",
+    "--remote-advertise": "remote_advertise",
+    "--remote-data-port": "remote_data_port",
+}
 
 
-def _env(name: str, default: object) -> object:
-    return os.environ.get(f"PDX_STORE_{name.upper()}", default)
+def _env(flag: str) -> str | None:
+    return os.environ.get("PDX_STORE_" + flag.removeprefix("--").replace("-", "_").upper())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pdx store", description="Serve the node-shared KV chunk store."
-    )
-    p.add_argument(
-        "--socket", default=_env("socket", DEFAULT_SOCKET), help="unix socket engines connect to"
-    )
-    p.add_argument(
-        "--capacity-gb", type=float, default=_env("capacity_gb", 4.0), help="L1 arena size (GB)"
-    )
-    p.add_argument(
-        "--slab-mb",
-        type=float,
-        default=_env("slab_mb", 64),
-        help="slab size (MiB); a chunk must fit in one",
-    )
-    p.add_argument("--http-host", default=_env("http_host", "127.0.0.1"))
-    p.add_argument(
-        "--http-port",
-        type=int,
-        default=_env("http_port", 8300),
-        help="0 = any free port, -1 = no HTTP",
-    )
-    p.add_argument(
-        "--l2", default=_env("l2", None), help="L2 URL: file:///path or redis://host:port/db"
-    )
-    p.add_argument(
-        "--l2-queue",
-        type=int,
-        default=_env("l2_queue", 256),
-        help="write-through backlog before drops",
-    )
-    p.add_argument(
-        "--l2-workers", type=int, default=_env("l2_workers", 2), help="threads writing to L2"
-    )
-    p.add_argument(
-        "--lease-ttl-s",
-        type=float,
-        default=_env("lease_ttl_s", 60.0),
-        help="longest a lease may live",
-    )
-    p.add_argument("--remote-listen", default=_env("remote_listen", None), metavar="HOST:PORT",
-                   help="serve engines on other nodes on this TCP port (0 = any); off by default")
-    p.add_argument("--remote-transport", choices=["tcp", "nixl", "auto"],
-                   default=_env("remote_transport", "tcp"), help="transport remote clients move chunks over")
-    p.add_argument("--remote-token", default=_env("remote_token", ""),
-                   help="token remote clients must present (prefer the env PDX_STORE_REMOTE_TOKEN)")
-    p.add_argument("--remote-advertise", default=_env("remote_advertise", None),
-                   help="host remote clients dial for data (tcp; default: the listen host)")
-    p.add_argument("--remote-data-port", type=int, default=_env("remote_data_port", 0),
-                   help="tcp data port (0 = any free port)")
-    p.add_argument("--prefault", action="store_true", help="touch the whole arena at start")
-    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default=_env("loop", "auto"),
+    p = argparse.ArgumentParser(prog="pdx store", description="Serve the node-shared KV chunk store.")
+    for flag, name in FLAGS.items():
+        info = StoreOptions.model_fields[name]
+        p.add_argument(flag, dest=name, default=_env(flag), help=f"{info.description} (default: {info.default})")
+    p.add_argument("--prefault", action="store_true", help=StoreOptions.model_fields["prefault"].description)
+    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default=_env("--loop") or "auto",
                    help="event loop; auto = uvloop when installed (lower per-call latency)")  # fmt: skip
-    p.add_argument("--log-level", default=_env("log_level", "info"))
+    p.add_argument("--log-level", default=_env("--log-level") or "info")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> StoreConfig:
-    capacity = int(float(args.capacity_gb) * GB)
-    slab = int(float(args.slab_mb) * MB)
-    if capacity <= 0 or slab <= 0:
-        raise ValueError("--capacity-gb and --slab-mb must be positive")
-    if args.remote_listen:
-        from pdx.storage.remote_server import parse_listen
-
-        parse_listen(args.remote_listen)
-        if not args.remote_token:
-            logging.getLogger(__name__).warning(
-                "--remote-listen without --remote-token: any host that reaches the port can use the store"
-            )
-    return StoreConfig(
-        socket_path=args.socket,
-        capacity_bytes=capacity,
-        slab_bytes=slab,
-        http_host=args.http_host,
-        http_port=int(args.http_port),
-        l2_url=args.l2 or None,
-        l2_queue=int(args.l2_queue),
-        l2_workers=max(1, int(args.l2_workers)),
-        lease_ttl_s=float(args.lease_ttl_s),
-        prefault=bool(args.prefault),
-        remote_listen=args.remote_listen or None,
-        remote_transport=str(args.remote_transport),
-        remote_token=str(args.remote_token or ""),
-        remote_advertise=args.remote_advertise or None,
-        remote_data_port=int(args.remote_data_port),
-    )
+    """The flags (and env) as a ``StoreConfig``; ``ConfigError`` naming a bad one."""
+    values = {name: getattr(args, name) for name in (*FLAGS.values(), "prefault")}
+    config = parse_options(StoreOptions, {k: v for k, v in values.items() if v is not None}, "pdx store")
+    if config.remote_listen and not config.auth_token:
+        logging.getLogger(__name__).warning(
+            "--remote-listen without --remote-token: any host that reaches the port can use the store"
+        )
+    return config
 
 
 async def serve(config: StoreConfig) -> None:
@@ -131,7 +80,7 @@ async def serve(config: StoreConfig) -> None:
         http = f"http://{config.http_host}:{server.http_port}" if server.http_port else "off"
         remote = "off" if server.remote is None else f"{server.remote.host}:{server.remote.port}"
         print(
-            f"pdx store ready: socket={config.socket_path} http={http} arena={server.arena.name} "
+            f"pdx store ready: socket={config.socket} http={http} arena={server.arena.name} "
             f"capacity_bytes={server.arena.nbytes} l2={config.l2_url or 'none'} remote={remote}",
             flush=True,
         )

@@ -1,6 +1,6 @@
 """``StoreClient``: the storage tier as seen from inside an engine process.
 
-    client = StoreClient("/tmp/pdx-store.sock")
+    client = create_client("/tmp/pdx-store.sock")   # or StoreClient(StoreConfig(...))
     n = client.lookup_prefix(keys)              # leading chunks stored (L1, then L2)
     n = client.load(keys[:n], dst_views)        # copies straight out of the shared arena
     client.save(new_keys, src_views)            # background: reserve -> copy -> commit
@@ -44,29 +44,38 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from pdx.errors import StorageError
+from pdx.storage import messages as m
 from pdx.storage.arena import SharedArena
 from pdx.storage.buffers import byte_view, hex_keys
 from pdx.storage.channel import StoreChannel
 from pdx.storage.checksum import checksum
+from pdx.storage.config import StoreConfig
 
 logger = logging.getLogger(__name__)
 
 
-def create_client(address: str, **options: Any) -> StoreClient:
+def create_client(address: str | StoreConfig, **options: Any) -> StoreClient:
     """A client for ``address``: a unix socket path (this node's store, through its shared
-    arena) or ``pdx-store://HOST:PORT`` (a store on another node, through a transport;
-    ``options`` may add ``token`` and ``transport_options``)."""
-    if address.startswith("pdx-store://"):
+    arena) or ``pdx-store://HOST:PORT`` (a store on another node, through a transport), or
+    a whole ``StoreConfig``. ``options`` are ``StoreConfig`` fields; ``token`` is
+    ``auth_token`` (None or empty: env ``PDX_STORE_REMOTE_TOKEN``)."""
+    if "token" in options:
+        options["auth_token"] = options.pop("token") or ""
+    if isinstance(address, StoreConfig):
+        config = replace(address, **options)
+    else:
+        config = StoreConfig(address, **options)
+    if config.is_remote:
         from pdx.storage.remote_client import RemoteStoreClient
 
-        return RemoteStoreClient(address, **options)
-    return StoreClient(address, **options)
+        return RemoteStoreClient(config)
+    return StoreClient(config)
 
 
 @dataclass(frozen=True)
@@ -83,27 +92,21 @@ class ClientStats:
 
 
 class StoreClient:
-    def __init__(
-        self,
-        address: str,
-        *,
-        timeout_s: float = 1.0,
-        l2_budget_s: float = 2.0,
-        retry_s: float = 2.0,
-        save_queue: int = 64,
-        verify_loads: bool = False,
-    ):
-        self.socket_path = address.removeprefix("unix://")
-        self.timeout_s = timeout_s
-        self.l2_budget_s = l2_budget_s
-        self.verify_loads = verify_loads
+    def __init__(self, config: StoreConfig):
+        self.config = config
+        self.address = config.socket
+        self.socket_path = config.socket.removeprefix("unix://")
+        self.timeout_s = config.timeout_s
+        self.l2_budget_s = config.l2_budget_s
+        self.verify_loads = config.verify_loads
+        retry_s = config.retry_s
         self._arena: SharedArena | None = None
         self._arena_lock = threading.Lock()
         self._ctl = self._new_channel(retry_s)
         self._ctl_lock = threading.Lock()  # one request at a time on the caller's socket
         self._saver = self._new_channel(retry_s)
         self._save_queue: queue.Queue[tuple[list[Any], list[np.ndarray], Future[int]]]
-        self._save_queue = queue.Queue(save_queue)
+        self._save_queue = queue.Queue(config.save_queue)
         self._inflight: set[Future[int]] = set()
         self._stats: dict[str, float] = dict.fromkeys(ClientStats.__dataclass_fields__, 0)
         self._stats_lock = threading.Lock()
@@ -117,10 +120,10 @@ class StoreClient:
         """How many leading keys the store holds (L1, then L2). 0 when the store is away."""
         if not keys or self._is_closed:
             return 0
-        msg = {"op": "lookup", "keys": hex_keys(keys), "budget_s": self.l2_budget_s}
+        request = m.Lookup(keys=hex_keys(keys), budget_s=self.l2_budget_s)
         with self._ctl_lock:
-            reply = self._call(self._ctl, msg, l2=True)
-        return 0 if reply is None else int(reply["num_chunks"])
+            reply: m.LookupReply | None = self._call(self._ctl, request, l2=True)
+        return 0 if reply is None else reply.num_chunks
 
     def load(self, keys: Sequence[Any], dst_views: Sequence[Any]) -> int:
         """Copy the leading stored chunks into ``dst_views``; returns how many were copied."""
@@ -153,18 +156,19 @@ class StoreClient:
 
     @contextmanager
     def _leased(self, keys: Sequence[Any]) -> Iterator[tuple[list[np.ndarray], list[int]]]:
-        if not keys or self._is_closed:
+        """(views, checksums) of the leading stored chunks, read-leased for the block."""
+        acquired = self._acquire(keys)
+        if acquired is None:
             yield [], []
             return
-        msg = {"op": "acquire", "keys": hex_keys(keys), "budget_s": self.l2_budget_s}
-        with self._ctl_lock:
-            reply = self._call(self._ctl, msg, l2=True)
-            arena = self._ctl.array  # [arena bytes] uint8
-        if reply is None or reply["lease"] is None or arena is None:
-            yield [], []
-            return
+        with self._read_leased(*acquired) as leased:
+            yield leased
+
+    @contextmanager
+    def _read_leased(self, reply: m.AcquireReply, arena: np.ndarray) -> Iterator[tuple[list[np.ndarray], list[int]]]:
+        """The leased chunks as views into the arena ([arena bytes] uint8); released at the end."""
         views, checksums = [], []
-        for offset, nbytes, want in reply["chunks"]:
+        for offset, nbytes, want in reply.chunks:
             view = arena[offset : offset + nbytes]
             view.flags.writeable = False
             views.append(view)
@@ -175,7 +179,7 @@ class StoreClient:
         finally:
             copy_s = time.perf_counter() - start
             with self._ctl_lock:
-                self._ctl.send({"op": "release", "lease": reply["lease"], "copy_s": copy_s})
+                self._ctl.send(m.Release(lease=reply.lease, copy_s=copy_s))
             nbytes = sum(v.nbytes for v in views)
             self._add(num_loaded=len(views), loaded_bytes=nbytes, load_seconds=copy_s)
 
@@ -290,16 +294,22 @@ class StoreClient:
     def _reserve(
         self, channel: StoreChannel, keys: Sequence[Any], sizes: Sequence[int]
     ) -> tuple[int | None, list[np.ndarray | None]]:
-        msg = {"op": "reserve", "keys": hex_keys(keys), "sizes": [int(s) for s in sizes]}
-        reply = self._call(channel, msg)
-        arena = channel.array  # [arena bytes] uint8
-        if reply is None or reply["lease"] is None or arena is None:
+        """Write-lease slots: (lease, a view to fill per key or None = skip), or (None, all None)."""
+        reply: m.ReserveReply | None = self._call(channel, m.Reserve(keys=hex_keys(keys), sizes=[int(s) for s in sizes]))
+        target = self._target(channel)
+        if reply is None or reply.lease is None or target is None:
             return None, [None] * len(keys)
-        views = [
+        views = self._slot_views(channel, reply, target, sizes)
+        return (reply.lease, views) if views is not None else (None, [None] * len(keys))
+
+    def _slot_views(
+        self, channel: StoreChannel, reply: m.ReserveReply, arena: np.ndarray, sizes: Sequence[int]
+    ) -> list[np.ndarray | None] | None:
+        """Views of the reserved slots in the arena ([arena bytes] uint8)."""
+        return [
             None if offset is None else arena[offset : offset + size]
-            for offset, size in zip(reply["offsets"], sizes, strict=True)
+            for offset, size in zip(reply.offsets, sizes, strict=True)
         ]
-        return reply["lease"], views
 
     def _commit(
         self, channel: StoreChannel, lease: int, views: list[np.ndarray | None], start: float
@@ -307,29 +317,42 @@ class StoreClient:
         filled = [v for v in views if v is not None]
         checksums = [checksum(v) for v in filled]
         copy_s = time.perf_counter() - start
-        msg = {"op": "commit", "lease": lease, "checksums": checksums, "copy_s": copy_s}
-        reply = self._call(channel, msg)
-        num = 0 if reply is None else int(reply["num_committed"])
+        reply: m.CommitReply | None = self._call(channel, m.Commit(lease=lease, checksums=checksums, copy_s=copy_s))
+        num = 0 if reply is None else reply.num_committed
         nbytes = sum(v.nbytes for v in filled) if num == len(filled) else 0
         self._add(num_saved=num, saved_bytes=nbytes, save_seconds=copy_s)
         return num
 
     def _abort(self, channel: StoreChannel, lease: int) -> None:
-        channel.send({"op": "abort", "lease": lease})
+        channel.send(m.Abort(lease=lease))
 
     # -- helpers ---------------------------------------------------------------------------
     def _new_channel(self, retry_s: float) -> StoreChannel:
         return StoreChannel(self.socket_path, self.timeout_s, retry_s, self._attach_arena)
 
-    def _call(
-        self, channel: StoreChannel, msg: dict[str, Any], *, l2: bool = False
-    ) -> dict[str, Any] | None:
-        """One request; None (logged once, counted) if the store failed or refused it.
+    def _acquire(self, keys: Sequence[Any]) -> tuple[m.AcquireReply, Any] | None:
+        """Read-lease the leading stored chunks over ``_ctl``: (reply, ``_target``), or None
+        when nothing was leased (no keys, closed, the store is away or holds none of them)."""
+        if not keys or self._is_closed:
+            return None
+        with self._ctl_lock:
+            reply: m.AcquireReply | None = self._call(self._ctl, m.Acquire(keys=hex_keys(keys), budget_s=self.l2_budget_s), l2=True)
+            target = self._target(self._ctl)
+        if reply is None or reply.lease is None or target is None:
+            return None
+        return reply, target
+
+    def _target(self, channel: StoreChannel) -> Any:
+        """What chunk bytes move through: here the arena mapping of the channel's store."""
+        return channel.array
+
+    def _call(self, channel: StoreChannel, request: m.Request, *, l2: bool = False) -> Any:
+        """One request; its reply, or None (logged once, counted) if the store failed or refused it.
 
         Callers hold ``_ctl_lock`` for ``_ctl``; ``_saver`` belongs to the saver thread.
         """
         try:
-            reply = channel.call(msg, l2_budget_s=self.l2_budget_s if l2 else 0.0)
+            reply = channel.call(request, l2_budget_s=self.l2_budget_s if l2 else 0.0)
         except StorageError as exc:
             self._note_failure(exc)
             return None
@@ -371,4 +394,4 @@ class StoreClient:
     def _note_ok(self) -> None:
         if self._is_down:
             self._is_down = False
-            logger.info("store at %s is back", self.socket_path)
+            logger.info("store at %s is back", self.address)

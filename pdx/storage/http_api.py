@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pdx.errors import StoreBadRequest
+from pdx.storage.messages import ErrorReply, parse_request
 from pdx.storage.metrics import create_registry, render
 
 if TYPE_CHECKING:
@@ -106,15 +108,13 @@ async def _serve_one(
         model = ClearBody if path == "/clear" else KeysBody
         try:
             body = model.model_validate_json(raw or b"{}")
-            msg: dict[str, Any] = {"op": path[1:], **body.model_dump()}
-            reply = await server.dispatch(msg, None)
+            reply = await server.dispatch(parse_request({"op": path[1:], **body.model_dump()}), None)
         except ValidationError as exc:
             return 400, "application/json", _json({"error": _first_error(exc)})
-        except ValueError as exc:
+        except StoreBadRequest as exc:
             return 400, "application/json", _json({"error": str(exc)})
-        if not reply.pop("ok"):
-            return 400, "application/json", _json(reply)
-        return 200, "application/json", _json(reply)
+        status = 400 if isinstance(reply, ErrorReply) else 200
+        return status, "application/json", _json(reply.model_dump(exclude={"ok"}))
     if path in ("/healthz", "/stats", "/metrics", "/lookup", "/pin", "/unpin", "/clear"):
         return 405, "application/json", _json({"error": f"{method} not allowed on {path}"})
     return 404, "application/json", _json({"error": f"no such endpoint {path}"})

@@ -1,86 +1,98 @@
-"""Wire format of the store's hot path: length-prefixed JSON frames over a unix socket.
+"""Wire format of the store's engine protocol: length-prefixed JSON frames.
 
-Each frame is a 4-byte big-endian length followed by a UTF-8 JSON object. A client
-sends one request and reads one reply (``{"ok": true, ...}`` or ``{"ok": false,
-"error": "..."}``). Chunk keys travel as hex strings; one request carries a whole
-batch of keys, so a request costs one round trip however many chunks it names.
+Each frame is a 4-byte big-endian length followed by a UTF-8 JSON object, one typed
+message of ``messages.py``: a client sends one request and reads one reply. Engines on
+the node speak it over a unix socket (``server.py``), engines on other nodes over TCP
+(``remote_server.py``). ``serve_requests`` is the serving loop of both.
 
-Requests (``op`` and fields) and replies:
-
-    hello                                  -> arena, arena_bytes, has_l2, version
-    lookup   keys                          -> num_chunks (L1 + L2 leading run), num_l1
-    acquire  keys, budget_s                -> lease, chunks [[offset, nbytes, checksum], ...]
-    release  lease, copy_s                 -> {}
-    reserve  keys, sizes                   -> lease, offsets [offset | null (skip)]
-    commit   lease, checksums, copy_s      -> num_committed
-    abort    lease                         -> {}
-    pin / unpin  keys                      -> num_chunks
-    clear    l2                            -> num_chunks (removed from L1)
-    stats                                  -> the server's stats dict
-
-``acquire`` returns the leading run of stored chunks (promoting from L2 within
-``budget_s``) under one read lease; the chunks cannot be evicted or overwritten
-until ``release`` (or the connection closes, or the lease TTL passes).
-``reserve`` hands out FILLING slots under a write lease; ``commit`` publishes
-those whose checksum is given and frees the rest.
-
-Remote clients (``remote_server.py``) speak the same frames over TCP; their hello carries
-``token`` and its reply names the store's transport endpoint instead of the arena.
+A frame over ``MAX_FRAME`` or one that is not a JSON object is a ``StoreProtocolError``:
+the server answers "malformed frame" and closes the connection. A well-formed frame
+whose request fails validation is answered with an ``ErrorReply`` naming the field, and
+the connection stays.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-VERSION = 1
+from pydantic import BaseModel
+
+from pdx.errors import StoreBadRequest, StoreProtocolError
+from pdx.storage.messages import ErrorReply, Request, is_noreply, parse_request
+
 MAX_FRAME = 64 << 20  # bytes; a batch of 100k keys is about 7 MB
 _LEN = struct.Struct(">I")
 
 
-class ProtocolError(Exception):
-    """A peer sent something that is not a valid frame."""
-
-
-def encode_frame(obj: dict[str, Any]) -> bytes:
-    body = json.dumps(obj, separators=(",", ":")).encode()
+def encode_frame(msg: BaseModel | dict[str, Any]) -> bytes:
+    if isinstance(msg, BaseModel):
+        body = msg.model_dump_json().encode()
+    else:  # raw objects: tools and tests that speak the wire by hand
+        body = json.dumps(msg, separators=(",", ":")).encode()
     return _LEN.pack(len(body)) + body
 
 
-def decode_body(body: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(body)
-    except ValueError as exc:
-        raise ProtocolError(f"frame is not JSON: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise ProtocolError("frame is not a JSON object")
-    return obj
-
-
-async def read_frame(reader: Any) -> dict[str, Any] | None:
-    """Read one frame from an ``asyncio.StreamReader``; None at a clean EOF."""
-    import asyncio
-
+async def read_body(reader: asyncio.StreamReader) -> bytes | None:
+    """One frame's body from a stream; None at a clean EOF."""
     try:
         header = await reader.readexactly(_LEN.size)
     except asyncio.IncompleteReadError as exc:
         if not exc.partial:
             return None
-        raise ProtocolError("connection closed inside a frame header") from exc
-    (length,) = _LEN.unpack(header)
-    if length > MAX_FRAME:
-        raise ProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME}")
-    return decode_body(await reader.readexactly(length))
+        raise StoreProtocolError("connection closed inside a frame header") from exc
+    return await reader.readexactly(_checked_length(header))
+
+
+def recv_body(sock: socket.socket) -> bytes:
+    """One frame's body from a blocking socket (honours the socket's timeout)."""
+    return _recv_exactly(sock, _checked_length(_recv_exactly(sock, _LEN.size)))
 
 
 def recv_frame(sock: socket.socket) -> dict[str, Any]:
-    """Read one frame from a blocking socket (honours the socket's timeout)."""
-    (length,) = _LEN.unpack(_recv_exactly(sock, _LEN.size))
+    """One frame as a plain object, for tools and tests that speak the wire by hand."""
+    obj = json.loads(recv_body(sock))
+    if not isinstance(obj, dict):
+        raise StoreProtocolError("frame is not a JSON object")
+    return obj
+
+
+async def serve_requests(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    handle: Callable[[Request], Awaitable[BaseModel]],
+) -> None:
+    """Answer each request with ``handle``'s reply until EOF; a request that fails validation
+    gets an ``ErrorReply``. Raises ``StoreProtocolError`` on a malformed frame."""
+    while (body := await read_body(reader)) is not None:
+        try:
+            request = parse_request(body)
+        except StoreBadRequest as exc:
+            if not is_noreply(body):
+                await send_reply(writer, ErrorReply(error=str(exc)))
+            continue
+        reply = await handle(request)
+        if not request.noreply:
+            await send_reply(writer, reply)
+
+
+async def send_reply(writer: asyncio.StreamWriter, reply: BaseModel) -> None:
+    try:
+        writer.write(encode_frame(reply))
+        await writer.drain()
+    except ConnectionError:
+        pass
+
+
+def _checked_length(header: bytes) -> int:
+    (length,) = _LEN.unpack(header)
     if length > MAX_FRAME:
-        raise ProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME}")
-    return decode_body(_recv_exactly(sock, length))
+        raise StoreProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+    return length
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -93,13 +105,3 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError("store closed the connection")
         got += k
     return bytes(buf)
-
-
-def parse_keys(value: Any) -> list[bytes]:
-    """Hex strings -> keys; raises ValueError naming the problem."""
-    if not isinstance(value, list):
-        raise ValueError("'keys' must be a list of hex strings")
-    try:
-        return [bytes.fromhex(k) for k in value]
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"'keys' must be hex strings: {exc}") from None

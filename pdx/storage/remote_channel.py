@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pdx.storage.channel import StoreChannel
-from pdx.storage.protocol import VERSION
+from pdx.storage.messages import VERSION, Hello, RemoteWelcome
 
 SCHEME = "pdx-store://"
 
@@ -34,13 +34,15 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class RemoteChannel(StoreChannel):
+    welcome = RemoteWelcome
+
     def __init__(
         self,
         address: str,
         token: str,
         timeout_s: float,
         retry_s: float,
-        attach: Callable[[dict[str, Any]], Any],
+        attach: Callable[[RemoteWelcome], Any],
     ):
         super().__init__(address, timeout_s, retry_s, attach_arena=_no_arena)
         self.host, self.port = parse_address(address)
@@ -53,12 +55,12 @@ class RemoteChannel(StoreChannel):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def _hello(self) -> dict[str, Any]:
-        return {"op": "hello", "version": VERSION, "token": self._token}
+    def _hello(self) -> Hello:
+        return Hello(version=VERSION, token=self._token)
 
-    def _attach(self, hello: dict[str, Any]) -> None:
+    def _attach(self, hello: RemoteWelcome) -> None:
         self.peer = self._attach_peer(hello)
-        self.has_l2 = bool(hello.get("has_l2"))
+        self.has_l2 = hello.has_l2
 
     def detach(self) -> None:
         super().detach()

@@ -1,6 +1,6 @@
 """``RemoteStoreClient``: a store on another node, reached over a pdx transport.
 
-    client = RemoteStoreClient("pdx-store://10.0.0.7:8301", token="...")   # or create_client(url)
+    client = create_client("pdx-store://10.0.0.7:8301", token="...")
     n = client.lookup_prefix(keys)
     n = client.load(keys[:n], dst_views)     # one-sided transport read of the leased slots
     client.save(new_keys, src_views)         # reserve -> transport write -> commit
@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pdx.errors import StoreUnavailable
-from pdx.storage.buffers import hex_keys
 from pdx.storage.channel import StoreChannel
 from pdx.storage.checksum import checksum
 from pdx.storage.client import StoreClient
+from pdx.storage.config import StoreConfig
+from pdx.storage.messages import Abort, AcquireReply, Release, RemoteWelcome, ReserveReply
 from pdx.storage.remote_channel import RemoteChannel, parse_address
 from pdx.transports.loop_thread import LoopThread
 
@@ -73,22 +74,10 @@ class _Staged:
 
 
 class RemoteStoreClient(StoreClient):
-    def __init__(
-        self,
-        address: str,
-        *,
-        token: str | None = None,
-        timeout_s: float = 1.0,
-        l2_budget_s: float = 2.0,
-        retry_s: float = 2.0,
-        save_queue: int = 64,
-        verify_loads: bool = True,  # remote loads are always verified; accepted for symmetry
-        transport_options: dict[str, Any] | None = None,
-    ):
-        parse_address(address)  # a malformed address is the caller's bug: ValueError now
-        self.address = address
-        self._token = os.environ.get(TOKEN_ENV, "") if token is None else token
-        self._transport_options = dict(transport_options or {})
+    def __init__(self, config: StoreConfig):
+        parse_address(config.socket)  # a malformed address is the caller's bug: ValueError now
+        self._token = config.auth_token or os.environ.get(TOKEN_ENV, "")
+        self._transport_options = dict(config.transport_options)
         self._loop = LoopThread("pdx-store-remote")
         self._transport: Transport | None = None
         self._store: StorePeer | None = None
@@ -96,26 +85,20 @@ class RemoteStoreClient(StoreClient):
         self._free: list[MemoryRegion] = []  # staging regions not in use
         self._staged: dict[int, _Staged] = {}  # write lease -> its staging
         self._pool_lock = threading.Lock()
-        super().__init__(address, timeout_s=timeout_s, l2_budget_s=l2_budget_s, retry_s=retry_s,
-                         save_queue=save_queue, verify_loads=False)  # fmt: skip
+        super().__init__(config)
+        self.verify_loads = False  # remote loads are always verified, in ``_leased``
 
     def _new_channel(self, retry_s: float) -> StoreChannel:
         return RemoteChannel(self.address, self._token, self.timeout_s, retry_s, self._attach_store)
 
+    def _target(self, channel: StoreChannel) -> StorePeer | None:
+        return channel.peer  # type: ignore[attr-defined, no-any-return]
+
     # -- reads -----------------------------------------------------------------------------
     @contextmanager
-    def _leased(self, keys: Sequence[Any]) -> Iterator[tuple[list[np.ndarray], list[int]]]:
-        if not keys or self._is_closed:
-            yield [], []
-            return
-        msg = {"op": "acquire", "keys": hex_keys(keys), "budget_s": self.l2_budget_s}
-        with self._ctl_lock:
-            reply = self._call(self._ctl, msg, l2=True)
-            store = self._ctl.peer  # type: ignore[attr-defined]
-        if reply is None or reply["lease"] is None or store is None:
-            yield [], []
-            return
-        chunks = [(int(o), int(n), int(c)) for o, n, c in reply["chunks"]]
+    def _read_leased(self, reply: AcquireReply, store: StorePeer) -> Iterator[tuple[list[np.ndarray], list[int]]]:
+        """The leased chunks read over the transport into staging, each checked; released here."""
+        chunks = reply.chunks
         region: MemoryRegion | None = None
         copy_s, is_read = 0.0, False
         try:
@@ -130,7 +113,7 @@ class RemoteStoreClient(StoreClient):
         finally:
             with self._ctl_lock:
                 if is_read:
-                    self._ctl.send({"op": "release", "lease": reply["lease"], "copy_s": copy_s})
+                    self._ctl.send(Release(lease=reply.lease, copy_s=copy_s))
                 else:
                     self._ctl._fail()  # the store ends the connection's leases
         views: list[np.ndarray] = []
@@ -160,22 +143,20 @@ class RemoteStoreClient(StoreClient):
             self._add(num_loaded=len(checksums), loaded_bytes=nbytes, load_seconds=copy_s)
 
     # -- writes (hooks of StoreClient.write_views and its saver thread) ---------------------
-    def _reserve(
-        self, channel: StoreChannel, keys: Sequence[Any], sizes: Sequence[int]
-    ) -> tuple[int | None, list[np.ndarray | None]]:
-        msg = {"op": "reserve", "keys": hex_keys(keys), "sizes": [int(s) for s in sizes]}
-        reply = self._call(channel, msg)
-        store: StorePeer | None = getattr(channel, "peer", None)
-        if reply is None or reply["lease"] is None or store is None:
-            return None, [None] * len(keys)
-        lease = int(reply["lease"])
-        pairs = [(o, int(s)) for o, s in zip(reply["offsets"], sizes, strict=True)]
+    def _slot_views(
+        self, channel: StoreChannel, reply: ReserveReply, store: StorePeer, sizes: Sequence[int]
+    ) -> list[np.ndarray | None] | None:
+        """Staging views for the reserved slots, written to them at commit; None (the lease
+        aborted) when no staging buffer can be had."""
+        lease = reply.lease
+        assert lease is not None
+        pairs = [(o, int(s)) for o, s in zip(reply.offsets, sizes, strict=True)]
         try:
             region = self._take(sum(s for o, s in pairs if o is not None))
         except Exception as exc:
             self._note_failure(exc)
-            channel.send({"op": "abort", "lease": lease})
-            return None, [None] * len(keys)
+            channel.send(Abort(lease=lease))
+            return None
         views: list[np.ndarray | None] = []
         rows, pos = [], 0
         for offset, nbytes in pairs:
@@ -187,7 +168,7 @@ class RemoteStoreClient(StoreClient):
             pos += nbytes
         with self._pool_lock:
             self._staged[lease] = _Staged(region, rows, store)
-        return lease, views
+        return views
 
     def _commit(
         self, channel: StoreChannel, lease: int, views: list[np.ndarray | None], start: float
@@ -212,7 +193,7 @@ class RemoteStoreClient(StoreClient):
             staged = self._staged.pop(lease, None)
         if staged is not None:
             self._give(staged.region)
-        channel.send({"op": "abort", "lease": lease})
+        channel.send(Abort(lease=lease))
 
     # -- transport ---------------------------------------------------------------------------
     def _transfer(
@@ -236,13 +217,13 @@ class RemoteStoreClient(StoreClient):
             return False, 0.0
         return True, report.seconds
 
-    def _attach_store(self, hello: dict[str, Any]) -> StorePeer:
+    def _attach_store(self, hello: RemoteWelcome) -> StorePeer:
         """Called on each new control connection: connect the transport to the store's endpoint."""
         from pdx.transports import create_transport
         from pdx.transports.errors import TransportError
 
-        kind, region_id = str(hello["transport"]), int(hello["region"])
-        descriptor = base64.b64decode(hello["descriptor"])
+        kind, region_id = hello.transport, hello.region
+        descriptor = base64.b64decode(hello.descriptor)
         with self._transport_lock:
             if self._store is not None and self._store.descriptor == descriptor:
                 return StorePeer(self._store.peer, region_id, descriptor)
@@ -317,11 +298,6 @@ class RemoteStoreClient(StoreClient):
         with self._transport_lock:
             self._close_transport()
         self._loop.stop()
-
-    def _note_ok(self) -> None:
-        if self._is_down:
-            self._is_down = False
-            logger.info("store at %s is back", self.address)
 
 
 def _options(kind: str, timeout_s: float) -> dict[str, Any]:

@@ -32,17 +32,35 @@ import hmac
 import logging
 from typing import TYPE_CHECKING, Any
 
-from pdx.errors import ConfigError
+from pdx.errors import ConfigError, StoreBadRequest, StoreProtocolError
 from pdx.storage.checksum import checksum
-from pdx.storage.protocol import VERSION, ProtocolError, encode_frame, read_frame
+from pdx.storage.messages import (
+    VERSION,
+    Abort,
+    Acquire,
+    Commit,
+    CommitReply,
+    ErrorReply,
+    Hello,
+    Lookup,
+    Release,
+    RemoteWelcome,
+    Reply,
+    Request,
+    Reserve,
+    Stats,
+    parse_request,
+)
+from pdx.storage.protocol import read_body, send_reply, serve_requests
 
 if TYPE_CHECKING:
+    from pdx.storage.config import StoreConfig
     from pdx.storage.server import StoreServer
     from pdx.transports.base import MemoryRegion, Transport
 
 logger = logging.getLogger(__name__)
 
-REMOTE_OPS = frozenset({"lookup", "acquire", "release", "reserve", "commit", "abort", "stats"})
+REMOTE_OPS = (Lookup, Acquire, Release, Reserve, Commit, Abort, Stats)  # requests served to remote clients
 HELLO_TIMEOUT_S = 10.0  # a connection that sends no hello by then is closed
 WRITE_GRACE_S = 2.0  # reserved slots of a lost connection are freed this much later
 AUTO_MEDIA = ("nixl", "tcp")  # media of ``--remote-transport auto`` that reach other hosts
@@ -60,14 +78,14 @@ def parse_listen(value: str) -> tuple[str, int]:
 class RemoteFrontend:
     """Owned by ``StoreServer``: started after the arena exists, closed before it goes."""
 
-    def __init__(self, server: StoreServer, listen: str, kind: str, token: str,
-                 advertise_host: str | None = None, data_port: int = 0) -> None:  # fmt: skip
+    def __init__(self, server: StoreServer, config: StoreConfig) -> None:
+        assert config.remote_listen is not None
         self.server = server
-        self.host, self.port = parse_listen(listen)
-        self.kind = kind
-        self._token = token
-        self._advertise = advertise_host
-        self._data_port = data_port
+        self.host, self.port = parse_listen(config.remote_listen)
+        self.kind = config.remote_transport
+        self._token = config.auth_token
+        self._advertise = config.remote_advertise
+        self._data_port = config.remote_data_port
         self.transport: Transport | None = None
         self.region: MemoryRegion | None = None
         self._descriptor = ""  # base64 of the transport descriptor
@@ -123,28 +141,22 @@ class RemoteFrontend:
         conn: set[int] = set()  # lease ids owned by this connection
         peer = writer.get_extra_info("peername")
         try:
-            hello = await asyncio.wait_for(read_frame(reader), HELLO_TIMEOUT_S)
-            if hello is None:
+            body = await asyncio.wait_for(read_body(reader), HELLO_TIMEOUT_S)
+            if body is None:
                 return
-            error = self._check_hello(hello)
+            error = self._check_hello(body)
             if error is not None:
                 counters.remote_refused += 1
                 logger.warning("remote store client %s refused: %s", peer, error)
-                await _reply(writer, {"ok": False, "error": error})
+                await send_reply(writer, ErrorReply(error=error))
                 return
             self._writers.add(writer)
-            await _reply(writer, self._welcome())
-            while (msg := await read_frame(reader)) is not None:
-                try:
-                    reply = await self._dispatch(msg, conn)
-                except (ValueError, KeyError, TypeError) as exc:
-                    reply = {"ok": False, "error": f"bad {msg.get('op')!r} request: {exc}"}
-                if not msg.get("noreply"):
-                    await _reply(writer, reply)
-        except ProtocolError as exc:
+            await send_reply(writer, self._welcome())
+            await serve_requests(reader, writer, lambda request: self._dispatch(request, conn))
+        except StoreProtocolError as exc:
             counters.remote_refused += 1
             logger.warning("remote store client %s sent a malformed frame: %s", peer, exc)
-            await _reply(writer, {"ok": False, "error": f"malformed frame: {exc}"})
+            await send_reply(writer, ErrorReply(error=f"malformed frame: {exc}"))
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
             logger.debug("remote store client %s gone: %r", peer, exc)
         finally:
@@ -158,52 +170,52 @@ class RemoteFrontend:
             self._writers.discard(writer)
             writer.close()
 
-    def _check_hello(self, hello: dict[str, Any]) -> str | None:
-        if hello.get("op") != "hello":
-            return f"the first frame must be a hello, got op {hello.get('op')!r}"
-        if hello.get("version") != VERSION:
-            return f"client speaks protocol v{hello.get('version')}, store v{VERSION}"
-        token = hello.get("token")
-        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._token.encode()):
+    def _check_hello(self, body: bytes) -> str | None:
+        try:
+            hello = parse_request(body)
+        except StoreBadRequest as exc:
+            return f"the first frame must be a hello: {exc}"
+        if not isinstance(hello, Hello):
+            return f"the first frame must be a hello, got op {hello.op!r}"  # type: ignore[attr-defined]
+        if hello.version != VERSION:
+            return f"client speaks protocol v{hello.version}, store v{VERSION}"
+        if hello.token is None or not hmac.compare_digest(hello.token.encode(), self._token.encode()):
             return "bad auth token; use the store's --remote-token (PDX_STORE_REMOTE_TOKEN)"
         return None
 
-    def _welcome(self) -> dict[str, Any]:
+    def _welcome(self) -> RemoteWelcome:
         assert self.server.arena is not None and self.region is not None
-        return {
-            "ok": True,
-            "version": VERSION,
-            "transport": self.kind,
-            "descriptor": self._descriptor,
-            "region": self.region.region_id,
-            "arena_bytes": self.server.arena.nbytes,
-            "has_l2": self.server.tier is not None,
-        }
+        return RemoteWelcome(version=VERSION, transport=self.kind, descriptor=self._descriptor,
+                             region=self.region.region_id, arena_bytes=self.server.arena.nbytes,
+                             has_l2=self.server.tier is not None)  # fmt: skip
 
-    async def _dispatch(self, msg: dict[str, Any], conn: set[int]) -> dict[str, Any]:
-        op = msg.get("op")
-        if op not in REMOTE_OPS:
-            return {"ok": False, "error": f"op {op!r} is not served to remote clients ({sorted(REMOTE_OPS)})"}
+    async def _dispatch(self, request: Request, conn: set[int]) -> Reply:
+        if not isinstance(request, REMOTE_OPS):
+            op = request.op  # type: ignore[attr-defined]
+            served = sorted(t.model_fields["op"].default for t in REMOTE_OPS)
+            return ErrorReply(error=f"op {op!r} is not served to remote clients ({served})")
         counters = self.server.counters
-        lease = self.server._leases.get(int(msg["lease"])) if "lease" in msg else None
+        lease = self.server._leases.get(request.lease) if isinstance(request, Release | Commit) else None
         if lease is not None and lease.id not in conn:
             lease = None  # another connection's: dispatch refuses it
-        if op == "release" and lease is not None and not lease.is_write:
+        if isinstance(request, Release) and lease is not None and not lease.is_write:
             counters.remote_loaded_chunks += len(lease.entries)
             counters.remote_loaded_bytes += sum(e.nbytes for e in lease.entries)
-        if op == "commit" and lease is not None and lease.is_write:
-            msg = {**msg, "checksums": await self._verified(lease.entries, msg["checksums"])}
+        if isinstance(request, Commit) and lease is not None and lease.is_write:
+            if len(request.checksums) != len(lease.entries):
+                return ErrorReply(error=f"bad 'commit' request: 'checksums' must be one int or null "
+                                        f"per reserved chunk ({len(lease.entries)})")  # fmt: skip
+            verified = await self._verified(lease.entries, request.checksums)
             saved_bytes = counters.saved_bytes
-            reply = await self.server.dispatch(msg, conn)
-            counters.remote_saved_chunks += int(reply.get("num_committed", 0))
+            reply = await self.server.dispatch(request.model_copy(update={"checksums": verified}), conn)
+            if isinstance(reply, CommitReply):
+                counters.remote_saved_chunks += reply.num_committed
             counters.remote_saved_bytes += counters.saved_bytes - saved_bytes
             return reply
-        return await self.server.dispatch(msg, conn)
+        return await self.server.dispatch(request, conn)
 
-    async def _verified(self, entries: list[Any], checksums: Any) -> list[int | None]:
+    async def _verified(self, entries: list[Any], checksums: list[int | None]) -> list[int | None]:
         """The client's checksums, with None where the landed bytes differ (those slots are freed)."""
-        if not isinstance(checksums, list) or len(checksums) != len(entries):
-            raise ValueError(f"'checksums' must be one int or null per reserved chunk ({len(entries)})")
         arena = self.server.arena
         assert arena is not None and arena.array is not None
         array = arena.array
@@ -219,10 +231,3 @@ class RemoteFrontend:
             logger.warning("%d remotely written chunk(s) did not match their checksum; not stored", num_bad)
         return out
 
-
-async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
-    try:
-        writer.write(encode_frame(reply))
-        await writer.drain()
-    except ConnectionError:
-        pass

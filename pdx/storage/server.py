@@ -16,12 +16,38 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
+from pdx.errors import StoreProtocolError
 from pdx.storage.allocator import SlabAllocator
 from pdx.storage.arena import SharedArena, sweep_stale_arenas
 from pdx.storage.config import StoreConfig
 from pdx.storage.index import ChunkIndex, Entry, ReserveStatus
+from pdx.storage.messages import (
+    VERSION,
+    Abort,
+    Acquire,
+    AcquireReply,
+    Clear,
+    Commit,
+    CommitReply,
+    CountReply,
+    Done,
+    ErrorReply,
+    Hello,
+    Lookup,
+    LookupReply,
+    Pin,
+    Release,
+    Reply,
+    Request,
+    Reserve,
+    ReserveReply,
+    Stats,
+    StatsReply,
+    Unpin,
+    Welcome,
+)
 from pdx.storage.metrics import StoreCounters
-from pdx.storage.protocol import VERSION, ProtocolError, encode_frame, parse_keys, read_frame
+from pdx.storage.protocol import send_reply, serve_requests
 from pdx.storage.tier import L2Tier
 
 if TYPE_CHECKING:
@@ -72,7 +98,7 @@ class StoreServer:
 
             l2 = create_l2(cfg.l2_url)
         try:
-            _claim_socket_path(cfg.socket_path)
+            _claim_socket_path(cfg.socket)
         except BaseException:
             if l2 is not None:
                 l2.close()
@@ -82,16 +108,14 @@ class StoreServer:
         self.arena = SharedArena.create(allocator.capacity, prefault=cfg.prefault)
         self.index = ChunkIndex(allocator)
         if l2 is not None:
-            self.tier = L2Tier(l2, self.index, self.arena, self.counters,
-                               queue_size=cfg.l2_queue, num_writers=cfg.l2_workers)  # fmt: skip
+            self.tier = L2Tier(l2, self.index, self.arena, self.counters, cfg)
         self._tasks.append(asyncio.create_task(self._sweep_leases()))
-        self._servers.append(await asyncio.start_unix_server(self._on_client, path=cfg.socket_path))
+        self._servers.append(await asyncio.start_unix_server(self._on_client, path=cfg.socket))
         self._is_socket_owner = True
         if cfg.remote_listen:
             from pdx.storage.remote_server import RemoteFrontend
 
-            self.remote = RemoteFrontend(self, cfg.remote_listen, cfg.remote_transport, cfg.remote_token,
-                                         cfg.remote_advertise, cfg.remote_data_port)  # fmt: skip
+            self.remote = RemoteFrontend(self, cfg)
             await self.remote.start()
         if cfg.http_port >= 0:
             http = await start_http(self, cfg.http_host, cfg.http_port)
@@ -121,7 +145,7 @@ class StoreServer:
         if self._is_socket_owner:
             self._is_socket_owner = False
             try:
-                os.unlink(self.config.socket_path)
+                os.unlink(self.config.socket)
             except FileNotFoundError:
                 pass
 
@@ -130,16 +154,11 @@ class StoreServer:
         conn: set[int] = set()  # lease ids owned by this connection
         self._conn_writers.add(writer)
         try:
-            while (msg := await read_frame(reader)) is not None:
-                try:
-                    reply = await self.dispatch(msg, conn)
-                except (ValueError, KeyError, TypeError) as exc:
-                    reply = {"ok": False, "error": f"bad {msg.get('op')!r} request: {exc}"}
-                if msg.get("noreply"):
-                    continue
-                writer.write(encode_frame(reply))
-                await writer.drain()
-        except (ProtocolError, ConnectionError, asyncio.IncompleteReadError) as exc:
+            await serve_requests(reader, writer, lambda request: self.dispatch(request, conn))
+        except StoreProtocolError as exc:
+            logger.warning("store client sent a malformed frame: %s", exc)
+            await send_reply(writer, ErrorReply(error=f"malformed frame: {exc}"))
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
             logger.debug("client connection ended: %s", exc)
         finally:
             for lease_id in list(conn):
@@ -147,54 +166,52 @@ class StoreServer:
             self._conn_writers.discard(writer)
             writer.close()
 
-    async def dispatch(self, msg: dict[str, Any], conn: set[int] | None) -> dict[str, Any]:
-        op = msg.get("op")
-        if op == "hello":
-            assert self.arena is not None
-            return {
-                "ok": True,
-                "arena": self.arena.name,
-                "arena_bytes": self.arena.nbytes,
-                "has_l2": self.tier is not None,
-                "version": VERSION,
-            }
-        if op == "lookup":
-            return {
-                "ok": True,
-                **await self.lookup(parse_keys(msg["keys"]), _budget(msg, self.config)),
-            }
-        if op == "acquire" and conn is not None:
-            return {
-                "ok": True,
-                **await self.acquire(parse_keys(msg["keys"]), _budget(msg, self.config), conn),
-            }
-        if op in ("release", "abort", "commit") and conn is not None:
-            lease_id = int(msg["lease"])
-            if lease_id not in conn:  # ended by TTL, or another connection's lease
-                return {"ok": False, "error": f"no open lease {lease_id} on this connection"}
-        if op == "release":
-            self._end_lease(int(msg["lease"]), copy_s=float(msg.get("copy_s") or 0.0))
-            return {"ok": True}
-        if op == "reserve" and conn is not None:
-            return {"ok": True, **self.reserve(parse_keys(msg["keys"]), msg["sizes"], conn)}
-        if op == "commit":
-            n = self.commit(int(msg["lease"]), msg["checksums"], float(msg.get("copy_s") or 0.0))
-            return {"ok": True, "num_committed": n}
-        if op == "abort":
-            self._end_lease(int(msg["lease"]))
-            return {"ok": True}
-        if op in ("pin", "unpin"):
-            assert self.index is not None
-            fn = self.index.pin if op == "pin" else self.index.unpin
-            return {"ok": True, "num_chunks": sum(fn(k) for k in parse_keys(msg["keys"]))}
-        if op == "clear":
-            return {"ok": True, "num_chunks": await self.clear(bool(msg.get("l2", False)))}
-        if op == "stats":
-            return {"ok": True, "stats": self.stats()}
-        return {"ok": False, "error": f"unknown op {op!r}"}
+    async def dispatch(self, request: Request, conn: set[int] | None) -> Reply:
+        """Answer one validated request; ``conn`` is the connection's lease ids (None: HTTP)."""
+        if request.needs_conn and conn is None:
+            return ErrorReply(error=f"{request.op!r} needs an engine connection")  # type: ignore[attr-defined]
+        try:
+            return await self._answer(request, conn)
+        except ValueError as exc:
+            return ErrorReply(error=f"bad {request.op!r} request: {exc}")  # type: ignore[attr-defined]
+
+    async def _answer(self, request: Request, conn: set[int] | None) -> Reply:
+        assert self.index is not None and self.arena is not None
+        match request:
+            case Lookup(budget_s=budget_s):
+                return await self.lookup(request.keys_bytes, self._budget(budget_s))
+            case Acquire(budget_s=budget_s):
+                assert conn is not None
+                return await self.acquire(request.keys_bytes, self._budget(budget_s), conn)
+            case Reserve(sizes=sizes):
+                assert conn is not None
+                return self.reserve(request.keys_bytes, sizes, conn)
+            case Release(lease=lease_id) | Abort(lease=lease_id) | Commit(lease=lease_id):
+                assert conn is not None
+                if lease_id not in conn:  # ended by TTL, or another connection's lease
+                    return ErrorReply(error=f"no open lease {lease_id} on this connection")
+                if isinstance(request, Commit):
+                    return CommitReply(num_committed=self.commit(lease_id, request.checksums, request.copy_s))
+                self._end_lease(lease_id, copy_s=request.copy_s if isinstance(request, Release) else 0.0)
+                return Done()
+            case Pin() | Unpin():
+                fn = self.index.pin if isinstance(request, Pin) else self.index.unpin
+                return CountReply(num_chunks=sum(fn(k) for k in request.keys_bytes))
+            case Clear(l2=l2):
+                return CountReply(num_chunks=await self.clear(l2))
+            case Stats():
+                return StatsReply(stats=self.stats())
+            case Hello():
+                return Welcome(arena=self.arena.name, arena_bytes=self.arena.nbytes,
+                               has_l2=self.tier is not None, version=VERSION)  # fmt: skip
+        raise AssertionError(f"no handler for {type(request).__name__}")
+
+    def _budget(self, budget_s: float | None) -> float:
+        cap = self.config.max_budget_s
+        return cap if budget_s is None else min(max(budget_s, 0.0), cap)
 
     # -- operations ----------------------------------------------------------------------
-    async def lookup(self, keys: list[bytes], budget_s: float) -> dict[str, int]:
+    async def lookup(self, keys: list[bytes], budget_s: float) -> LookupReply:
         """Leading run of keys stored in L1, then L2; L2 hits start promoting at once.
 
         A zero budget answers from L1 alone, as ``acquire`` does (no L2 call, no L2 error)."""
@@ -205,9 +222,9 @@ class StoreServer:
             num += await self.tier.contains_prefix(keys[num_l1:], budget_s)
         self.counters.lookup_chunks += len(keys)
         self.counters.lookup_hits += num
-        return {"num_chunks": num, "num_l1": num_l1}
+        return LookupReply(num_chunks=num, num_l1=num_l1)
 
-    async def acquire(self, keys: list[bytes], budget_s: float, conn: set[int]) -> dict[str, Any]:
+    async def acquire(self, keys: list[bytes], budget_s: float, conn: set[int]) -> AcquireReply:
         """Read-lease the leading run of stored chunks, promoting L2 hits within the budget."""
         assert self.index is not None
         loop = asyncio.get_running_loop()
@@ -231,14 +248,12 @@ class StoreServer:
             raise
         self.counters.misses += len(keys) - len(entries)
         if not entries:
-            return {"lease": None, "chunks": []}
+            return AcquireReply(lease=None, chunks=[])
         lease = self._new_lease(False, entries, conn)
-        return {"lease": lease.id, "chunks": [[e.offset, e.nbytes, e.checksum] for e in entries]}
+        return AcquireReply(lease=lease.id, chunks=[(e.offset, e.nbytes, e.checksum) for e in entries])
 
-    def reserve(self, keys: list[bytes], sizes: list[int], conn: set[int]) -> dict[str, Any]:
+    def reserve(self, keys: list[bytes], sizes: list[int], conn: set[int]) -> ReserveReply:
         assert self.index is not None
-        if len(sizes) != len(keys) or not all(isinstance(s, int) and s > 0 for s in sizes):
-            raise ValueError("'sizes' must be one positive int per key")
         offsets: list[int | None] = []
         entries: list[Entry] = []
         for key, nbytes in zip(keys, sizes, strict=True):
@@ -253,7 +268,7 @@ class StoreServer:
             elif status is ReserveStatus.TOO_LARGE:
                 self.counters.reserve_too_large += 1
         lease_id = self._new_lease(True, entries, conn).id if entries else None
-        return {"lease": lease_id, "offsets": offsets}
+        return ReserveReply(lease=lease_id, offsets=offsets)
 
     def commit(self, lease_id: int, checksums: list[int | None], copy_s: float) -> int:
         """Publish the lease's chunks that have a checksum; free the others."""
@@ -336,10 +351,6 @@ class StoreServer:
                 )
                 self.counters.leases_expired += 1
                 self._end_lease(lease.id)
-
-
-def _budget(msg: dict[str, Any], config: StoreConfig) -> float:
-    return min(max(float(msg.get("budget_s", config.max_budget_s)), 0.0), config.max_budget_s)
 
 
 def _claim_socket_path(path: str) -> None:

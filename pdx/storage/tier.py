@@ -19,6 +19,7 @@ import numpy as np
 
 from pdx.errors import ChunkCorrupt, StoreUnavailable
 from pdx.storage.arena import SharedArena
+from pdx.storage.config import StoreConfig
 from pdx.storage.index import ChunkIndex, Entry, ReserveStatus
 from pdx.storage.l2.base import L2Store
 from pdx.storage.metrics import StoreCounters
@@ -35,15 +36,14 @@ class L2Tier:
         index: ChunkIndex,
         arena: SharedArena,
         counters: StoreCounters,
-        *,
-        queue_size: int,
-        num_writers: int,
+        config: StoreConfig,  # l2_queue, l2_workers
     ):
         self.l2 = l2
         self._index = index
         self._arena = arena
         self._counters = counters
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=queue_size)
+        num_writers = config.l2_workers
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=config.l2_queue)
         self._write_pool = ThreadPoolExecutor(num_writers, thread_name_prefix="pdx-l2-write")
         self._read_pool = ThreadPoolExecutor(NUM_READ_THREADS, thread_name_prefix="pdx-l2-read")
         self._writers = [asyncio.create_task(self._write_through()) for _ in range(num_writers)]

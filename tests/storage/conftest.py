@@ -51,6 +51,7 @@ def client_factory() -> Iterator:
     clients: list[StoreClient] = []
 
     def make(address: str, **kwargs) -> StoreClient:
+        kwargs.setdefault("l2_budget_s", 2.0)  # room for a promotion on a busy test box
         c = create_client(address, **kwargs)
         clients.append(c)
         return c

@@ -6,6 +6,7 @@ import numpy as np
 
 from pdx.storage.channel import StoreChannel
 from pdx.storage.client import StoreClient
+from pdx.storage.messages import Acquire, Release
 from tests.storage.helpers import CHUNK, make_chunk, make_keys
 
 CAPACITY_GB = 0.0042  # four 1 MiB slabs: 16 chunks of 256 KiB
@@ -46,14 +47,14 @@ def test_chunk_under_a_read_lease_is_never_evicted_or_overwritten(store_factory,
     assert writer.save(keys, [make_chunk(k) for k in keys]).result(10) == 16
 
     reader = StoreChannel(store.socket, 5.0, 1.0, _attach)
-    reply = reader.call({"op": "acquire", "keys": [keys[0].hex()]})  # a reader mid-copy
-    offset, nbytes, _ = reply["chunks"][0]
+    reply = reader.call(Acquire(keys=[keys[0].hex()]))  # a reader mid-copy
+    offset, nbytes, _ = reply.chunks[0]
     churn = make_keys(48, "churn")
     for i in range(0, 48, 8):
         writer.save(churn[i : i + 8], [make_chunk(k) for k in churn[i : i + 8]]).result(10)
     arena = reader.arena.array
     assert np.array_equal(arena[offset : offset + nbytes], make_chunk(keys[0]))
-    reader.call({"op": "release", "lease": reply["lease"]})
+    reader.call(Release(lease=reply.lease))
     assert store.stats()["num_leases"] == 0
     reader.close()
     reader.arena.close()

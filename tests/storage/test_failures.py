@@ -123,9 +123,10 @@ def test_dead_client_leases_are_released(store, client_factory):
         "import sys, time\n"
         "from pdx.storage.channel import StoreChannel\n"
         "from pdx.storage.arena import SharedArena\n"
+        "from pdx.storage.messages import Acquire, Reserve\n"
         f"ch = StoreChannel({store.socket!r}, 5.0, 1.0, SharedArena.attach)\n"
-        f"ch.call({{'op': 'acquire', 'keys': [{keys[0].hex()!r}]}})\n"
-        f"ch.call({{'op': 'reserve', 'keys': [{keys[1].hex()!r}], 'sizes': [{CHUNK}]}})\n"
+        f"ch.call(Acquire(keys=[{keys[0].hex()!r}]))\n"
+        f"ch.call(Reserve(keys=[{keys[1].hex()!r}], sizes=[{CHUNK}]))\n"
         "print('held', flush=True)\n"
         "time.sleep(60)\n"
     )
@@ -146,7 +147,7 @@ def test_dead_client_leases_are_released(store, client_factory):
 
 
 def test_clients_leak_no_fds_or_mappings(store):
-    from pdx.storage.client import StoreClient
+    from pdx.storage.client import create_client
 
     def fds() -> int:
         return len(os.listdir("/proc/self/fd"))
@@ -156,11 +157,11 @@ def test_clients_leak_no_fds_or_mappings(store):
             return sum("pdx-store-" in line for line in f)
 
     keys = make_keys(2, "leak")
-    with StoreClient(store.socket) as warm:  # first use imports and starts what it needs
+    with create_client(store.socket) as warm:  # first use imports and starts what it needs
         warm.save(keys, [make_chunk(k) for k in keys]).result(10)
     before_fds, before_maps = fds(), mappings()
     for _ in range(5):
-        with StoreClient(store.socket) as c:
+        with create_client(store.socket) as c:
             dsts = [np.zeros(CHUNK, np.uint8) for _ in keys]
             assert c.load(keys, dsts) == 2
             c.save(make_keys(1, f"x{_}"), [np.zeros(CHUNK, np.uint8)]).result(10)
@@ -173,16 +174,17 @@ def test_leases_held_past_the_ttl_are_ended_by_the_store(store_factory):
     from pdx.errors import StorageError
     from pdx.storage.arena import SharedArena
     from pdx.storage.channel import StoreChannel
+    from pdx.storage.messages import Commit, Reserve
 
     store = store_factory(extra=["--lease-ttl-s", "1"])
     keys = make_keys(2, "ttl")
     ch = StoreChannel(store.socket, 5.0, 1.0, SharedArena.attach)
     try:
-        reserved = ch.call({"op": "reserve", "keys": [keys[0].hex()], "sizes": [CHUNK]})
-        assert reserved["offsets"][0] is not None
+        reserved = ch.call(Reserve(keys=[keys[0].hex()], sizes=[CHUNK]))
+        assert reserved.offsets[0] is not None
         assert store.wait_stat("leases_expired", 1)["leases_expired"] == 1
         with pytest.raises(StorageError, match="no open lease"):
-            ch.call({"op": "commit", "lease": reserved["lease"], "checksums": [0]})
+            ch.call(Commit(lease=reserved.lease, checksums=[0]))
         stats = store.stats()
         assert stats["num_leases"] == 0 and stats["used_bytes"] == 0  # the slot came back
     finally:
@@ -193,17 +195,18 @@ def test_a_connection_cannot_end_another_connections_lease(store, client_factory
     from pdx.errors import StorageError
     from pdx.storage.arena import SharedArena
     from pdx.storage.channel import StoreChannel
+    from pdx.storage.messages import Acquire, Release
 
     keys = make_keys(1, "owner")
     client_factory(store.socket).save(keys, [make_chunk(keys[0])]).result(10)
     owner = StoreChannel(store.socket, 5.0, 1.0, SharedArena.attach)
     other = StoreChannel(store.socket, 5.0, 1.0, SharedArena.attach)
     try:
-        lease = owner.call({"op": "acquire", "keys": [keys[0].hex()]})["lease"]
+        lease = owner.call(Acquire(keys=[keys[0].hex()])).lease
         with pytest.raises(StorageError, match="no open lease"):
-            other.call({"op": "release", "lease": lease})
+            other.call(Release(lease=lease))
         assert store.stats()["num_leases"] == 1
-        owner.call({"op": "release", "lease": lease})
+        owner.call(Release(lease=lease))
         assert store.stats()["num_leases"] == 0
     finally:
         owner.detach()

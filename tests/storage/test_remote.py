@@ -19,7 +19,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from pdx.storage.protocol import VERSION, encode_frame, recv_frame
+from pdx.storage.messages import VERSION
+from pdx.storage.protocol import encode_frame, recv_frame
 from pdx.storage.remote_channel import parse_address
 from tests.storage.helpers import CHUNK, free_port, make_chunk, make_keys
 
@@ -157,7 +158,7 @@ def test_store_lost_between_lease_and_transfer_gives_misses(store_factory, clien
     def kill_after(op: str):
         def call_then_kill(channel, msg, **kwargs):
             reply = call(channel, msg, **kwargs)
-            if msg["op"] == op:
+            if msg.op == op:
                 store.kill()
             return reply
         return call_then_kill
