@@ -12,7 +12,7 @@ Initiator (for KV: the prefill engine)
     ``await post_write(peer, pairs, notif)``     -> ``Transfer``: one-sided write, then ``notif`` to the target
     ``await post_read(peer, pairs, notif)``      -> ``Transfer`` (``supports_read`` says if the medium can)
     ``await transfer.wait(timeout)``             -> ``TransferReport`` (raises ``TransferError`` subclasses)
-    ``transfer.poll()`` / ``transfer.abort()``
+    ``transfer.wait_blocking(timeout)`` / ``transfer.poll()`` / ``transfer.abort()``
 
 Target (for KV: the decode engine)
     ``await wait_notification(timeout, peer=None)`` -> ``Notification`` (each delivered exactly once)

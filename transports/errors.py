@@ -15,7 +15,11 @@ Every error a transport raises derives from ``TransportError``::
         └── PeerLost              the peer went away (process died, connection reset)
 
 Errors raised by backend libraries are mapped at the edge (``raise ... from exc``);
-messages say what was wrong and what to do.
+messages say what was wrong and what to do. Outside the tree the data plane raises
+only builtins for the caller's own mistakes: ``ValueError`` for a bad option,
+``TimeoutError`` from ``wait_notification``. (``wire.ProtocolError`` and a broken
+ucx exchange's ``ConnectionError`` never leave the transport: they end a connection
+and surface as ``PeerLost``; ``remote.RemoteError`` belongs to the test endpoints.)
 """
 
 from __future__ import annotations
