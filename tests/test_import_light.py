@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-HEAVY = ["torch", "vllm", "sglang", "nixl", "nixl_cu12", "ucxx", "triton", "redis"]
+HEAVY = ["torch", "vllm", "sglang", "nixl", "nixl_cu12", "ucxx", "triton", "redis", "prometheus_client"]
 
 
 def test_top_level_imports_stay_light():
