@@ -78,12 +78,6 @@ class PdxTransferParams:
     role: Literal["prefill", "decode"]
     peer: PeerAddress | None = None  # decode only: P's connector control address
 
-    @property
-    def peer_host_port(self) -> PeerAddress:
-        """``peer``, for callers that predate ``PeerAddress`` (tests/router reads it)."""
-        assert self.peer is not None
-        return self.peer
-
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {TRANSFER_ID: self.transfer_id, ROLE: self.role}
         if self.peer is not None:

@@ -28,7 +28,7 @@ def test_pdx_legs_share_one_transfer_id_and_the_connector_parses_them():
     p_params, d_params = pdx_keys.parse(p["kv_transfer_params"]), pdx_keys.parse(d["kv_transfer_params"])
     assert p_params.transfer_id == d_params.transfer_id == tid
     assert (p_params.role, d_params.role) == ("prefill", "decode")
-    assert d_params.peer_host_port == ("10.0.0.1", 5700)
+    assert d_params.peer == ("10.0.0.1", 5700)
     assert pdx.new_transfer_id() != tid
 
 
@@ -91,7 +91,7 @@ def test_each_fleet_kind_answers_legs_concurrency_and_whether_p_is_needed():
     p_body, d_body = orjson.loads(pdx_legs.prefill), orjson.loads(pdx_legs.decode)
     assert p_body == pdx.prefill_body(CLIENT, p_body["kv_transfer_params"]["pdx_transfer_id"])
     assert d_body["kv_transfer_params"]["pdx_transfer_id"] == p_body["kv_transfer_params"]["pdx_transfer_id"]
-    assert pdx_keys.parse(d_body["kv_transfer_params"]).peer_host_port == ("10.0.0.1", 5700)
+    assert pdx_keys.parse(d_body["kv_transfer_params"]).peer == ("10.0.0.1", 5700)
     assert by_name["pdx"].legs(ctx, PREFILL).prefill != pdx_legs.prefill  # a fresh transfer id per attempt
 
     nixl_legs = by_name["nixl"].legs(ctx, PREFILL)
