@@ -9,6 +9,7 @@ into the control plane (``raise KVTransferError(...) from exc``)::
     ├── KVTransferError           moving KV between engines failed (wraps a transports error)
     │   ├── KVLeaseExpired        the decode side never confirmed; the prefill side freed its blocks
     │   ├── KVControlError        the connector control channel refused a request or lost its peer
+    │   │   └── KVLayoutMismatch  prefill and decode keep their KV in different layouts (names both)
     │   └── KVMessageError        a peer's data-plane message is malformed (size, version, range); dropped
     ├── RoutingError              no healthy engine (pair) can take the request
     ├── EngineError               an engine answered with an error or cannot be reached
@@ -49,6 +50,10 @@ class KVLeaseExpired(KVTransferError):
 
 class KVControlError(KVTransferError):
     """The connector control channel refused a request (auth, mismatch, expired) or lost its peer."""
+
+
+class KVLayoutMismatch(KVControlError):
+    """A prefill and a decode engine keep their KV cache in different layouts; they cannot pair."""
 
 
 class KVMessageError(KVTransferError):

@@ -177,6 +177,15 @@ class PagedKVLayout:
         d["model_id"] = model_id
         return d
 
+    def summary(self) -> str:
+        """One line naming what peers must agree on, for error messages."""
+        isa = f" ({self.cpu_isa})" if self.cpu_isa else ""
+        return (
+            f"{self.kind.value}{isa} {self.dtype}, {self.num_layers} layers, KV heads "
+            f"[{self.head_start}, {self.head_end}) of {self.total_kv_heads}, head_dim {self.head_dim}, "
+            f"block_size {self.block_size}"
+        )
+
     def fingerprint(self, model_id: str = "") -> str:
         """A short, stable hex digest of model, dtype, layout kind, block size and head range."""
         blob = json.dumps(self.describe(model_id), sort_keys=True, separators=(",", ":")).encode()

@@ -11,6 +11,9 @@ each layer's registered regions::
                                    dst_buffers=[(d_region_id, d_layer_offset[layer])])
         await transport.post_write(peer, pairs, notif)
 
+Between host arrays (the store connector's chunks), ``copy_host(plan, src_buffers,
+dst_buffers)`` runs a plan for one layer without a transport.
+
 A direct copy needs the same layout kind, dtype, head_dim and model head count on both
 sides; it may change the head range (tensor-parallel resharding: only the overlapping
 heads are copied) and, where the block interior is token-addressable and not vllm_cpu,
@@ -298,3 +301,38 @@ def pair_segments(
     """One layer's copy as a transport table; ``*_buffers`` are that layer's (region_id, offset)."""
     plan = plan_copy(src_layout, src_block_ids, dst_layout, dst_block_ids, num_tokens)
     return plan.segment_pairs(src_buffers, dst_buffers)
+
+
+def copy_host(plan: CopyPlan, src_buffers: Sequence[np.ndarray], dst_buffers: Sequence[np.ndarray]) -> None:
+    """Run ``plan`` for one layer between host memory: ``*_buffers[b]`` is that layer's buffer ``b``
+    as a 1-D uint8 array. One vectorized copy per buffer pair, no loop over blocks.
+    """
+    t = plan.table
+    for sb, db in {(int(r[0]), int(r[1])) for r in t[:, [LOCAL_REGION, REMOTE_REGION]]}:
+        rows = t[(t[:, LOCAL_REGION] == sb) & (t[:, REMOTE_REGION] == db)]
+        _copy_runs(src_buffers[sb], rows[:, LOCAL_OFFSET], dst_buffers[db], rows[:, REMOTE_OFFSET], rows[:, NBYTES])
+
+
+def _copy_runs(src: np.ndarray, s_off: np.ndarray, dst: np.ndarray, d_off: np.ndarray, nbytes: np.ndarray) -> None:
+    # Split every run into units of the largest size dividing all offsets and lengths, then
+    # copy the units with one fancy-indexing operation over [-1, unit] views of both buffers.
+    unit = int(np.gcd.reduce(np.concatenate([s_off, d_off, nbytes])))
+    counts = nbytes // unit
+    total = int(counts.sum())
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    s_units = np.repeat(s_off // unit, counts) + np.arange(total) - first
+    d_units = np.repeat(d_off // unit, counts) + np.arange(total) - first
+    src2 = src[: len(src) // unit * unit].reshape(-1, unit)
+    dst2 = dst[: len(dst) // unit * unit].reshape(-1, unit)
+    if s_units.max() >= len(src2) or d_units.max() >= len(dst2):
+        raise LayoutError(
+            f"the copy reaches byte {max(int((s_units.max() + 1) * unit), int((d_units.max() + 1) * unit))} "
+            f"of a {len(src)}-byte source / {len(dst)}-byte destination buffer"
+        )
+    d0, s0 = int(d_units[0]), int(s_units[0])
+    if np.array_equal(d_units, np.arange(d0, d0 + total)):  # gather into one contiguous run
+        np.take(src2, s_units, axis=0, out=dst2[d0 : d0 + total], mode="clip")
+    elif np.array_equal(s_units, np.arange(s0, s0 + total)):  # scatter from one contiguous run
+        dst2[d_units] = src2[s0 : s0 + total]
+    else:
+        dst2[d_units] = src2[s_units]

@@ -16,7 +16,7 @@ from pdx.transports.segments import NBYTES  # noqa: E402
 
 from pdx import layout as L  # noqa: E402
 from pdx.errors import LayoutError  # noqa: E402
-from pdx.segments import layer_block_segments, pair_segments, plan_copy  # noqa: E402
+from pdx.segments import copy_host, layer_block_segments, pair_segments, plan_copy  # noqa: E402
 from tests.kernels.helpers import as_bytes, fill_random_bits, new_caches  # noqa: E402
 
 NUM_BLOCKS = 12
@@ -222,3 +222,28 @@ def test_plan_runs_over_a_real_transport():
     want = kernels.gather(layout, src, kernels.slot_mapping_from_blocks([8, 9, 1], 16))
     got = kernels.gather(layout, dst, kernels.slot_mapping_from_blocks([0, 4, 5], 16))
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize(
+    "src, dst, src_ids, dst_ids",
+    [
+        (replace(L.vllm_cpu(2, 2, 8, 16, "float32"), block_stride=2 * 4096 + 64),  # padded engine blocks
+         L.vllm_cpu(2, 2, 8, 16, "float32"), [5, 1, 2, 3], [0, 1, 2, 3]),  # -> a dense chunk
+        (L.vllm_cpu(2, 2, 8, 16, "float32"), L.vllm_cpu(2, 2, 8, 16, "float32"), [0, 1], [7, 3]),
+        (L.vllm_flash(2, 4, 8, 16, "bfloat16", order="HND", tp_size=1),  # head slices of each block
+         L.vllm_flash(2, 4, 8, 16, "bfloat16", order="HND", tp_size=2, tp_rank=1), [4, 0], [1, 2]),
+        (L.vllm_flash(2, 4, 8, 16, "bfloat16", order="NHD"),  # re-blocked, token by token
+         L.vllm_flash(2, 4, 8, 8, "bfloat16", order="NHD"), [2, 0], [5, 1, 3, 0]),
+    ],
+    ids=["gather-padded", "scatter", "head-slices", "reblock"],
+)
+def test_copy_host_moves_exactly_the_planned_bytes(src, dst, src_ids, dst_ids):
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, src.buffer_nbytes(8), dtype=np.uint8)
+    b = rng.integers(0, 256, dst.buffer_nbytes(8), dtype=np.uint8)
+    plan = plan_copy(src, src_ids, dst, dst_ids)
+    want = b.copy()
+    for _, s_off, _, d_off, n in plan.table.tolist():  # the reference: one slice per row
+        want[d_off:d_off + n] = a[s_off:s_off + n]
+    copy_host(plan, [a], [b])
+    assert np.array_equal(b, want) and plan.nbytes > 0

@@ -3,7 +3,8 @@
 One TCP connection per (D worker, P worker), JSON lines, asyncio at both ends.
 
     D -> P  hello     {token, engine}                      first line; P closes on a bad token
-    D -> P  register  {seq, transfer_id, block_ids, ...}   D reserved these blocks for the transfer
+    D -> P  register  {seq, transfer_id, block_ids, ...}   D reserved these blocks for the transfer;
+                      {..., layout: {..., fingerprint}}     P refuses it unless D's KV layout is P's
     D -> P  release   {seq, transfer_id, reason}           D no longer wants the KV (abort, timeout)
     P -> D  reply     {seq, ok, error}                     answer to register / release
     P -> D  failed    {transfer_id, reason}                P cannot complete the transfer
@@ -25,6 +26,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from pdx.errors import KVControlError as ControlError
+from pdx.errors import LayoutError
+from pdx.layout import LayoutKind, PagedKVLayout
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +49,44 @@ class Hello(_Msg):
 class LayerDst(_Msg):
     region_id: int
     offset: int = Field(ge=0)  # byte offset of the layer's block 0 in the region
-    block_stride: int = Field(gt=0)  # bytes between consecutive blocks
+
+
+class LayoutMsg(_Msg):
+    """A peer's ``PagedKVLayout``: ``describe()``, its fingerprint, and its local block stride."""
+
+    kind: str = Field(max_length=32)
+    num_layers: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    block_size: int = Field(gt=0)  # tokens per block
+    dtype: str = Field(max_length=32)
+    head_start: int = Field(ge=0)
+    total_kv_heads: int = Field(gt=0)
+    cpu_isa: str = Field(default="", max_length=16)
+    extra: list[tuple[str, str]] = Field(default_factory=list, max_length=16)
+    block_stride: int = Field(default=0, ge=0)  # bytes between blocks in the peer's memory; 0: dense
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{16}$")
+
+    @classmethod
+    def of(cls, layout: PagedKVLayout) -> LayoutMsg:
+        d = layout.describe()
+        d.pop("model_id")
+        return cls(**d, block_stride=layout.block_stride, fingerprint=layout.fingerprint())
+
+    def to_layout(self) -> PagedKVLayout:
+        """Raises ``LayoutError`` for a malformed layout or one that does not match its fingerprint."""
+        try:
+            kind = LayoutKind(self.kind)
+        except ValueError:
+            raise LayoutError(f"unknown KV layout kind {self.kind!r}") from None
+        layout = PagedKVLayout(
+            kind, self.num_layers, self.num_kv_heads, self.head_dim, self.block_size, self.dtype,
+            head_start=self.head_start, total_kv_heads=self.total_kv_heads, block_stride=self.block_stride,
+            cpu_isa=self.cpu_isa, extra=tuple((k, v) for k, v in self.extra),
+        )  # fmt: skip
+        if layout.fingerprint() != self.fingerprint:
+            raise LayoutError(f"layout fingerprint {self.fingerprint} does not match its description")
+        return layout
 
 
 class Register(_Msg):
@@ -56,8 +96,7 @@ class Register(_Msg):
     block_ids: list[Annotated[int, Field(ge=0)]]  # D's blocks for the whole prompt, in order
     first_block: int = Field(ge=0)  # blocks before this index D already holds (local prefix hit)
     num_tokens: int = Field(gt=0)  # prompt tokens D expects
-    block_size: int = Field(gt=0)  # tokens per block
-    block_nbytes: int = Field(gt=0)  # bytes of one block of one layer
+    layout: LayoutMsg  # D's KV layout; P refuses a transfer unless it equals its own
     layers: list[LayerDst]
     descriptor: str  # D's transport descriptor, base64
 

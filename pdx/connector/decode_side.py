@@ -17,14 +17,24 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pdx.connector.control import ControlClient, ControlError, LayerDst, Register, Release
+from pdx.connector.control import (
+    ControlClient,
+    ControlError,
+    LayerDst,
+    LayoutMsg,
+    Register,
+    Release,
+)
 from pdx.connector.figures import TransferFigures
 from pdx.connector.messages import LayerLanded
 from pdx.connector.protocol import PeerAddress
 from pdx.connector.recv_book import RecvBook, RecvState, RecvStatus
 from pdx.errors import KVMessageError
+
+if TYPE_CHECKING:
+    from pdx.layout import PagedKVLayout
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +52,13 @@ class RecvOutcome:
 
 
 class DecodeSide:
-    def __init__(self, transport: Any, layers: list[LayerDst], block_size: int, block_nbytes: int,
-                 token: str, engine: str, recv_timeout_s: float) -> None:
+    def __init__(self, transport: Any, layout: PagedKVLayout, layers: list[LayerDst], token: str, engine: str,
+                 recv_timeout_s: float) -> None:
         self.transport = transport
+        self.layout = layout  # D's KV memory; P refuses to pair unless its own is the same
         self.layers = layers
-        self.block_size = block_size
-        self.block_nbytes = block_nbytes
+        self.block_size = layout.block_size
+        self._layout_msg = LayoutMsg.of(layout)
         self.token = token
         self.engine = engine
         self.recv_timeout_s = recv_timeout_s
@@ -108,8 +119,8 @@ class DecodeSide:
             descriptor = base64.b64encode(self.transport.descriptor()).decode()
             reply = await client.request(lambda seq: Register(
                 seq=seq, transfer_id=state.transfer_id, block_ids=state.block_ids,
-                first_block=state.first_block, num_tokens=state.num_tokens, block_size=self.block_size,
-                block_nbytes=self.block_nbytes, layers=self.layers, descriptor=descriptor,
+                first_block=state.first_block, num_tokens=state.num_tokens, layout=self._layout_msg,
+                layers=self.layers, descriptor=descriptor,
             ), timeout=self.recv_timeout_s)
         except ControlError as exc:
             self._failed_now(state, str(exc), connection_lost=True)

@@ -29,7 +29,9 @@ from pdx.connector.control import (
     Release,
 )
 from pdx.connector.messages import LayerLanded
-from pdx.connector.send_book import Destination, LayerSrc, SendBook, SendState, WriteItem
+from pdx.connector.send_book import Destination, SendBook, SendState, WriteItem
+from pdx.errors import LayoutError
+from pdx.segments import BufferRef
 from pdx.transports.errors import TransportError
 from pdx.transports.segments import SegmentPairs
 
@@ -40,7 +42,7 @@ READY_POLL_S = 0.0002  # GPU: poll period of a layer's "KV written" event
 
 
 class PrefillSide(ControlHandler):
-    def __init__(self, transport: Any, book: SendBook, src: list[LayerSrc], host: str, port: int,
+    def __init__(self, transport: Any, book: SendBook, src: list[BufferRef], host: str, port: int,
                  token: str, write_timeout_s: float) -> None:
         self.transport = transport
         self.book = book
@@ -81,13 +83,16 @@ class PrefillSide(ControlHandler):
 
     # -- control messages ------------------------------------------------------------------
     async def on_register(self, conn: Connection, msg: Register) -> None:
-        if msg.block_nbytes != self.book.block_nbytes or msg.block_size != self.book.block_size:
-            raise ControlError(
-                f"KV block mismatch: decoder {msg.block_size} tokens/{msg.block_nbytes} bytes, "
-                f"prefill {self.book.block_size} tokens/{self.book.block_nbytes} bytes; "
-                "use the same model, dtype and --block-size on both engines"
-            )
-        dest = Destination(list(msg.block_ids), msg.first_block, msg.num_tokens, list(msg.layers),
+        try:
+            layout = msg.layout.to_layout()
+            self.book.check_layout(layout)
+        except (LayoutError, ControlError) as exc:
+            why = str(exc) if isinstance(exc, ControlError) else f"the decoder's KV layout is malformed: {exc}"
+            logger.warning("transfer %s refused: %s", msg.transfer_id, why)
+            self.book.refuse(msg.transfer_id, why, time.monotonic())
+            self._collect()
+            raise ControlError(why) from exc
+        dest = Destination(list(msg.block_ids), msg.first_block, msg.num_tokens, list(msg.layers), layout,
                            base64.b64decode(msg.descriptor), conn=conn)
         try:
             dest.peer = await self._connect(dest.descriptor)

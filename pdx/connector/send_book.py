@@ -17,6 +17,9 @@ from typing import Any
 import numpy as np
 
 from pdx.connector.control import ControlError, LayerDst
+from pdx.errors import KVLayoutMismatch, LayoutError
+from pdx.layout import PagedKVLayout
+from pdx.segments import BufferRef, CopyPlan, plan_copy
 
 
 @dataclass(frozen=True)
@@ -28,13 +31,6 @@ class WriteItem:
     ready: Any = None  # GPU: an event (``query()``) that completes once the layer's KV is written
 
 
-@dataclass(frozen=True)
-class LayerSrc:
-    region_id: int  # P's registered region
-    offset: int  # byte offset of the layer's block 0 in the region
-    block_stride: int  # bytes between consecutive blocks
-
-
 @dataclass
 class Destination:
     """D's reserved blocks for one transfer (from its ``register`` message)."""
@@ -43,6 +39,7 @@ class Destination:
     first_block: int  # D holds blocks before this one already
     num_tokens: int
     layers: list[LayerDst]
+    layout: PagedKVLayout  # D's, equal to P's (``SendBook.check_layout``)
     descriptor: bytes
     conn: Any = None  # control Connection the registration came over
     peer: Any = None  # transports Peer, once connected
@@ -65,6 +62,7 @@ class SendState:
     nbytes_sent: int = 0
     num_writes: int = 0
     busy_s: float = 0.0  # sum of post-to-completion times
+    plans: dict[tuple[tuple[int, ...], tuple[int, ...]], CopyPlan] = field(default_factory=dict)  # by blocks
 
     @property
     def is_stopped(self) -> bool:
@@ -85,11 +83,11 @@ class SendState:
 
 
 class SendBook:
-    def __init__(self, lease_s: float, num_layers: int, block_size: int, block_nbytes: int) -> None:
+    def __init__(self, lease_s: float, layout: PagedKVLayout) -> None:
         self.lease_s = lease_s
-        self.num_layers = num_layers
-        self.block_size = block_size
-        self.block_nbytes = block_nbytes
+        self.layout = layout  # P's KV memory, every layer
+        self.num_layers = layout.num_layers
+        self.block_size = layout.block_size
         self.states: dict[str, SendState] = {}  # by transfer id
         self.early: dict[str, tuple[Destination, float]] = {}  # registered before P saw the request
         self.closed: dict[str, tuple[str, float]] = {}  # transfer id -> (why, forget after)
@@ -110,6 +108,23 @@ class SendBook:
         if not state.is_stopped:
             state.pending.append(item)
         return state
+
+    def check_layout(self, decode: PagedKVLayout) -> None:
+        """Raise ``KVLayoutMismatch``, naming both layouts, unless D keeps its KV exactly as P does."""
+        if decode.fingerprint() != self.layout.fingerprint():
+            raise KVLayoutMismatch(
+                f"KV layout mismatch: decoder {decode.summary()} (fingerprint {decode.fingerprint()}), "
+                f"prefill {self.layout.summary()} (fingerprint {self.layout.fingerprint()}); start both "
+                "engines with the same model, --dtype, --kv-cache-dtype and --block-size"
+            )
+
+    def refuse(self, transfer_id: str, why: str, now: float) -> None:
+        """P refused D's registration: stop the transfer (P frees its blocks once finished)."""
+        state = self.states.get(transfer_id)
+        if state is not None:
+            self.stop(state, why)
+        elif transfer_id not in self.early:
+            self.closed[transfer_id] = (why, now + self.lease_s)
 
     def register(self, transfer_id: str, dest: Destination, now: float) -> SendState | None:
         """D published its blocks. Raises ``ControlError`` if P cannot serve this transfer."""
@@ -199,25 +214,29 @@ class SendBook:
         return sum(1 for s in self.states.values() if s.is_finished)
 
     # -- planning ----------------------------------------------------------------------
-    def plan(self, state: SendState, item: WriteItem, src: list[LayerSrc]) -> tuple[np.ndarray, int, int]:
-        """Segment table ``[n, 5]`` for one item, and the token range (start, end) D will count."""
+    def plan(self, state: SendState, item: WriteItem, src: list[BufferRef]) -> tuple[np.ndarray, int, int]:
+        """Segment table ``[n, 5]`` for one item, and the token range (start, end) D will count.
+
+        ``src[layer]`` is (region id, offset of block 0) of P's layer buffer. The copy plan of a
+        block range is made once (``pdx.segments.plan_copy``) and reused for every layer.
+        """
         dest = state.dest
         assert dest is not None
         bs = self.block_size
         start = max(item.start, dest.first_block * bs)
         end = min(item.end, state.num_tokens)
         first, last = start // bs, math.ceil(end / bs) if end > start else start // bs
-        n = max(last - first, 0)
-        table = np.empty((n, 5), dtype=np.int64)
-        if n:
-            s, d = src[item.layer], dest.layers[item.layer]
-            src_blocks = np.asarray(state.block_ids[first:last], dtype=np.int64)
-            dst_blocks = np.asarray(dest.block_ids[first:last], dtype=np.int64)
-            if len(src_blocks) != n or len(dst_blocks) != n:
-                raise ControlError(f"blocks {first}..{last} missing on one side")
-            table[:, 0] = s.region_id
-            table[:, 1] = s.offset + src_blocks * s.block_stride
-            table[:, 2] = d.region_id
-            table[:, 3] = d.offset + dst_blocks * d.block_stride
-            table[:, 4] = self.block_nbytes
-        return table, start, end
+        if last <= first:
+            return np.zeros((0, 5), dtype=np.int64), start, end
+        blocks = (tuple(state.block_ids[first:last]), tuple(dest.block_ids[first:last]))
+        if len(blocks[0]) != last - first or len(blocks[1]) != last - first:
+            raise ControlError(f"blocks {first}..{last} missing on one side")
+        plan = state.plans.get(blocks)
+        if plan is None:
+            try:
+                plan = plan_copy(self.layout, blocks[0], dest.layout, blocks[1])
+            except LayoutError as exc:
+                raise ControlError(f"cannot copy blocks {first}..{last} to the decoder: {exc}") from exc
+            state.plans[blocks] = plan
+        d = dest.layers[item.layer]
+        return plan.segment_pairs([src[item.layer]], [(d.region_id, d.offset)]).table, start, end

@@ -25,30 +25,35 @@ request's blocks until a background thread copied them keeps them from new reque
 costs throughput once the KV cache is full.
 
 Chunk bytes: for each layer in model order, the chunk's ``chunk_size // block_size``
-blocks in token order, each block's bytes as vLLM holds them. The key's extras name the
-model, dtype, block size and KV shape, so engines that would lay bytes out differently
-never share chunks. A store that is slow or gone costs at most ``timeout_s`` (+
-``l2_budget_s``) per call and then behaves as a miss; nothing raises into the engine.
+blocks in token order, each block's bytes as vLLM holds them: the engine's
+``PagedKVLayout`` with dense blocks. Copies in and out are ``pdx.segments`` plans between
+the engine's layer buffers and the chunk (one vectorized copy per layer and chunk). The
+key's extras are the model and the layout's fingerprint (dtype, kind, heads, head_dim,
+block size, CPU ISA), so engines that would lay bytes out differently never share chunks
+and no chunk needs a layout conversion. A store that is slow or gone costs at most
+``timeout_s`` (+ ``l2_budget_s``) per call and then behaves as a miss; nothing raises
+into the engine.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from pdx.connector.config import StoreConfig
 from pdx.engines.vllm.metadata import StoreLoadSpec, StoreSaveSpec
 from pdx.errors import ConfigError
 from pdx.keys import KeyExtras, chunk_keys
+from pdx.segments import copy_host, plan_copy
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
-    from vllm.config import VllmConfig
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.request import Request
 
-    from pdx.connector.kv_regions import KVRegions
+    from pdx.layout import PagedKVLayout
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +75,9 @@ def _blocks_per_chunk(cfg: StoreConfig, block_size: int) -> int:
     return cfg.chunk_size // block_size
 
 
-def key_extras(vllm_config: VllmConfig) -> KeyExtras:
+def key_extras(model_id: str, layout: PagedKVLayout) -> KeyExtras:
     """Everything besides token ids that decides a chunk's bytes on this engine."""
-    mc, cc, par = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
-    layout = (
-        f"vllm-paged-v1:device={vllm_config.device_config.device_type}:block={cc.block_size}"
-        f":layers={mc.get_num_layers(par)}:kv_heads={mc.get_num_kv_heads(par)}:head={mc.get_head_size()}"
-    )
-    return KeyExtras(mc.model, f"{mc.dtype}/{cc.cache_dtype}", layout)
+    return KeyExtras(model_id, layout.dtype, layout.fingerprint(model_id), layout.head_range)
 
 
 class StoreScheduler:
@@ -169,28 +169,42 @@ class StoreWorker:
         self.block_size = block_size
         self.bpc = _blocks_per_chunk(cfg, block_size)
         self.client = _client(cfg)  # on the model runner's thread
-        self._layers: list[np.ndarray] = []  # per layer: [num_blocks, ...] uint8 view of the KV
-        self._block_nbytes = 0
+        self.layout: PagedKVLayout | None = None  # the engine's
+        self._chunk_layout: PagedKVLayout | None = None  # one layer of a chunk: the same, dense blocks
+        self._layers: list[np.ndarray] = []  # per layer: 1-D uint8 view of its buffer
         self._load_errors: set[int] = set()
 
     @property
+    def layer_nbytes(self) -> int:
+        """Bytes of one layer of one chunk."""
+        return self.bpc * self._chunk_layout.page_nbytes if self._chunk_layout else 0
+
+    @property
     def chunk_nbytes(self) -> int:
-        return len(self._layers) * self.bpc * self._block_nbytes
+        return len(self._layers) * self.layer_nbytes
 
-    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], regions: KVRegions) -> None:
-        import torch
+    def register(self, layout: PagedKVLayout, layers: list[np.ndarray]) -> None:
+        """``layers[l]``: layer ``l``'s KV buffer in host memory, as 1-D uint8, from block 0."""
+        if len(layers) != layout.num_layers:
+            raise ConfigError(f"{len(layers)} KV layer buffers for a {layout.num_layers}-layer layout")
+        self.layout, self._layers = layout, layers
+        self._chunk_layout = replace(layout, block_stride=0)
 
-        self._layers = []
-        for layer in regions.layers:
-            t = kv_caches[layer.name]
-            if t.device.type != "cpu":
-                raise ConfigError("the store connector needs the KV cache in host memory (vLLM CPU)")
-            self._layers.append(t.view(torch.uint8).numpy())
-        self._block_nbytes = regions.block_nbytes
-
-    def _block_span(self, layer: int, j: int) -> slice:
-        off = ((layer * self.bpc) + j) * self._block_nbytes
-        return slice(off, off + self._block_nbytes)
+    def _copy(self, chunk: np.ndarray, block_ids: Sequence[int], chunk_block_ids: Sequence[int],
+              to_chunk: bool) -> None:
+        """Every layer of the engine's ``block_ids`` to or from the chunk's blocks ``chunk_block_ids``."""
+        assert self.layout is not None and self._chunk_layout is not None
+        if to_chunk:
+            plan = plan_copy(self.layout, block_ids, self._chunk_layout, chunk_block_ids)
+        else:
+            plan = plan_copy(self._chunk_layout, chunk_block_ids, self.layout, block_ids)
+        n = self.layer_nbytes
+        for layer, kv in enumerate(self._layers):
+            part = chunk[layer * n:(layer + 1) * n]
+            if to_chunk:
+                copy_host(plan, [kv], [part])
+            else:
+                copy_host(plan, [part], [kv])
 
     def save(self, specs: list[StoreSaveSpec]) -> None:
         """Copy the chunks of this step's finished requests that the store lacks, here and now.
@@ -199,8 +213,6 @@ class StoreWorker:
         a chunk repeated in two requests), one commit. A store that fails or is gone drops the
         save; nothing raises into the engine.
         """
-        import numpy as np
-
         keys = [k for spec in specs for k in spec.keys]
         if not keys:
             return
@@ -208,20 +220,14 @@ class StoreWorker:
         try:
             with self.client.write_views(keys, [self.chunk_nbytes] * len(keys)) as views:
                 for view, blocks in zip(views, chunks, strict=True):
-                    if view is None:
-                        continue  # stored already, being saved elsewhere, or no room
-                    for layer, kv in enumerate(self._layers):
-                        for j, block in enumerate(blocks):
-                            src = kv[block]
-                            np.copyto(view[self._block_span(layer, j)].reshape(src.shape), src)
+                    if view is not None:  # else stored already, being saved elsewhere, or no room
+                        self._copy(view.reshape(-1), blocks, range(self.bpc), to_chunk=True)
         except Exception:
             logger.warning("saving %d chunks of %d requests to the store failed; skipped", len(keys), len(specs),
                            exc_info=True)  # fmt: skip
         logger.debug("store save: %d chunks of %s", len(keys), [spec.req_id for spec in specs])
 
     def load(self, spec: StoreLoadSpec) -> None:
-        import numpy as np
-
         loaded = 0
         try:
             with self.client.read_views(spec.keys) as views:
@@ -229,13 +235,11 @@ class StoreWorker:
                     if view.nbytes != self.chunk_nbytes:
                         logger.warning("stored chunk has %d bytes, expected %d", view.nbytes, self.chunk_nbytes)
                         break
-                    for layer, kv in enumerate(self._layers):
-                        for j in range(self.bpc):
-                            b = spec.first_block + i * self.bpc + j
-                            if b < spec.skip_blocks:
-                                continue  # the engine's own prefix hit: shared blocks, leave them
-                            dst = kv[spec.block_ids[b]]
-                            np.copyto(dst, view[self._block_span(layer, j)].reshape(dst.shape))
+                    first = spec.first_block + i * self.bpc
+                    # Blocks before skip_blocks are the engine's own prefix hit: shared, leave them.
+                    kept = range(max(spec.skip_blocks - first, 0), self.bpc)
+                    if len(kept):
+                        self._copy(view.reshape(-1), [spec.block_ids[first + j] for j in kept], kept, to_chunk=False)
                     loaded += 1
         except Exception:
             logger.warning("loading chunks of %s from the store failed", spec.req_id, exc_info=True)

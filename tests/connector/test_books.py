@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pdx.connector import protocol
 from pdx.connector.config import ConnectorConfig
 from pdx.connector.control import ControlError, LayerDst
 from pdx.connector.recv_book import RecvBook, RecvState, RecvStatus
-from pdx.connector.send_book import Destination, LayerSrc, SendBook, WriteItem
-from pdx.errors import ConfigError
+from pdx.connector.send_book import Destination, SendBook, WriteItem
+from pdx.errors import ConfigError, KVLayoutMismatch
+from pdx.layout import vllm_cpu
 
 TID = "0123456789abcdef"
 
@@ -34,23 +37,44 @@ def test_config_rejects_unknown_keys():
     assert ConnectorConfig.from_extra_config({"lease_s": 3}).lease_s == 3
 
 
+LAYOUT = vllm_cpu(2, 1, 4, 4, "float32")  # 2 layers, 4-token blocks of 128 bytes
+
+
 def _book() -> SendBook:
-    return SendBook(lease_s=10, num_layers=2, block_size=4, block_nbytes=100)
+    return SendBook(lease_s=10, layout=replace(LAYOUT, block_stride=160))  # P's blocks are padded
 
 
-def _dest(first_block: int = 0, num_tokens: int = 10) -> Destination:
-    layers = [LayerDst(region_id=9, offset=0, block_stride=100), LayerDst(region_id=9, offset=5000, block_stride=100)]
-    return Destination([20, 21, 22], first_block, num_tokens, layers, b"")
+def _dest(first_block: int = 0, num_tokens: int = 10, layout=LAYOUT) -> Destination:
+    layers = [LayerDst(region_id=9, offset=0), LayerDst(region_id=9, offset=5000)]
+    return Destination([20, 21, 22], first_block, num_tokens, layers, layout, b"")
 
 
 def test_plan_maps_p_blocks_to_d_blocks_per_layer_and_skips_d_prefix():
     book = _book()
-    src = [LayerSrc(1, 0, 100), LayerSrc(1, 1000, 100)]
+    src = [(1, 0), (1, 1000)]  # (region id, offset of block 0) of each layer
     state = book.save("r", TID, [5, 6, 7], 10, WriteItem(1, 0, 10, 0.0))
     book.register(TID, _dest(first_block=1), now=0)
     table, start, end = book.plan(state, WriteItem(1, 0, 10, 0.0), src)
     assert (start, end) == (4, 10)
-    assert table.tolist() == [[1, 1600, 9, 5000 + 2100, 100], [1, 1700, 9, 5000 + 2200, 100]]
+    assert table.tolist() == [[1, 1000 + 6 * 160, 9, 5000 + 21 * 128, 128], [1, 1000 + 7 * 160, 9, 5000 + 22 * 128, 128]]
+    table0, _, _ = book.plan(state, WriteItem(0, 0, 10, 0.0), src)  # layer 0: the same plan, its buffers
+    assert table0.tolist() == [[1, 6 * 160, 9, 21 * 128, 128], [1, 7 * 160, 9, 22 * 128, 128]]
+
+
+def test_a_decoder_layout_must_equal_the_prefill_layout_and_the_error_names_both():
+    book = _book()
+    book.check_layout(LAYOUT)  # block padding is local: the same layout
+    bf16 = vllm_cpu(2, 1, 8, 4, "bfloat16")  # same block bytes (128), another dtype and head_dim
+    with pytest.raises(KVLayoutMismatch) as err:
+        book.check_layout(bf16)
+    assert isinstance(err.value, ControlError)
+    assert f"decoder {bf16.summary()}" in str(err.value) and f"prefill {LAYOUT.summary()}" in str(err.value)
+    assert "bfloat16" in str(err.value) and "float32" in str(err.value)
+    state = book.save("r", TID, [5], 3, WriteItem(0, 0, 3, 0.0))
+    book.refuse(TID, str(err.value), now=0)  # P refused D: the transfer stops, blocks free once finished
+    assert state.is_stopped and not state.pending
+    book.finish("r", TID, is_aborted=False, now=1.0)
+    assert [s.req_id for s in book.pop_releasable(now=1.0)] == ["r"]
 
 
 def test_register_refuses_mismatched_transfers():

@@ -11,9 +11,12 @@ from pdx.connector.control import (
     ControlError,
     ControlHandler,
     ControlServer,
+    LayoutMsg,
     Register,
     Release,
 )
+from pdx.errors import LayoutError
+from pdx.layout import vllm_cpu, vllm_flash
 
 
 class Recorder(ControlHandler):
@@ -49,7 +52,7 @@ def test_garbage_and_bad_tokens_are_dropped_and_good_clients_still_served():
             assert reply.ok and handler.released == ["ab" * 8]
             reply = await good.request(
                 lambda seq: Register(seq=seq, transfer_id="cd" * 8, block_ids=[1], first_block=0,
-                                     num_tokens=4, block_size=4, block_nbytes=8, layers=[],
+                                     num_tokens=4, layout=LayoutMsg.of(vllm_cpu(1, 1, 1, 4, "float32")), layers=[],
                                      descriptor=""), timeout=5)
             assert not reply.ok and reply.error == "no such transfer"
             await good.aclose()
@@ -76,3 +79,17 @@ def test_lost_connection_fails_every_open_transfer():
         assert all("lost" in r for _, r in failed)
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_layout_crosses_the_wire_with_its_fingerprint_and_a_tampered_one_is_refused():
+    from dataclasses import replace
+
+    layout = replace(vllm_flash(4, 8, 128, 16, "bfloat16", order="NHD", tp_size=2, tp_rank=1), block_stride=70000)
+    msg = LayoutMsg.model_validate_json(LayoutMsg.of(layout).model_dump_json())
+    assert msg.fingerprint == layout.fingerprint() and msg.to_layout() == layout
+    with pytest.raises(LayoutError, match="does not match its description"):
+        msg.model_copy(update={"dtype": "float16"}).to_layout()  # same bytes per block, other dtype
+    with pytest.raises(LayoutError, match="unknown KV layout kind"):
+        msg.model_copy(update={"kind": "vllm_xyz"}).to_layout()
+    with pytest.raises(ValueError):
+        LayoutMsg.model_validate({**msg.model_dump(), "fingerprint": "not hex"})

@@ -19,17 +19,19 @@ from pdx.connector.decode_side import DecodeSide
 from pdx.connector.messages import LayerLanded
 from pdx.connector.prefill_side import PrefillSide
 from pdx.connector.protocol import PeerAddress
-from pdx.connector.send_book import LayerSrc, SendBook, WriteItem
+from pdx.connector.send_book import SendBook, WriteItem
+from pdx.layout import vllm_cpu, vllm_flash
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, BLOCK_NBYTES = 2, 16, 4, 64
+LAYOUT = vllm_cpu(NUM_LAYERS, 1, 2, BLOCK_SIZE, "float32")  # one head of head_dim 2: 64-byte blocks
 TOKEN = "secret"
 
 
 class Fleet:
     """One P side and one D side sharing a loop, each with its own 'KV cache' array."""
 
-    def __init__(self, lease_s: float = 5.0, recv_timeout_s: float = 5.0) -> None:
-        self.lease_s, self.recv_timeout_s = lease_s, recv_timeout_s
+    def __init__(self, lease_s: float = 5.0, recv_timeout_s: float = 5.0, d_layout=LAYOUT) -> None:
+        self.lease_s, self.recv_timeout_s, self.d_layout = lease_s, recv_timeout_s, d_layout
 
     async def __aenter__(self) -> Fleet:
         self.p_kv = np.random.default_rng(0).integers(
@@ -40,13 +42,12 @@ class Fleet:
         pr = self.pt.register(self.p_kv.reshape(-1))
         dr = self.dt.register(self.d_kv.reshape(-1))
         layer_bytes = NUM_BLOCKS * BLOCK_NBYTES
-        src = [LayerSrc(pr.region_id, i * layer_bytes, BLOCK_NBYTES) for i in range(NUM_LAYERS)]
-        dst = [LayerDst(region_id=dr.region_id, offset=i * layer_bytes, block_stride=BLOCK_NBYTES)
-               for i in range(NUM_LAYERS)]
-        book = SendBook(self.lease_s, NUM_LAYERS, BLOCK_SIZE, BLOCK_NBYTES)
+        src = [(pr.region_id, i * layer_bytes) for i in range(NUM_LAYERS)]
+        dst = [LayerDst(region_id=dr.region_id, offset=i * layer_bytes) for i in range(NUM_LAYERS)]
+        book = SendBook(self.lease_s, LAYOUT)
         self.p = PrefillSide(self.pt, book, src, "127.0.0.1", 0, TOKEN, 5.0)
         await self.p.start()
-        self.d = DecodeSide(self.dt, dst, BLOCK_SIZE, BLOCK_NBYTES, TOKEN, "d0", self.recv_timeout_s)
+        self.d = DecodeSide(self.dt, self.d_layout, dst, TOKEN, "d0", self.recv_timeout_s)
         await self.d.start()
         self.peer = PeerAddress("127.0.0.1", self.p.server.port)
         return self
@@ -163,6 +164,33 @@ def test_chunked_prefill_completes_only_when_every_token_landed():
                 f.p.save("p", "ef" * 8, [8, 9, 10], 10, WriteItem(layer, 6, 10, time.time()))
             (out,) = await f.outcomes()
             assert out.is_ok and (f.d_kv[:, 2] == f.p_kv[:, 10]).all()
+    run(main())
+
+
+@pytest.mark.parametrize("d_layout", [
+    vllm_cpu(NUM_LAYERS, 1, 4, BLOCK_SIZE, "bfloat16"),  # same block bytes, other dtype and head_dim
+    vllm_flash(NUM_LAYERS, 1, 2, BLOCK_SIZE, "float32", order="NHD"),  # same bytes, other order
+    vllm_cpu(NUM_LAYERS, 1, 2, 2 * BLOCK_SIZE, "float32"),  # other block size
+], ids=["dtype", "order", "block_size"])
+def test_a_decoder_with_another_kv_layout_is_refused_naming_both_and_nothing_is_held(d_layout):
+    """P compares D's layout fingerprint before any byte moves: D fails the transfer at once
+    (vLLM recomputes or fails it), P frees its blocks without waiting for its lease."""
+    assert d_layout.fingerprint() != LAYOUT.fingerprint()
+
+    async def main():
+        async with Fleet(lease_s=60.0, recv_timeout_s=60.0, d_layout=d_layout) as f:
+            f.save_all("p", "bc" * 8, [0, 1, 2], 10)
+            f.d.recv("d", "bc" * 8, f.peer, [3, 4, 5], 0, 10)
+            (out,) = await f.outcomes()
+            d_blocks = -(-10 // d_layout.block_size)  # D's blocks for 10 tokens, all to recompute
+            assert not out.is_ok and out.failed_block_ids == set([3, 4, 5][:d_blocks])
+            error = out.figures.error
+            assert "KV layout mismatch" in error
+            assert f"decoder {d_layout.summary()}" in error and f"prefill {LAYOUT.summary()}" in error
+            f.p.finish("p", "bc" * 8, is_aborted=False)
+            assert await f.released() == ["p"]
+            assert f.p.book.num_held == 0 and f.d.book.num_reserved == 0
+            assert not f.d_kv.any()
     run(main())
 
 

@@ -16,9 +16,10 @@ import pytest
 pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 
+import pdx.engines.vllm  # noqa: E402, F401  (the adapter first: it and store_side import each other)
 from pdx.connector.config import StoreConfig  # noqa: E402
-from pdx.connector.kv_regions import describe_kv_caches  # noqa: E402
-from pdx.connector.store_side import StoreScheduler, StoreWorker  # noqa: E402
+from pdx.connector.store_side import StoreScheduler, StoreWorker, key_extras  # noqa: E402
+from pdx.engines.vllm.kv_caches import describe_kv_caches, host_layer_views  # noqa: E402
 from pdx.errors import ConfigError  # noqa: E402
 from pdx.keys import KeyExtras  # noqa: E402
 from tests.storage.helpers import StoreProc  # noqa: E402
@@ -80,7 +81,8 @@ def sides(store: StoreProc, caches: dict[str, torch.Tensor], address: str | None
           token: str = "") -> tuple[StoreScheduler, StoreWorker]:  # fmt: skip
     cfg = StoreConfig(address or store.socket, timeout_s=0.5, l2_budget_s=0.0, chunk_size=CHUNK, auth_token=token)
     worker = StoreWorker(cfg, BLOCK)
-    worker.register_kv_caches(caches, describe_kv_caches(caches))
+    memory = describe_kv_caches(caches)
+    worker.register(memory.layout, host_layer_views(caches, memory))
     return StoreScheduler(cfg, BLOCK, EXTRAS), worker
 
 
@@ -94,6 +96,10 @@ def test_chunks_saved_by_one_engine_load_byte_exact_into_another(store):
         a_blocks = [5, 6, 7, 8, 9, 10, 11]
         finish_and_save(a_sched, a_worker, FakeRequest("a", prompt, num_computed_tokens=len(prompt)), a_blocks)
         assert store.stats()["num_chunks"] == 3
+        # A chunk is, for each layer in model order, its blocks in token order as the engine holds them.
+        with a_worker.client.read_views(a_sched._keys(prompt, len(prompt))[1:2]) as (view,):
+            want = torch.cat([a_caches[f"model.layers.{i}.attn"][[7, 8]].reshape(-1) for i in range(3)])
+            assert bytes(view) == want.numpy().tobytes()
         # Saving again stores nothing new (the store skips the chunks it holds).
         finish_and_save(a_sched, a_worker, FakeRequest("a2", prompt, len(prompt)), a_blocks)
         assert store.stats()["num_chunks"] == 3
@@ -151,6 +157,34 @@ def test_store_gone_means_misses_and_load_errors_never_exceptions(store):
     finally:
         sched.shutdown()
         worker.shutdown()
+
+
+def test_kv_memory_is_one_layout_and_each_layers_place_in_the_backing_buffers():
+    from pdx.errors import LayoutError
+    from pdx.layout import vllm_cpu
+
+    raw = torch.zeros(3 * 12 * 2 * BLOCK * 8)  # vLLM: every layer in one backing buffer
+    caches = {f"model.layers.{i}.attn": raw[i * 12 * 2 * BLOCK * 8:(i + 1) * 12 * 2 * BLOCK * 8].view(12, 2, BLOCK, 8)
+              for i in (2, 0, 1)}  # fmt: skip
+    memory = describe_kv_caches(caches, isa="vec16")
+    assert memory.layout == vllm_cpu(3, 2, 4, BLOCK, "float32", isa="vec16")
+    assert memory.layer_names == tuple(f"model.layers.{i}.attn" for i in range(3))  # model order
+    assert memory.buffers == ((raw.data_ptr(), raw.numel() * 4),) and memory.num_blocks == 12
+    assert memory.layer_buffers == tuple((0, i * 12 * memory.layout.page_nbytes) for i in range(3))
+    views = host_layer_views(caches, memory)
+    caches["model.layers.1.attn"][5] = 1.0
+    assert views[1].view("float32").reshape(12, -1)[5].min() == 1.0 and not views[0].any()
+    with pytest.raises(LayoutError, match="other layers"):
+        describe_kv_caches({**caches, "model.layers.3.attn": torch.zeros(12, 2, BLOCK, 16)}, isa="vec16")
+
+
+def test_chunk_keys_name_the_model_and_the_kv_layout():
+    from pdx.layout import vllm_cpu
+
+    f32, bf16 = vllm_cpu(2, 2, 64, 128, "float32"), vllm_cpu(2, 2, 64, 128, "bfloat16")
+    extras = key_extras("tiny", f32)
+    assert extras == KeyExtras("tiny", "float32", f32.fingerprint("tiny"), (0, 2))
+    assert len({key_extras(*a).digest() for a in (("tiny", f32), ("tiny", bf16), ("other", f32))}) == 3
 
 
 def test_chunk_size_must_be_whole_blocks(store):

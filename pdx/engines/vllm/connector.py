@@ -44,10 +44,11 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from pdx.connector.config import ConnectorConfig
 from pdx.connector.store_side import StoreScheduler, StoreWorker, key_extras
+from pdx.engines.vllm.kv_caches import host_layer_views, layout_from_config
 from pdx.engines.vllm.metadata import PdxConnectorMetadata, PdxKVConnectorStats
 from pdx.engines.vllm.scheduler import PdxScheduler
 from pdx.engines.vllm.worker import PdxWorker
-from pdx.errors import ConfigError
+from pdx.errors import ConfigError, LayoutError
 
 if TYPE_CHECKING:
     import torch
@@ -120,7 +121,8 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler = PdxScheduler(block_size, ktc.is_kv_producer, ktc.is_kv_consumer)
             if store is not None:
-                self.store_scheduler = StoreScheduler(store, block_size, key_extras(vllm_config))
+                extras = key_extras(vllm_config.model_config.model, layout_from_config(vllm_config))
+                self.store_scheduler = StoreScheduler(store, block_size, extras)
                 if getattr(ktc, "kv_load_failure_policy", "recompute") != "recompute":
                     logger.warning("pdx store: kv_load_failure_policy is not 'recompute': a chunk that "
                                    "fails to load fails its request instead of being recomputed")
@@ -129,13 +131,18 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
                                     ktc.engine_id or "pdx")
             if store is not None:
                 self.store_worker = StoreWorker(store, block_size)
+                self._store_layout = layout_from_config(vllm_config)  # what the scheduler keys chunks by
 
     # -- worker side ------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self.worker is not None
         self.worker.register_kv_caches(kv_caches)
         if self.store_worker is not None:
-            self.store_worker.register_kv_caches(kv_caches, self.worker.regions)
+            memory = self.worker.memory
+            if memory.layout.fingerprint() != self._store_layout.fingerprint():
+                raise LayoutError(f"store chunks are keyed by the KV layout {self._store_layout.summary()}, "
+                                  f"but the KV cache is {memory.layout.summary()}")
+            self.store_worker.register(memory.layout, host_layer_views(kv_caches, memory))
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self.worker is not None

@@ -16,10 +16,11 @@ from pdx.connector.config import ConnectorConfig
 from pdx.connector.control import LayerDst
 from pdx.connector.decode_side import DecodeSide
 from pdx.connector.figures import TransferFigures
-from pdx.connector.kv_regions import KVRegions, describe_kv_caches
 from pdx.connector.prefill_side import PrefillSide
-from pdx.connector.send_book import LayerSrc, SendBook, WriteItem
+from pdx.connector.send_book import SendBook, WriteItem
+from pdx.engines.vllm.kv_caches import KVMemory, describe_kv_caches
 from pdx.engines.vllm.metadata import PdxConnectorMetadata, PdxKVConnectorStats, PdxWorkerMeta
+from pdx.errors import LayoutError
 from pdx.transports.loop_thread import LoopThread
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class PdxWorker:
         self._transport: Any = None
         self._prefill: PrefillSide | None = None
         self._decode: DecodeSide | None = None
-        self._regions: KVRegions | None = None
+        self._memory: KVMemory | None = None
         self._layer_index: dict[str, int] = {}
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._load_errors: set[int] = set()
@@ -53,38 +54,41 @@ class PdxWorker:
         return self._prefill.server.port if self._prefill is not None else None
 
     @property
-    def regions(self) -> KVRegions:
-        assert self._regions is not None, "register_kv_caches first"
-        return self._regions
+    def memory(self) -> KVMemory:
+        assert self._memory is not None, "register_kv_caches first"
+        return self._memory
 
     # -- start-up --------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from pdx.transports import create_transport
 
-        regions = describe_kv_caches(kv_caches)
-        self._regions, self._kv_caches = regions, kv_caches
-        self._layer_index = regions.layer_index
+        memory = describe_kv_caches(kv_caches)
+        layout = memory.layout
+        if layout.block_size != self.block_size:
+            raise LayoutError(f"the KV cache has {layout.block_size}-token blocks, the config {self.block_size}")
+        self._memory, self._kv_caches = memory, kv_caches
+        self._layer_index = memory.layer_index
         self._loop = LoopThread(f"pdx-kv-{self.engine_id[:8]}")
 
         async def _start() -> None:
             self._transport = create_transport(self.cfg.transport, **self.cfg.transport_options)
-            ids = [self._transport.register((addr, nbytes)).region_id for addr, nbytes in regions.buffers]
+            ids = [self._transport.register((addr, nbytes)).region_id for addr, nbytes in memory.buffers]
+            layer_refs = [(ids[buf], offset) for buf, offset in memory.layer_buffers]
             if self.is_producer:
-                src = [LayerSrc(ids[lk.buffer_index], lk.offset, lk.block_stride) for lk in regions.layers]
-                book = SendBook(self.cfg.lease_s, len(src), self.block_size, regions.block_nbytes)
+                book = SendBook(self.cfg.lease_s, layout)
+                src = layer_refs
                 self._prefill = PrefillSide(self._transport, book, src, self.cfg.control_host,
                                             self.cfg.control_port, self.cfg.auth_token, self.cfg.write_timeout_s)
                 await self._prefill.start()
             if self.is_consumer:
-                dst = [LayerDst(region_id=ids[lk.buffer_index], offset=lk.offset, block_stride=lk.block_stride)
-                       for lk in regions.layers]
-                self._decode = DecodeSide(self._transport, dst, self.block_size, regions.block_nbytes,
-                                          self.cfg.auth_token, self.engine_id, self.cfg.recv_timeout_s)
+                dst = [LayerDst(region_id=region_id, offset=offset) for region_id, offset in layer_refs]
+                self._decode = DecodeSide(self._transport, layout, dst, self.cfg.auth_token, self.engine_id,
+                                          self.cfg.recv_timeout_s)
                 await self._decode.start()
 
         self._loop.run(_start())
-        logger.info("pdx connector: %d KV layers, %d-byte blocks, transport %s, %s", len(regions.layers),
-                    regions.block_nbytes, self.cfg.transport,
+        logger.info("pdx connector: KV %s (fingerprint %s), transport %s, %s", layout.summary(),
+                    layout.fingerprint(), self.cfg.transport,
                     f"control port {self.control_port}" if self._prefill else "decode side")
 
     # -- per step --------------------------------------------------------------------------
@@ -161,7 +165,7 @@ class PdxWorker:
 
     def _corrupt(self, block_id: int) -> None:
         """Test hook: damage one landed block of the first layer, as bad KV would."""
-        first = self._regions.layers[0].name if self._regions else None
+        first = self._memory.layer_names[0] if self._memory else None
         if first is not None:
             self._kv_caches[first][block_id].add_(0.5)
             logger.warning("debug_corrupt_block: damaged block %d of %s", block_id, first)
