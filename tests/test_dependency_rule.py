@@ -55,3 +55,33 @@ def test_nothing_imports_the_data_plane_by_its_folder_name() -> None:
                 if level == 0 and module.split(".")[0] in DATA_PLANE:
                     bad.append(f"{path.relative_to(ROOT)}:{line}: import {module}")
     assert not bad, "import pdx.transports / pdx.kernels instead:\n" + "\n".join(bad)
+
+
+def runtime_imports(path: Path) -> list[tuple[int, str]]:
+    """Absolute imports that run when the module is imported (not under ``if TYPE_CHECKING:``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for n in ast.walk(node)}
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            out.append((node.lineno, node.module or ""))
+    return out
+
+
+def test_connector_core_is_engine_agnostic() -> None:
+    """``pdx/connector`` never imports an engine (vLLM, SGLang) or an engine adapter, the router
+    or the process harness; adapters in ``pdx/engines`` drive it."""
+    forbidden = ("vllm", "sglang", "pdx.engines", "pdx.router", "pdx.harness", "pdx.testing")
+    bad = []
+    for path in sorted((ROOT / "pdx" / "connector").rglob("*.py")):
+        for line, module in runtime_imports(path):
+            if any(module == f or module.startswith(f + ".") for f in forbidden):
+                bad.append(f"{path.relative_to(ROOT)}:{line}: import {module}")
+    assert not bad, "the connector core must stay engine-agnostic:\n" + "\n".join(bad)

@@ -43,7 +43,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from pdx.connector.config import StoreConfig
-from pdx.engines.vllm.metadata import StoreLoadSpec, StoreSaveSpec
+from pdx.connector.specs import StoreLoadSpec, StoreSaveSpec
 from pdx.errors import ConfigError
 from pdx.keys import KeyExtras, chunk_keys
 from pdx.segments import copy_host, plan_copy

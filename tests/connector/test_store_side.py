@@ -16,7 +16,6 @@ import pytest
 pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 
-import pdx.engines.vllm  # noqa: E402, F401  (the adapter first: it and store_side import each other)
 from pdx.connector.config import StoreConfig  # noqa: E402
 from pdx.connector.store_side import StoreScheduler, StoreWorker, key_extras  # noqa: E402
 from pdx.engines.vllm.kv_caches import describe_kv_caches, host_layer_views  # noqa: E402
