@@ -1,10 +1,12 @@
 """The shared storage tier: KV chunks keyed by chunk key, shared by every engine on a node.
 
+    config.py     ``StoreConfig`` (frozen) and the pydantic options it is validated from
     cli.py        ``pdx store``: flags, env overrides, run until SIGTERM
     server.py     the store server: connections, ops, leases
     tier.py       write-through to L2 and promotion from it (thread pools, bounded queue)
     http_api.py   operator HTTP API and /metrics
-    protocol.py   hot-path wire format (length-prefixed JSON over a unix socket)
+    messages.py   typed requests and replies, validated on receipt (pydantic)
+    protocol.py   frames (length-prefixed JSON) and the serving loop of both doors
     arena.py      the L1 POSIX shared-memory arena
     allocator.py  slab allocator over the arena
     index.py      chunk key -> slot, LRU eviction, pins, read leases

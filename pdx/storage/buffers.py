@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 
-def hex_keys(keys: Sequence[Any]) -> list[str]:
-    """Chunk keys as hex: ``bytes`` or ``pdx.keys.ChunkKey`` (its ``digest``)."""
-    return [(k if isinstance(k, bytes) else k.digest).hex() for k in keys]
+def key_bytes(keys: Sequence[Any]) -> list[bytes]:
+    """Chunk keys as bytes: ``bytes`` or ``pdx.keys.ChunkKey`` (its ``digest``)."""
+    return [k if isinstance(k, bytes) else k.digest for k in keys]
 
 
 def byte_view(buf: Any, *, writable: bool) -> np.ndarray:

@@ -52,7 +52,7 @@ import numpy as np
 from pdx.errors import StorageError
 from pdx.storage import messages as m
 from pdx.storage.arena import SharedArena
-from pdx.storage.buffers import byte_view, hex_keys
+from pdx.storage.buffers import byte_view, key_bytes
 from pdx.storage.channel import StoreChannel
 from pdx.storage.checksum import checksum
 from pdx.storage.config import StoreConfig
@@ -120,7 +120,7 @@ class StoreClient:
         """How many leading keys the store holds (L1, then L2). 0 when the store is away."""
         if not keys or self._is_closed:
             return 0
-        request = m.Lookup(keys=hex_keys(keys), budget_s=self.l2_budget_s)
+        request = m.Lookup.model_construct(keys=key_bytes(keys), budget_s=self.l2_budget_s)
         with self._ctl_lock:
             reply: m.LookupReply | None = self._call(self._ctl, request, l2=True)
         return 0 if reply is None else reply.num_chunks
@@ -179,7 +179,7 @@ class StoreClient:
         finally:
             copy_s = time.perf_counter() - start
             with self._ctl_lock:
-                self._ctl.send(m.Release(lease=reply.lease, copy_s=copy_s))
+                self._ctl.send(m.Release.model_construct(lease=reply.lease, copy_s=copy_s))
             nbytes = sum(v.nbytes for v in views)
             self._add(num_loaded=len(views), loaded_bytes=nbytes, load_seconds=copy_s)
 
@@ -295,7 +295,7 @@ class StoreClient:
         self, channel: StoreChannel, keys: Sequence[Any], sizes: Sequence[int]
     ) -> tuple[int | None, list[np.ndarray | None]]:
         """Write-lease slots: (lease, a view to fill per key or None = skip), or (None, all None)."""
-        reply: m.ReserveReply | None = self._call(channel, m.Reserve(keys=hex_keys(keys), sizes=[int(s) for s in sizes]))
+        reply: m.ReserveReply | None = self._call(channel, m.Reserve.model_construct(keys=key_bytes(keys), sizes=[int(s) for s in sizes]))
         target = self._target(channel)
         if reply is None or reply.lease is None or target is None:
             return None, [None] * len(keys)
@@ -317,14 +317,14 @@ class StoreClient:
         filled = [v for v in views if v is not None]
         checksums = [checksum(v) for v in filled]
         copy_s = time.perf_counter() - start
-        reply: m.CommitReply | None = self._call(channel, m.Commit(lease=lease, checksums=checksums, copy_s=copy_s))
+        reply: m.CommitReply | None = self._call(channel, m.Commit.model_construct(lease=lease, checksums=checksums, copy_s=copy_s))
         num = 0 if reply is None else reply.num_committed
         nbytes = sum(v.nbytes for v in filled) if num == len(filled) else 0
         self._add(num_saved=num, saved_bytes=nbytes, save_seconds=copy_s)
         return num
 
     def _abort(self, channel: StoreChannel, lease: int) -> None:
-        channel.send(m.Abort(lease=lease))
+        channel.send(m.Abort.model_construct(lease=lease))
 
     # -- helpers ---------------------------------------------------------------------------
     def _new_channel(self, retry_s: float) -> StoreChannel:
@@ -336,7 +336,7 @@ class StoreClient:
         if not keys or self._is_closed:
             return None
         with self._ctl_lock:
-            reply: m.AcquireReply | None = self._call(self._ctl, m.Acquire(keys=hex_keys(keys), budget_s=self.l2_budget_s), l2=True)
+            reply: m.AcquireReply | None = self._call(self._ctl, m.Acquire.model_construct(keys=key_bytes(keys), budget_s=self.l2_budget_s), l2=True)
             target = self._target(self._ctl)
         if reply is None or reply.lease is None or target is None:
             return None

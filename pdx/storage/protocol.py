@@ -20,18 +20,16 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pydantic import BaseModel
-
 from pdx.errors import StoreBadRequest, StoreProtocolError
-from pdx.storage.messages import ErrorReply, Request, is_noreply, parse_request
+from pdx.storage.messages import ErrorReply, Message, Request, is_noreply, parse_request
 
 MAX_FRAME = 64 << 20  # bytes; a batch of 100k keys is about 7 MB
 _LEN = struct.Struct(">I")
 
 
-def encode_frame(msg: BaseModel | dict[str, Any]) -> bytes:
-    if isinstance(msg, BaseModel):
-        body = msg.model_dump_json().encode()
+def encode_frame(msg: Message | dict[str, Any]) -> bytes:
+    if isinstance(msg, Message):
+        body = msg.to_wire()
     else:  # raw objects: tools and tests that speak the wire by hand
         body = json.dumps(msg, separators=(",", ":")).encode()
     return _LEN.pack(len(body)) + body
@@ -64,7 +62,7 @@ def recv_frame(sock: socket.socket) -> dict[str, Any]:
 async def serve_requests(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    handle: Callable[[Request], Awaitable[BaseModel]],
+    handle: Callable[[Request], Awaitable[Message]],
 ) -> None:
     """Answer each request with ``handle``'s reply until EOF; a request that fails validation
     gets an ``ErrorReply``. Raises ``StoreProtocolError`` on a malformed frame."""
@@ -80,7 +78,7 @@ async def serve_requests(
             await send_reply(writer, reply)
 
 
-async def send_reply(writer: asyncio.StreamWriter, reply: BaseModel) -> None:
+async def send_reply(writer: asyncio.StreamWriter, reply: Message) -> None:
     try:
         writer.write(encode_frame(reply))
         await writer.drain()

@@ -16,11 +16,13 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from pdx.errors import StoreProtocolError
+from pdx.errors import StorageError, StoreProtocolError
 from pdx.storage.allocator import SlabAllocator
 from pdx.storage.arena import SharedArena, sweep_stale_arenas
 from pdx.storage.config import StoreConfig
 from pdx.storage.index import ChunkIndex, Entry, ReserveStatus
+
+# replies are built with model_construct: the store's own values; the client validates them
 from pdx.storage.messages import (
     VERSION,
     Abort,
@@ -170,33 +172,36 @@ class StoreServer:
         """Answer one validated request; ``conn`` is the connection's lease ids (None: HTTP)."""
         if request.needs_conn and conn is None:
             return ErrorReply(error=f"{request.op!r} needs an engine connection")  # type: ignore[attr-defined]
+        op = request.op  # type: ignore[attr-defined]
         try:
             return await self._answer(request, conn)
         except ValueError as exc:
-            return ErrorReply(error=f"bad {request.op!r} request: {exc}")  # type: ignore[attr-defined]
+            return ErrorReply(error=f"bad {op!r} request: {exc}")
+        except StorageError as exc:  # L2 failed under an operator's clear
+            return ErrorReply(error=f"{op!r} failed: {exc}")
 
     async def _answer(self, request: Request, conn: set[int] | None) -> Reply:
         assert self.index is not None and self.arena is not None
         match request:
             case Lookup(budget_s=budget_s):
-                return await self.lookup(request.keys_bytes, self._budget(budget_s))
+                return await self.lookup(request.keys, self._budget(budget_s))
             case Acquire(budget_s=budget_s):
                 assert conn is not None
-                return await self.acquire(request.keys_bytes, self._budget(budget_s), conn)
+                return await self.acquire(request.keys, self._budget(budget_s), conn)
             case Reserve(sizes=sizes):
                 assert conn is not None
-                return self.reserve(request.keys_bytes, sizes, conn)
+                return self.reserve(request.keys, sizes, conn)
             case Release(lease=lease_id) | Abort(lease=lease_id) | Commit(lease=lease_id):
                 assert conn is not None
                 if lease_id not in conn:  # ended by TTL, or another connection's lease
                     return ErrorReply(error=f"no open lease {lease_id} on this connection")
                 if isinstance(request, Commit):
-                    return CommitReply(num_committed=self.commit(lease_id, request.checksums, request.copy_s))
+                    return CommitReply.model_construct(num_committed=self.commit(lease_id, request.checksums, request.copy_s))
                 self._end_lease(lease_id, copy_s=request.copy_s if isinstance(request, Release) else 0.0)
-                return Done()
+                return Done.model_construct()
             case Pin() | Unpin():
                 fn = self.index.pin if isinstance(request, Pin) else self.index.unpin
-                return CountReply(num_chunks=sum(fn(k) for k in request.keys_bytes))
+                return CountReply(num_chunks=sum(fn(k) for k in request.keys))
             case Clear(l2=l2):
                 return CountReply(num_chunks=await self.clear(l2))
             case Stats():
@@ -222,7 +227,7 @@ class StoreServer:
             num += await self.tier.contains_prefix(keys[num_l1:], budget_s)
         self.counters.lookup_chunks += len(keys)
         self.counters.lookup_hits += num
-        return LookupReply(num_chunks=num, num_l1=num_l1)
+        return LookupReply.model_construct(num_chunks=num, num_l1=num_l1)
 
     async def acquire(self, keys: list[bytes], budget_s: float, conn: set[int]) -> AcquireReply:
         """Read-lease the leading run of stored chunks, promoting L2 hits within the budget."""
@@ -248,9 +253,9 @@ class StoreServer:
             raise
         self.counters.misses += len(keys) - len(entries)
         if not entries:
-            return AcquireReply(lease=None, chunks=[])
+            return AcquireReply.model_construct(lease=None, chunks=[])
         lease = self._new_lease(False, entries, conn)
-        return AcquireReply(lease=lease.id, chunks=[(e.offset, e.nbytes, e.checksum) for e in entries])
+        return AcquireReply.model_construct(lease=lease.id, chunks=[(e.offset, e.nbytes, e.checksum) for e in entries])
 
     def reserve(self, keys: list[bytes], sizes: list[int], conn: set[int]) -> ReserveReply:
         assert self.index is not None
@@ -268,7 +273,7 @@ class StoreServer:
             elif status is ReserveStatus.TOO_LARGE:
                 self.counters.reserve_too_large += 1
         lease_id = self._new_lease(True, entries, conn).id if entries else None
-        return ReserveReply(lease=lease_id, offsets=offsets)
+        return ReserveReply.model_construct(lease=lease_id, offsets=offsets)
 
     def commit(self, lease_id: int, checksums: list[int | None], copy_s: float) -> int:
         """Publish the lease's chunks that have a checksum; free the others."""

@@ -161,7 +161,7 @@ class L2Tier:
                 await loop.run_in_executor(self._write_pool, self.l2.put, key, view, entry.checksum)
                 view.release()
                 self._counters.l2_writes += 1
-            except (StoreUnavailable, OSError) as exc:
+            except StoreUnavailable as exc:
                 self._failed("write", exc)
             finally:
                 self._index.release(entry)

@@ -231,3 +231,37 @@ def test_redis_l2_ttl_expires_values(redis_server):
         assert value is not None and bytes(value.payload) == make_chunk(key).tobytes()
     finally:
         l2.close()
+
+
+def test_disk_errors_are_store_unavailable_and_an_operator_clear_gets_an_error_reply(tmp_path):
+    """OS errors of the disk L2 surface as StoreUnavailable (mapped at the edge, cause kept);
+    the store answers a clear that hits one with an error, never a dropped connection."""
+    import asyncio
+    import shutil
+
+    from pdx.errors import StoreUnavailable
+    from pdx.storage.checksum import checksum
+    from pdx.storage.config import StoreConfig
+    from pdx.storage.l2 import create_l2
+    from pdx.storage.messages import Clear, ErrorReply
+    from pdx.storage.server import StoreServer
+
+    key = make_keys(1, "disk-err")[0]
+    l2 = create_l2(f"file://{tmp_path}/l2")
+    (tmp_path / "l2" / key.hex()[:2]).write_bytes(b"")  # a file where the key's directory goes
+    with pytest.raises(StoreUnavailable, match="failed to write") as info:
+        l2.put(key, memoryview(make_chunk(key)), checksum(make_chunk(key)))
+    assert isinstance(info.value.__cause__, OSError)
+
+    async def main() -> ErrorReply:
+        server = StoreServer(StoreConfig(socket=str(tmp_path / "s.sock"), capacity_bytes=1 << 20,
+                                         slab_bytes=1 << 20, http_port=-1, l2_url=f"file://{tmp_path}/gone"))  # fmt: skip
+        await server.start()
+        try:
+            shutil.rmtree(tmp_path / "gone")
+            return await server.dispatch(Clear(l2=True), None)  # type: ignore[return-value]
+        finally:
+            await server.aclose()
+
+    reply = asyncio.run(main())
+    assert isinstance(reply, ErrorReply) and "'clear' failed" in reply.error and "failed to clear" in reply.error

@@ -12,17 +12,19 @@ Every value is ``HEADER + payload``; the header carries a magic, a format versio
 the payload length, its xxh3_64 and a digest of the chunk key. ``get`` checks all of
 them, so a value that is truncated, from another format version, stored under the
 wrong name or bit-flipped raises ``ChunkCorrupt`` and is never served; the adapter
-deletes it. A backend that cannot be reached raises ``StoreUnavailable``.
+deletes it. A backend that cannot be reached or fails (redis errors, OS errors of the
+disk) raises ``StoreUnavailable``, mapped here and in the adapters with ``from exc``.
 """
 
 from __future__ import annotations
 
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from pdx.errors import ChunkCorrupt
+from pdx.errors import ChunkCorrupt, StoreUnavailable
 from pdx.storage.checksum import checksum as compute_checksum
 from pdx.storage.checksum import key_digest
 
@@ -67,11 +69,13 @@ class L2Store(ABC):
     url: str
 
     def put(self, key: bytes, payload: memoryview, checksum: int) -> None:
-        self._write(key, encode_header(key, payload.nbytes, checksum), payload)
+        with self._mapped("write"):
+            self._write(key, encode_header(key, payload.nbytes, checksum), payload)
 
     def get(self, key: bytes) -> L2Value | None:
         """The verified value, or None if absent. Raises ChunkCorrupt (value deleted)."""
-        blob = self._read(key)
+        with self._mapped("read"):
+            blob = self._read(key)
         if blob is None:
             return None
         try:
@@ -83,11 +87,26 @@ class L2Store(ABC):
     def contains_prefix(self, keys: Sequence[bytes]) -> int:
         """Number of leading keys present (presence only; ``get`` verifies)."""
         n = 0
-        for is_present in self._exists(keys):
+        with self._mapped("check keys"):
+            found = self._exists(keys)
+        for is_present in found:
             if not is_present:
                 break
             n += 1
         return n
+
+    def clear(self) -> int:
+        """Remove every value this store wrote; returns how many."""
+        with self._mapped("clear"):
+            return self._clear()
+
+    @contextmanager
+    def _mapped(self, what: str) -> Iterator[None]:
+        """OS errors of a backend (disk full, permissions, I/O) as ``StoreUnavailable``."""
+        try:
+            yield
+        except OSError as exc:
+            raise StoreUnavailable(f"L2 {self.url} failed to {what}: {exc}") from exc
 
     @abstractmethod
     def _write(self, key: bytes, header: bytes, payload: memoryview) -> None:
@@ -106,7 +125,7 @@ class L2Store(ABC):
         """Remove one value; absent is fine."""
 
     @abstractmethod
-    def clear(self) -> int:
+    def _clear(self) -> int:
         """Remove every value this store wrote; returns how many."""
 
     @abstractmethod

@@ -118,7 +118,7 @@ class DiskL2(L2Store):
         except FileNotFoundError:
             pass
 
-    def clear(self) -> int:
+    def _clear(self) -> int:
         with self._lock:
             self._sizes.clear()
             self._total_bytes = 0

@@ -43,7 +43,7 @@ class RedisL2(L2Store):
         except ValueError:
             raise ConfigError(f"ttl_s in {url!r} must be whole seconds") from None
         base_url = urlunsplit(("redis", parts.netloc, parts.path, "", ""))
-        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        self._errors = (redis.exceptions.RedisError,)  # unreachable, timeout, and refusals (OOM, READONLY)
         self._redis: Any = redis.Redis.from_url(
             base_url,
             socket_timeout=SOCKET_TIMEOUT_S,
@@ -83,7 +83,7 @@ class RedisL2(L2Store):
         except self._errors:
             pass
 
-    def clear(self) -> int:
+    def _clear(self) -> int:
         def _clear() -> int:
             n = 0
             batch: list[bytes] = []
