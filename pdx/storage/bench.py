@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pdx.storage.client import StoreClient, create_client
+from pdx.storage.messages import Clear
 
 
 def _start_store(socket_path: str, capacity_gb: float, slab_mb: int,
@@ -60,7 +61,7 @@ def measure(client: StoreClient, chunk_mb: float, total_mb: int, repeat: int,
             np.copyto(dst, src)
         memcpy_s = min(memcpy_s, time.perf_counter() - start)
     for round_ in range(repeat + 1):  # round 0 touches the arena pages
-        (admin or client)._ctl.call({"op": "clear"})  # operator op over the engine socket (bench only)
+        (admin or client)._ctl.call(Clear())  # operator op over the engine socket (bench only)
         keys = [f"{chunk_mb}-{round_}-{i}".encode() for i in range(num)]
         start = time.perf_counter()
         assert client.save(keys, srcs).result() == num

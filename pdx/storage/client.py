@@ -165,8 +165,8 @@ class StoreClient:
             yield leased
 
     @contextmanager
-    def _read_leased(self, reply: m.AcquireReply, arena: np.ndarray) -> Iterator[tuple[list[np.ndarray], list[int]]]:
-        """The leased chunks as views into the arena ([arena bytes] uint8); released at the end."""
+    def _read_leased(self, reply: m.AcquireReply, arena: Any) -> Iterator[tuple[list[np.ndarray], list[int]]]:
+        """The leased chunks as views into ``arena`` (``_target``: [arena bytes] uint8); released at the end."""
         views, checksums = [], []
         for offset, nbytes, want in reply.chunks:
             view = arena[offset : offset + nbytes]
@@ -303,9 +303,9 @@ class StoreClient:
         return (reply.lease, views) if views is not None else (None, [None] * len(keys))
 
     def _slot_views(
-        self, channel: StoreChannel, reply: m.ReserveReply, arena: np.ndarray, sizes: Sequence[int]
+        self, channel: StoreChannel, reply: m.ReserveReply, arena: Any, sizes: Sequence[int]
     ) -> list[np.ndarray | None] | None:
-        """Views of the reserved slots in the arena ([arena bytes] uint8)."""
+        """Views of the reserved slots in ``arena`` (``_target``: [arena bytes] uint8)."""
         return [
             None if offset is None else arena[offset : offset + size]
             for offset, size in zip(reply.offsets, sizes, strict=True)

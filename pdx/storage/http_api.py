@@ -107,8 +107,8 @@ async def _serve_one(
     elif method == "POST" and path in ("/lookup", "/pin", "/unpin", "/clear"):
         model = ClearBody if path == "/clear" else KeysBody
         try:
-            body = model.model_validate_json(raw or b"{}")
-            reply = await server.dispatch(parse_request({"op": path[1:], **body.model_dump()}), None)
+            parsed = model.model_validate_json(raw or b"{}")
+            reply = await server.dispatch(parse_request({"op": path[1:], **parsed.model_dump()}), None)
         except ValidationError as exc:
             return 400, "application/json", _json({"error": _first_error(exc)})
         except StoreBadRequest as exc:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from functools import cache
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -144,6 +144,7 @@ class Done(OkReply):
 
 
 Reply = OkReply | ErrorReply
+R = TypeVar("R", bound=OkReply)
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def parse_request(body: bytes | dict[str, Any]) -> Request:
         raise StoreBadRequest(describe(exc)) from None
 
 
-def parse_reply(body: bytes, expected: type[OkReply]) -> OkReply | ErrorReply:
+def parse_reply(body: bytes, expected: type[R]) -> R | ErrorReply:
     """One reply to a request whose success reply is ``expected``; ``ValidationError`` if malformed."""
     return _reply_adapter(expected).validate_json(body)  # type: ignore[no-any-return]
 
@@ -285,7 +286,7 @@ _OPS = frozenset(
 
 @cache
 def _reply_adapter(expected: type[OkReply]) -> TypeAdapter[Any]:
-    return TypeAdapter(Annotated[expected | ErrorReply, Field(discriminator="ok")])
+    return TypeAdapter(Annotated[expected | ErrorReply, Field(discriminator="ok")])  # type: ignore[arg-type]
 
 
 def is_noreply(body: bytes) -> bool:

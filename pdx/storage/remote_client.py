@@ -96,7 +96,7 @@ class RemoteStoreClient(StoreClient):
 
     # -- reads -----------------------------------------------------------------------------
     @contextmanager
-    def _read_leased(self, reply: AcquireReply, store: StorePeer) -> Iterator[tuple[list[np.ndarray], list[int]]]:
+    def _read_leased(self, reply: AcquireReply, store: Any) -> Iterator[tuple[list[np.ndarray], list[int]]]:
         """The leased chunks read over the transport into staging, each checked; released here."""
         chunks = reply.chunks
         region: MemoryRegion | None = None
@@ -144,7 +144,7 @@ class RemoteStoreClient(StoreClient):
 
     # -- writes (hooks of StoreClient.write_views and its saver thread) ---------------------
     def _slot_views(
-        self, channel: StoreChannel, reply: ReserveReply, store: StorePeer, sizes: Sequence[int]
+        self, channel: StoreChannel, reply: ReserveReply, store: Any, sizes: Sequence[int]
     ) -> list[np.ndarray | None] | None:
         """Staging views for the reserved slots, written to them at commit; None (the lease
         aborted) when no staging buffer can be had."""
