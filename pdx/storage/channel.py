@@ -80,7 +80,9 @@ class StoreChannel:
             return
         try:
             self._sock.settimeout(self.timeout_s)
-            self._sock.sendall(encode_frame(request.model_copy(update={"noreply": True})))
+            if not request.noreply:
+                request = request.model_copy(update={"noreply": True})
+            self._sock.sendall(encode_frame(request))
         except OSError:
             self._fail()
 

@@ -179,7 +179,7 @@ class StoreClient:
         finally:
             copy_s = time.perf_counter() - start
             with self._ctl_lock:
-                self._ctl.send(m.Release.model_construct(lease=reply.lease, copy_s=copy_s))
+                self._ctl.send(m.Release.model_construct(lease=reply.lease, copy_s=copy_s, noreply=True))
             nbytes = sum(v.nbytes for v in views)
             self._add(num_loaded=len(views), loaded_bytes=nbytes, load_seconds=copy_s)
 
@@ -324,7 +324,7 @@ class StoreClient:
         return num
 
     def _abort(self, channel: StoreChannel, lease: int) -> None:
-        channel.send(m.Abort.model_construct(lease=lease))
+        channel.send(m.Abort.model_construct(lease=lease, noreply=True))
 
     # -- helpers ---------------------------------------------------------------------------
     def _new_channel(self, retry_s: float) -> StoreChannel:

@@ -113,7 +113,7 @@ class RemoteStoreClient(StoreClient):
         finally:
             with self._ctl_lock:
                 if is_read:
-                    self._ctl.send(Release.model_construct(lease=reply.lease, copy_s=copy_s))
+                    self._ctl.send(Release.model_construct(lease=reply.lease, copy_s=copy_s, noreply=True))
                 else:
                     self._ctl._fail()  # the store ends the connection's leases
         views: list[np.ndarray] = []
@@ -155,7 +155,7 @@ class RemoteStoreClient(StoreClient):
             region = self._take(sum(s for o, s in pairs if o is not None))
         except Exception as exc:
             self._note_failure(exc)
-            channel.send(Abort.model_construct(lease=lease))
+            channel.send(Abort.model_construct(lease=lease, noreply=True))
             return None
         views: list[np.ndarray | None] = []
         rows, pos = [], 0
@@ -193,7 +193,7 @@ class RemoteStoreClient(StoreClient):
             staged = self._staged.pop(lease, None)
         if staged is not None:
             self._give(staged.region)
-        channel.send(Abort.model_construct(lease=lease))
+        channel.send(Abort.model_construct(lease=lease, noreply=True))
 
     # -- transport ---------------------------------------------------------------------------
     def _transfer(
