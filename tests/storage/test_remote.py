@@ -19,6 +19,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from pdx.engines.metrics import parse_prometheus_text
 from pdx.storage.messages import VERSION
 from pdx.storage.protocol import encode_frame, recv_frame
 from pdx.storage.remote_channel import parse_address
@@ -77,9 +78,9 @@ def test_remote_and_local_clients_share_chunks_bit_exact(store_factory, client_f
     assert stats["remote_loaded_chunks"] == 5 and stats["remote_loaded_bytes"] == 5 * CHUNK
     assert stats["remote_save_corrupt"] == 0 and stats["num_leases"] == 0
     with urllib.request.urlopen(store.http + "/metrics", timeout=10) as resp:
-        metrics = resp.read().decode()
-    assert f"pdx_store_remote_loaded_bytes_total {float(5 * CHUNK)!r}" in metrics
-    assert f"pdx_store_remote_saved_bytes_total {float(6 * CHUNK)!r}" in metrics
+        metrics = parse_prometheus_text(resp.read().decode())
+    assert metrics.find("pdx_store_remote_loaded_bytes_total")[0].value == 5 * CHUNK
+    assert metrics.find("pdx_store_remote_saved_bytes_total")[0].value == 6 * CHUNK
 
 
 @pytest.mark.nixl
