@@ -40,6 +40,7 @@ _REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     413: "Payload Too Large",
+    503: "Service Unavailable",
 }
 
 
@@ -113,8 +114,9 @@ async def _serve_one(
             return 400, "application/json", _json({"error": _first_error(exc)})
         except StoreBadRequest as exc:
             return 400, "application/json", _json({"error": str(exc)})
-        status = 400 if isinstance(reply, ErrorReply) else 200
-        return status, "application/json", _json(reply.model_dump(exclude={"ok"}))
+        if isinstance(reply, ErrorReply):
+            return (503 if reply.is_unavailable else 400), "application/json", _json({"error": reply.error})
+        return 200, "application/json", _json(reply.model_dump(exclude={"ok"}))
     if path in ("/healthz", "/stats", "/metrics", "/lookup", "/pin", "/unpin", "/clear"):
         return 405, "application/json", _json({"error": f"{method} not allowed on {path}"})
     return 404, "application/json", _json({"error": f"no such endpoint {path}"})

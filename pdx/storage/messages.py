@@ -85,6 +85,7 @@ class Message(BaseModel):
 class ErrorReply(Message):
     ok: Literal[False] = False
     error: str  # what was wrong and what to do
+    is_unavailable: bool = False  # the store (its L2) failed, not the request: HTTP 503, not 400
 
 
 class OkReply(Message):

@@ -178,7 +178,7 @@ class StoreServer:
         except ValueError as exc:
             return ErrorReply(error=f"bad {op!r} request: {exc}")
         except StorageError as exc:  # L2 failed under an operator's clear
-            return ErrorReply(error=f"{op!r} failed: {exc}")
+            return ErrorReply(error=f"{op!r} failed: {exc}", is_unavailable=True)
 
     async def _answer(self, request: Request, conn: set[int] | None) -> Reply:
         assert self.index is not None and self.arena is not None

@@ -265,3 +265,20 @@ def test_disk_errors_are_store_unavailable_and_an_operator_clear_gets_an_error_r
 
     reply = asyncio.run(main())
     assert isinstance(reply, ErrorReply) and "'clear' failed" in reply.error and "failed to clear" in reply.error
+    assert reply.is_unavailable  # the HTTP API answers it 503: the store failed, not the request
+
+
+def test_operator_clear_that_hits_a_failed_l2_is_a_503_naming_the_failure(tmp_path, store_factory):
+    """An L2 failure is the store's fault, not the operator's input: 503 with the cause, the
+    store keeps serving."""
+    import json
+    import shutil
+    import urllib.error
+
+    store = store_factory(l2=f"file://{tmp_path}/l2")
+    shutil.rmtree(tmp_path / "l2")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        store.post("/clear", {"l2": True})
+    assert info.value.code == 503
+    assert "failed to clear" in json.loads(info.value.read())["error"]
+    assert store.get("/stats")["num_chunks"] == 0  # still serving
