@@ -1,13 +1,12 @@
 """Errors of pdx's control plane (config, router, engines, storage).
 
-Data-plane errors live in ``transports.errors``; pdx wraps them where they cross
+Data-plane errors live in ``pdx.transports.errors``; pdx wraps them where they cross
 into the control plane (``raise KVTransferError(...) from exc``)::
 
     PdxError
     ├── ConfigError               a topology/config file or option is invalid (names file, line, field)
     ├── LayoutError               two KV layouts cannot be copied directly, or a layout is malformed
     ├── KVTransferError           moving KV between engines failed (wraps a transports error)
-    │   ├── KVLeaseExpired        the decode side never confirmed; the prefill side freed its blocks
     │   ├── KVControlError        the connector control channel refused a request or lost its peer
     │   │   └── KVLayoutMismatch  prefill and decode keep their KV in different layouts (names both)
     │   └── KVMessageError        a peer's data-plane message is malformed (size, version, range); dropped
@@ -42,10 +41,6 @@ class LayoutError(PdxError):
 
 class KVTransferError(PdxError):
     """Moving KV cache between engines failed."""
-
-
-class KVLeaseExpired(KVTransferError):
-    """The decode engine never confirmed; the prefill engine freed the held blocks."""
 
 
 class KVControlError(KVTransferError):
