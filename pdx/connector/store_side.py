@@ -63,8 +63,7 @@ _NORMAL_FINISH = ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED")
 def _client(cfg: StoreConfig) -> Any:
     from pdx.storage.client import create_client
 
-    remote = {"token": cfg.auth_token or None} if cfg.socket.startswith("pdx-store://") else {}
-    return create_client(cfg.socket, timeout_s=cfg.timeout_s, l2_budget_s=cfg.l2_budget_s, **remote)
+    return create_client(cfg)
 
 
 def _blocks_per_chunk(cfg: StoreConfig, block_size: int) -> int:
