@@ -16,7 +16,6 @@ import asyncio
 import ctypes
 import gc
 import logging
-import os
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ._fds import open_fds
 from .loop_thread import LoopThread
 
 logger = logging.getLogger(__name__)
@@ -60,17 +60,6 @@ def import_ucxx() -> Any:
 def region_view(addr: int, nbytes: int) -> np.ndarray:
     raw: Any = (ctypes.c_uint8 * nbytes).from_address(addr)
     return np.frombuffer(raw, dtype=np.uint8)
-
-
-def open_fds() -> set[str]:
-    """This process's open fds as ``"N->target"`` (the transport suite's leak-check format)."""
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            out.add(f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}")
-        except OSError:
-            pass
-    return out
 
 
 async def run_op(ops: set[asyncio.Task[Any]], call: Coroutine[Any, Any, Any]) -> Any:

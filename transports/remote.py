@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ._fds import open_fds
 from .loop_thread import LoopThread
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Endpoint:
         from . import create_transport
 
         self._threads = set(threading.enumerate())
-        self._fds = _open_fds()
+        self._fds = open_fds()
         self.transport = self.loop.run(_create(create_transport, kind, options))
 
     def allocate(self, nbytes: int) -> int:
@@ -155,7 +156,7 @@ class Endpoint:
             threads = [t.name for t in threading.enumerate()
                        if t not in self._threads and t.is_alive() and t.name not in shared]
             gc.collect()  # unreachable library objects (ucxx endpoints sit in cycles) hold fds until collected
-            fds = sorted(_open_fds() - self._fds - _process_fds(self.transport))
+            fds = sorted(open_fds() - self._fds - _process_fds(self.transport))
             if (not threads and not fds) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
@@ -180,16 +181,6 @@ def _process_fds(transport: Any) -> frozenset[str]:
     """fds of the transport's process-wide library runtime (``process_fds()``), which outlive it."""
     hook = getattr(type(transport), "process_fds", None)
     return frozenset(hook()) if hook is not None else frozenset()
-
-
-def _open_fds() -> set[str]:
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            out.add(f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}")
-        except OSError:
-            pass
-    return out
 
 
 async def _create(factory: Any, kind: str, options: dict[str, Any]) -> Any:

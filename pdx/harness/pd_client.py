@@ -24,15 +24,7 @@ from typing import Any
 import httpx
 
 from pdx.errors import EngineError
-
-NIXL_PREFILL_PARAMS: dict[str, Any] = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
+from pdx.router.protocols.nixl import PREFILL_PARAMS as NIXL_PREFILL_PARAMS
 
 TIMEOUT = httpx.Timeout(300.0, connect=10.0)
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import pdx.transports as transports
 import pytest
+from pdx.transports._fds import open_fds
 from pdx.transports.loop_thread import LoopThread
 from pdx.transports.remote import LocalEndpoint, RemoteEndpoint
 
@@ -72,9 +73,9 @@ class ProcessPool:
                 ep.kind = kind
                 return ep
             ep.stop()
-        before = _fds()
+        before = open_fds()
         ep = RemoteEndpoint.start(kind, **options)
-        self.owned[id(ep)] = _fds() - before
+        self.owned[id(ep)] = open_fds() - before
         return ep
 
     def give_back(self, ep: RemoteEndpoint) -> None:
@@ -98,16 +99,6 @@ def process_pool() -> Iterator[ProcessPool]:
     pool = ProcessPool()
     yield pool
     pool.stop()
-
-
-def _fds() -> set[str]:
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            out.add(f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}")
-        except OSError:
-            pass
-    return out
 
 
 def _process_threads(kind: str) -> tuple[str, ...]:
@@ -144,7 +135,7 @@ def leak_check(aio: LoopThread, process_pool: ProcessPool, request: pytest.Fixtu
     if hasattr(request.node, "callspec"):
         kind = request.node.callspec.params.get("kind", kind)
     threads = set(threading.enumerate())
-    fds = _fds()
+    fds = open_fds()
     shm = _shm_entries(kind)
     shared = _process_threads(kind)
     yield
@@ -154,7 +145,7 @@ def leak_check(aio: LoopThread, process_pool: ProcessPool, request: pytest.Fixtu
             t.name for t in threading.enumerate() if t not in threads and t.is_alive() and t.name not in shared
         ]
         kept = process_pool.fds()
-        extra_fds = sorted(_fds() - fds - kept - _process_fds(kind))
+        extra_fds = sorted(open_fds() - fds - kept - _process_fds(kind))
         if (not extra_threads and not extra_fds) or time.monotonic() > deadline:
             break
         time.sleep(0.05)

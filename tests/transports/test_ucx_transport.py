@@ -12,6 +12,7 @@ import weakref
 import numpy as np
 import pdx.transports as transports
 import pytest
+from pdx.transports._fds import open_fds
 from pdx.transports.errors import DescriptorError
 from pdx.transports.segments import SegmentPairs
 
@@ -34,24 +35,18 @@ async def _round_trip(payload: bytes) -> None:
     await b.aclose()
 
 
-def _fds() -> set[str]:
-    from pdx.transports._ucx_runtime import open_fds
-
-    return open_fds()
-
-
 def test_runtime_is_shared_and_transports_leave_only_it_behind():
     asyncio.run(_round_trip(b"first"))
     cls = transports.transport_class("ucx")
-    runtime_fds = cls.process_fds()
+    runtime_fds = cls.processopen_fds()
     assert runtime_fds, "the ucxx runtime reports no fds of its own"
     threads = {t.name for t in threading.enumerate()}
-    fds = _fds()
+    fds = open_fds()
     asyncio.run(_round_trip(b"second"))  # the same runtime serves new transports on a new event loop
-    assert cls.process_fds() == runtime_fds
+    assert cls.processopen_fds() == runtime_fds
     assert [t.name for t in threading.enumerate()].count("pdx-ucxx") == 1
     assert {t.name for t in threading.enumerate()} <= threads | set(cls.process_threads)
-    assert not (_fds() - fds - runtime_fds), "closed ucx transports left fds open"
+    assert not (open_fds() - fds - runtime_fds), "closed ucx transports left fds open"
 
 
 def test_a_cancelled_wait_leaves_the_request_holding_its_buffer_until_the_endpoint_is_aborted():
