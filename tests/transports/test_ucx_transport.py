@@ -38,12 +38,12 @@ async def _round_trip(payload: bytes) -> None:
 def test_runtime_is_shared_and_transports_leave_only_it_behind():
     asyncio.run(_round_trip(b"first"))
     cls = transports.transport_class("ucx")
-    runtime_fds = cls.processopen_fds()
+    runtime_fds = cls.process_fds()
     assert runtime_fds, "the ucxx runtime reports no fds of its own"
     threads = {t.name for t in threading.enumerate()}
     fds = open_fds()
     asyncio.run(_round_trip(b"second"))  # the same runtime serves new transports on a new event loop
-    assert cls.processopen_fds() == runtime_fds
+    assert cls.process_fds() == runtime_fds
     assert [t.name for t in threading.enumerate()].count("pdx-ucxx") == 1
     assert {t.name for t in threading.enumerate()} <= threads | set(cls.process_threads)
     assert not (open_fds() - fds - runtime_fds), "closed ucx transports left fds open"
