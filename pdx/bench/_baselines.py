@@ -220,9 +220,9 @@ def ucx_baseline(points: Points, posts: int) -> list[list[float]]:
 
     # ucxx binds to one loop per process; pdx's ucx transport owns a private loop thread,
     # so the bare baseline runs on one of its own.
-    from pdx.transports._ucx_runtime import _Runtime
+    from pdx.transports._ucx_runtime import UcxRuntime
 
-    runtime = _Runtime.acquire()  # once per process: kept until exit, like the transport's
+    runtime = UcxRuntime.acquire()  # once per process: kept until exit, like the transport's
     lat = runtime.submit(main()).result(600)
     proc.join(10)
     return lat
