@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 from types import SimpleNamespace
 
 import pytest
@@ -13,27 +12,13 @@ from pdx.connector import protocol  # noqa: E402
 from pdx.connector.figures import TransferFigures  # noqa: E402
 from pdx.engines.vllm.metadata import PdxWorkerMeta  # noqa: E402
 from pdx.engines.vllm.scheduler import PdxScheduler  # noqa: E402
+from pdx.testing.vllm_request import FakeBlocks, FakeRequest, FakeStatus  # noqa: E402
 
 TID = "ab" * 16
 
 
-class Status(enum.Enum):
-    FINISHED_STOPPED = 1
-    FINISHED_LENGTH_CAPPED = 2
-    FINISHED_ABORTED = 3
-
-
 def _request(rid, params, num_prompt_tokens=300, num_computed_tokens=0):
-    return SimpleNamespace(request_id=rid, kv_transfer_params=params, num_prompt_tokens=num_prompt_tokens,
-                           num_computed_tokens=num_computed_tokens, status=Status.FINISHED_LENGTH_CAPPED)
-
-
-class Blocks:
-    def __init__(self, ids):
-        self.ids = ids
-
-    def get_block_ids(self):
-        return (self.ids,)
+    return FakeRequest(rid, list(range(num_prompt_tokens)), num_computed_tokens, params)
 
 
 def test_prefill_saves_each_step_then_holds_blocks_until_sent():
@@ -62,7 +47,7 @@ def test_prefill_that_never_ran_holds_nothing():
     s = PdxScheduler(block_size=128, is_producer=True, is_consumer=False)
     req = _request("p1", protocol.prefill_params(TID))
     s.on_new_request(req)
-    req.status = Status.FINISHED_ABORTED
+    req.status = FakeStatus.FINISHED_ABORTED
     assert s.request_finished(req, []) == (False, None)
     (finish,) = s.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).finishes
     assert not finish.is_held
@@ -72,11 +57,11 @@ def test_decode_loads_once_beyond_its_local_hit_and_releases_on_abort():
     s = PdxScheduler(block_size=128, is_producer=False, is_consumer=True)
     req = _request("d1", protocol.decode_params(TID, "127.0.0.1", 15600))
     assert s.get_num_new_matched_tokens(req, 128) == (172, True)
-    s.update_state_after_alloc(req, Blocks([4, 5, 6]), 172)
+    s.update_state_after_alloc(req, FakeBlocks([4, 5, 6]), 172)
     (recv,) = s.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).recvs
     assert (recv.first_block, recv.num_tokens, recv.block_ids, recv.peer) == (1, 300, (4, 5, 6), ("127.0.0.1", 15600))
     assert s.get_num_new_matched_tokens(req, 0) == (0, False)  # after a failure: recompute
-    req.status = Status.FINISHED_ABORTED
+    req.status = FakeStatus.FINISHED_ABORTED
     assert s.request_finished(req, [4, 5, 6]) == (False, None)
     (release,) = s.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).releases
     assert release.is_reserved and release.transfer_id == TID
@@ -86,7 +71,7 @@ def test_decode_answer_carries_transfer_figures():
     s = PdxScheduler(block_size=128, is_producer=False, is_consumer=True)
     req = _request("d1", protocol.decode_params(TID, "127.0.0.1", 15600))
     s.get_num_new_matched_tokens(req, 0)
-    s.update_state_after_alloc(req, Blocks([1, 2, 3]), 300)
+    s.update_state_after_alloc(req, FakeBlocks([1, 2, 3]), 300)
     fig = TransferFigures(TID, True, None, 4096, 300, 2, 1.5, 20.25, 3.0, 1.7e9, 1.0, 2.0)
     s.update_connector_output(SimpleNamespace(finished_sending=None, finished_recving={"d1"},
                                               kv_connector_worker_meta=PdxWorkerMeta({"d1": fig})))

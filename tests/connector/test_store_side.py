@@ -8,9 +8,6 @@ no-ops, never exceptions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from types import SimpleNamespace
-
 import pytest
 
 pytest.importorskip("vllm")
@@ -21,6 +18,7 @@ from pdx.connector.store_side import StoreScheduler, StoreWorker, key_extras  # 
 from pdx.engines.vllm.kv_caches import describe_kv_caches, host_layer_views  # noqa: E402
 from pdx.errors import ConfigError  # noqa: E402
 from pdx.keys import KeyExtras  # noqa: E402
+from pdx.testing.vllm_request import FakeBlocks, FakeRequest, FakeStatus  # noqa: E402
 from tests.storage.helpers import StoreProc  # noqa: E402
 
 BLOCK = 16
@@ -31,31 +29,6 @@ EXTRAS = KeyExtras("test-model", "float32", "test-layout")
 def kv_caches(seed: int, num_blocks: int = 12) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {f"model.layers.{i}.attn": torch.randn(num_blocks, 2, BLOCK, 8, generator=g) for i in range(3)}
-
-
-@dataclass
-class FakeRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    num_computed_tokens: int = 0
-    output_token_ids: list[int] = field(default_factory=list)
-    status: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(name="FINISHED_LENGTH_CAPPED"))
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-
-class FakeBlocks:
-    def __init__(self, ids: list[int]):
-        self.ids = ids
-
-    def get_block_ids(self) -> tuple[list[int]]:
-        return (self.ids,)
 
 
 @pytest.fixture
@@ -213,7 +186,7 @@ def test_one_step_saves_every_finished_request_at_once_and_never_twice(store):
         assert sched.request_finished(FakeRequest("q", q, len(q)), [0, 1, 5, 6, 7]) is None
         # An aborted request saves nothing (its last step's KV may not be written).
         aborted = FakeRequest("x", list(range(5000, 5000 + 2 * CHUNK)), 2 * CHUNK)
-        aborted.status = SimpleNamespace(name="FINISHED_ABORTED")
+        aborted.status = FakeStatus.FINISHED_ABORTED
         assert sched.request_finished(aborted, [8, 9, 10, 11]) is None
         loads, saves = sched.take_specs()
         assert not loads and [s.req_id for s in saves] == ["p", "q"]
