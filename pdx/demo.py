@@ -62,7 +62,6 @@ def main(argv: list[str]) -> int:
     import httpx
 
     from pdx.config import load_topology
-    from pdx.engines.metrics import parse_prometheus_text
     from pdx.errors import PdxError
     from pdx.launch import start_local_engines, stop_engines
 
@@ -97,6 +96,8 @@ def main(argv: list[str]) -> int:
             body = {"model": topology.model, "messages": [{"role": "user", "content": args.question}],
                     "max_tokens": args.max_tokens, "temperature": 0}  # fmt: skip
             client.post("/v1/chat/completions", json={**body, "max_tokens": 1})  # warm-up
+            decoders = [e for e in topology.engines if e.can_decode]
+            before = {e.id: _prompt_tokens_by_source(e.url) for e in decoders}  # the warm-up's
             t0 = time.perf_counter()
             resp = client.post("/v1/chat/completions", json=body)
             elapsed = time.perf_counter() - t0
@@ -109,11 +110,9 @@ def main(argv: list[str]) -> int:
             usage = answer.get("usage", {})
             print(f"   {usage.get('prompt_tokens')} prompt tokens, {usage.get('completion_tokens')} generated, "
                   f"{elapsed * 1e3:.0f} ms through the router")
-            decoders = [e for e in topology.engines if e.can_decode]
             for engine in decoders:
-                samples = parse_prometheus_text(httpx.get(engine.url + "/metrics", timeout=10).text)
-                external = samples.sum("prompt_tokens_by_source", source="external_kv_transfer")
-                local = samples.sum("prompt_tokens_by_source", source="local_compute")
+                now = _prompt_tokens_by_source(engine.url)
+                external, local = (now[i] - before[engine.id][i] for i in range(2))
                 print(f"KV: decode engine {engine.id}: {external:.0f} prompt tokens' KV received from P, "
                       f"{local:.0f} computed locally")
             stats = answer.get("kv_transfer_params") or {}
@@ -129,3 +128,14 @@ def main(argv: list[str]) -> int:
         stop_engines(engines)
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
+
+
+def _prompt_tokens_by_source(url: str) -> tuple[float, float]:
+    """A vLLM engine's prompt tokens so far: (KV received from outside, computed locally)."""
+    import httpx
+
+    from pdx.engines.metrics import parse_prometheus_text
+
+    samples = parse_prometheus_text(httpx.get(url + "/metrics", timeout=10).text)
+    return (samples.sum("prompt_tokens_by_source", source="external_kv_transfer"),
+            samples.sum("prompt_tokens_by_source", source="local_compute"))
