@@ -3,7 +3,7 @@
 Errors raise ``pdx.errors.ConfigError`` with ``FILE:LINE: FIELD: what is wrong``.
 Environment overrides (applied before validation, so they are validated too):
 
-    PDX_ROUTER_HOST, PDX_ROUTER_PORT, PDX_ROUTER_AUTH_TOKEN, PDX_ROUTER_LOG_LEVEL,
+    PDX_ROUTER_HOST, PDX_ROUTER_PORT, PDX_ROUTER_AUTH_TOKEN, PDX_ROUTER_ADMIN_TOKEN, PDX_ROUTER_LOG_LEVEL,
     PDX_ROUTER_MAX_RETRIES (router.retries.max_retries), PDX_MODEL_PATH
 """
 
@@ -22,6 +22,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "PDX_ROUTER_HOST": ("router", "host"),
     "PDX_ROUTER_PORT": ("router", "port"),
     "PDX_ROUTER_AUTH_TOKEN": ("router", "auth_token"),
+    "PDX_ROUTER_ADMIN_TOKEN": ("router", "admin_token"),
     "PDX_ROUTER_LOG_LEVEL": ("router", "log_level"),
     "PDX_ROUTER_MAX_RETRIES": ("router", "retries", "max_retries"),
     "PDX_MODEL_PATH": ("model", "path"),
@@ -143,11 +144,16 @@ def to_topology(spec: schema.TopologySpec, source: str) -> topology.Topology:
         timeouts=topology.Timeouts(**r.timeouts.model_dump()),
         health=topology.Health(**r.health.model_dump()),
         max_retries=r.retries.max_retries,
+        max_attempts=r.retries.max_attempts,
         retry_backoff_ms=r.retries.backoff_ms,
         circuit_failure_threshold=r.circuit.failure_threshold,
         circuit_cooldown_s=r.circuit.cooldown_s,
         auth_token=r.auth_token,
+        admin_token=r.admin_token,
+        insecure=r.insecure,
+        client_timeouts=topology.ClientTimeouts(**r.client_timeouts.model_dump()),
         max_body_bytes=r.max_body_bytes,
+        max_json_depth=r.max_json_depth,
         max_connections_per_engine=r.max_connections_per_engine,
         log_level=r.log_level,
     )

@@ -97,7 +97,14 @@ class TimeoutSpec(_Strict):
 
 class RetrySpec(_Strict):
     max_retries: int = Field(default=2, ge=0)  # extra attempts, each with a fresh pair and id
+    max_attempts: int = Field(default=3, ge=1, le=10)  # upstream attempts per client request, a hard cap
     backoff_ms: float = Field(default=20.0, ge=0)
+
+
+class ClientTimeoutSpec(_Strict):
+    header_s: float = Field(default=10.0, gt=0)  # from a connection's first byte until a request's headers end
+    body_s: float = Field(default=30.0, gt=0)  # from the headers until the whole request body arrived
+    keep_alive_s: float = Field(default=10.0, gt=0)  # an idle connection (none sent yet, or between requests)
 
 
 class HealthSpec(_Strict):
@@ -121,8 +128,12 @@ class RouterSpec(_Strict):
     retries: RetrySpec = Field(default_factory=RetrySpec)
     health: HealthSpec = Field(default_factory=HealthSpec)
     circuit: CircuitSpec = Field(default_factory=CircuitSpec)
-    auth_token: str | None = None  # clients must send "Authorization: Bearer <token>"
+    auth_token: str | None = Field(default=None, min_length=1)  # clients must send "Authorization: Bearer <token>"
+    admin_token: str | None = Field(default=None, min_length=1)  # POST/DELETE /workers; None: membership is fixed
+    insecure: bool = False  # allow a non-loopback host without auth_token
+    client_timeouts: ClientTimeoutSpec = Field(default_factory=ClientTimeoutSpec)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    max_json_depth: int = Field(default=64, ge=2, le=200)  # nesting of a request body (orjson writes <= 254)
     max_connections_per_engine: int = Field(default=256, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
 

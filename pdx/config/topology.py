@@ -83,6 +83,13 @@ class Health:
 
 
 @dataclass(frozen=True)
+class ClientTimeouts:
+    header_s: float = 10.0  # from a connection's first byte until a request's headers end
+    body_s: float = 30.0  # from the headers until the whole request body arrived
+    keep_alive_s: float = 10.0  # an idle connection
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -90,11 +97,16 @@ class RouterConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     health: Health = field(default_factory=Health)
     max_retries: int = 2
+    max_attempts: int = 3  # upstream attempts per client request, the first included: caps max_retries
     retry_backoff_ms: float = 20.0
     circuit_failure_threshold: int = 5
     circuit_cooldown_s: float = 10.0
     auth_token: str | None = None
+    admin_token: str | None = None  # membership changes (POST/DELETE /workers); None: refused
+    insecure: bool = False  # a non-loopback host without auth_token may start
+    client_timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
     max_body_bytes: int = 8 * 1024 * 1024
+    max_json_depth: int = 64
     max_connections_per_engine: int = 256
     log_level: str = "warning"
 
