@@ -15,6 +15,8 @@ from pdx.errors import ConfigError
 from pdx.storage.config import StoreClientOptions as _StoreConfig
 from pdx.storage.config import StoreConfig
 
+_SECRETS = (("auth_token", "PDX_KV_AUTH_TOKEN"), ("kv_secret", "PDX_KV_SECRET"))
+
 
 class _ExtraConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -23,7 +25,8 @@ class _ExtraConfig(BaseModel):
     transport_options: dict[str, Any] = Field(default_factory=dict)  # passed to create_transport
     control_host: str = "127.0.0.1"  # P: where the control server listens
     control_port: int = Field(default=0, ge=0, le=65535)  # P: the engine's kv_port; 0 picks one
-    auth_token: str = ""  # shared by P and D; env PDX_KV_AUTH_TOKEN when empty
+    auth_token: str = ""  # control channel, shared by P and D; env PDX_KV_AUTH_TOKEN when empty; required
+    kv_secret: str = ""  # the fleet secret the router signs transfer params with; env PDX_KV_SECRET; required
     lease_s: float = Field(default=30.0, gt=0)  # P: hold finished blocks at most this long for D
     recv_timeout_s: float = Field(default=30.0, gt=0)  # D: registration to last layer landed
     write_timeout_s: float = Field(default=10.0, gt=0)  # P: one posted write
@@ -40,6 +43,7 @@ class ConnectorConfig:
     control_host: str = "127.0.0.1"
     control_port: int = 0
     auth_token: str = ""
+    kv_secret: str = ""
     lease_s: float = 30.0
     recv_timeout_s: float = 30.0
     write_timeout_s: float = 10.0
@@ -59,8 +63,12 @@ class ConnectorConfig:
         except ValidationError as exc:
             raise ConfigError(f"invalid PdxConnector kv_connector_extra_config: {exc}") from exc
         values = parsed.model_dump()
-        if not values["auth_token"]:
-            values["auth_token"] = os.environ.get("PDX_KV_AUTH_TOKEN", "")
+        for key, env in _SECRETS:
+            if not values[key]:
+                values[key] = os.environ.get(env, "")
+            if not values[key]:
+                raise ConfigError(f"PdxConnector needs a non-empty {key}: set kv_connector_extra_config.{key} "
+                                  f"or the environment variable {env} (pdx launch sets both)")
         if values["store"] is not None:
             values["store"] = StoreConfig(**values["store"])
         return cls(**values)

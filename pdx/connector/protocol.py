@@ -12,6 +12,10 @@ concurrently, with one shared transfer id:
 destination blocks, then publishes them to ``pdx_peer``; P writes only into
 blocks published for that transfer id.
 
+Both legs also carry ``pdx_exp`` and ``pdx_sig``: the router signs them with the
+fleet secret and engines verify them before using them (``pdx.connector.signing``);
+parameters a client wrote itself are refused and the request is served locally.
+
 A request without ``pdx_transfer_id`` is served locally, with no transfer.
 This module is the single definition of these keys; the router builds its
 params with ``prefill_params`` / ``decode_params``. A peer address is parsed

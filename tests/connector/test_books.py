@@ -34,7 +34,19 @@ def test_protocol_round_trip_and_clear_errors():
 def test_config_rejects_unknown_keys():
     with pytest.raises(ConfigError, match="lease_seconds"):
         ConnectorConfig.from_extra_config({"lease_seconds": 3})
-    assert ConnectorConfig.from_extra_config({"lease_s": 3}).lease_s == 3
+    cfg = ConnectorConfig.from_extra_config({"lease_s": 3, "auth_token": "t", "kv_secret": "s"})
+    assert (cfg.lease_s, cfg.auth_token, cfg.kv_secret) == (3, "t", "s")
+
+
+@pytest.mark.parametrize(("key", "env"), [("auth_token", "PDX_KV_AUTH_TOKEN"), ("kv_secret", "PDX_KV_SECRET")])
+def test_config_requires_both_secrets_naming_the_setting(monkeypatch, key, env):
+    monkeypatch.delenv("PDX_KV_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("PDX_KV_SECRET", raising=False)
+    both = {"auth_token": "t", "kv_secret": "s"}
+    with pytest.raises(ConfigError, match=f"kv_connector_extra_config.{key} or the environment variable {env}"):
+        ConnectorConfig.from_extra_config({**both, key: ""})
+    monkeypatch.setenv(env, "from-env")
+    assert getattr(ConnectorConfig.from_extra_config({**both, key: ""}), key) == "from-env"
 
 
 LAYOUT = vllm_cpu(2, 1, 4, 4, "float32")  # 2 layers, 4-token blocks of 128 bytes

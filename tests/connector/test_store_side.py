@@ -167,9 +167,10 @@ def test_chunk_size_must_be_whole_blocks(store):
 def test_store_setting_is_validated():
     from pdx.connector.config import ConnectorConfig
 
-    cfg = ConnectorConfig.from_extra_config({"store": {"socket": "/tmp/s.sock", "timeout_s": 0.2}})
+    secrets = {"auth_token": "t", "kv_secret": "s"}
+    cfg = ConnectorConfig.from_extra_config({**secrets, "store": {"socket": "/tmp/s.sock", "timeout_s": 0.2}})
     assert cfg.store == StoreConfig("/tmp/s.sock", timeout_s=0.2)
-    assert ConnectorConfig.from_extra_config({}).store is None
+    assert ConnectorConfig.from_extra_config(secrets).store is None
     for bad in ({"socket": ""}, {"socket": "/s", "chunk_size": 0}, {"socket": "/s", "timeout_s": 0},
                 {"socket": "/s", "bogus": 1}, {"timeout_s": 1.0}, {"socket": "pdx-store://host-without-port"}):
         with pytest.raises(ConfigError, match="kv_connector_extra_config"):

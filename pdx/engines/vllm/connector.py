@@ -6,7 +6,12 @@ Load it into stock vLLM (0.32) with::
                            "kv_connector_module_path": "pdx.engines.vllm",
                            "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
                            "kv_connector_extra_config": {"transport": "tcp", "control_port": 15600,
-                                                         "auth_token": "..."}}'
+                                                         "auth_token": "...", "kv_secret": "..."}}'
+
+``auth_token`` (control channel) and ``kv_secret`` (the fleet secret the router
+signs transfer parameters with) are required; env ``PDX_KV_AUTH_TOKEN`` and
+``PDX_KV_SECRET`` stand in for them. Parameters not signed by the router are
+refused: the request is served locally (``pdx.connector.signing``).
 
 vLLM builds one instance per process and role. Who calls what:
 
@@ -43,6 +48,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from pdx.connector.config import ConnectorConfig
+from pdx.connector.signing import TransferVerifier
 from pdx.connector.store_side import StoreScheduler, StoreWorker, key_extras
 from pdx.engines.vllm.kv_caches import host_layer_views, layout_from_config
 from pdx.engines.vllm.metadata import PdxConnectorMetadata, PdxKVConnectorStats
@@ -119,7 +125,8 @@ class PdxConnector(KVConnectorBase_V1, SupportsHMA):
         self._kv_written_before_attention: dict[str, bool] = {}  # layer name -> send it early
         store = self.cfg.store
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler = PdxScheduler(block_size, ktc.is_kv_producer, ktc.is_kv_consumer)
+            self.scheduler = PdxScheduler(block_size, ktc.is_kv_producer, ktc.is_kv_consumer,
+                                          TransferVerifier(self.cfg.kv_secret))
             if store is not None:
                 extras = key_extras(vllm_config.model_config.model, layout_from_config(vllm_config))
                 self.store_scheduler = StoreScheduler(store, block_size, extras)

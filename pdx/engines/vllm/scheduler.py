@@ -9,6 +9,13 @@ D (``pdx_role: decode``): the request asks for its whole prompt from outside
 WAITING_FOR_REMOTE_KVS; ``update_state_after_alloc`` turns the reservation into a
 ``RecvSpec``. A load is attempted once per request: after a failure or a
 preemption the request is recomputed locally.
+
+Only router-issued params count: each request's params are verified once, when
+the scheduler first sees them (``pdx.connector.signing``). Refused ones
+(unsigned, tampered, expired, replayed) make the request a plain local one: no
+peer is contacted, nothing is held; the refusal is logged with its reason and
+counted (``num_refused``). vLLM 0.32 gives a connector no safe way to answer
+the client with a 4xx (an exception in a scheduler hook kills the engine core).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pdx.connector import protocol
 from pdx.connector.figures import TransferFigures
+from pdx.connector.signing import TransferRefused, TransferVerifier
 from pdx.engines.vllm.metadata import (
     FinishSpec,
     PdxConnectorMetadata,
@@ -26,7 +34,6 @@ from pdx.engines.vllm.metadata import (
     ReleaseSpec,
     SaveSpec,
 )
-from pdx.errors import ConfigError
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
@@ -39,17 +46,11 @@ logger = logging.getLogger(__name__)
 _NORMAL_FINISH = ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED")
 
 
-def _params(request: Request) -> protocol.PdxTransferParams | None:
-    try:
-        return protocol.parse(request.kv_transfer_params)
-    except ConfigError as exc:
-        logger.warning("request %s: ignoring bad pdx kv_transfer_params: %s", request.request_id, exc)
-        return None
-
-
 class PdxScheduler:
-    def __init__(self, block_size: int, is_producer: bool, is_consumer: bool) -> None:
+    def __init__(self, block_size: int, is_producer: bool, is_consumer: bool, verifier: TransferVerifier) -> None:
         self.block_size = block_size
+        self.verifier = verifier
+        self._verified: dict[str, protocol.PdxTransferParams | None] = {}  # req_id -> its params, until finished
         self.is_producer = is_producer
         self.is_consumer = is_consumer
         self.kv_cache_manager: KVCacheManager | None = None
@@ -66,13 +67,32 @@ class PdxScheduler:
         self._releases: list[ReleaseSpec] = []
         self._figures: dict[str, TransferFigures] = {}  # by req_id, from the workers
 
+    def _params(self, request: Request) -> protocol.PdxTransferParams | None:
+        """The request's verified pdx params (checked once per request), ``None`` if none or refused."""
+        rid = request.request_id
+        if rid in self._verified:
+            return self._verified[rid]
+        try:
+            p = self.verifier.verify(request.kv_transfer_params)
+        except TransferRefused as exc:
+            logger.warning("request %s: refused pdx kv_transfer_params (%s); served locally, no transfer",
+                           rid, exc)
+            p = None
+        self._verified[rid] = p
+        return p
+
+    @property
+    def num_refused(self) -> dict[str, int]:
+        """Requests whose pdx params were refused, by reason (unsigned, bad_signature, expired, ...)."""
+        return dict(self.verifier.num_refused)
+
     def is_decode_leg(self, request: Request) -> bool:
-        p = _params(request)
+        p = self._params(request)
         return p is not None and p.role == protocol.DECODE
 
     # -- D: admission ------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        p = _params(request)
+        p = self._params(request)
         if p is None or p.role != protocol.DECODE or not self.is_consumer:
             return 0, False
         if request.request_id in self._attempted:
@@ -87,7 +107,7 @@ class PdxScheduler:
         rid = request.request_id
         if num_external_tokens <= 0 or rid in self._attempted:
             return
-        p = _params(request)
+        p = self._params(request)
         if p is None or p.role != protocol.DECODE or p.peer is None:
             return
         self._attempted.add(rid)
@@ -100,7 +120,7 @@ class PdxScheduler:
 
     # -- per step ------------------------------------------------------------------------------
     def on_new_request(self, request: Request) -> None:
-        p = _params(request)
+        p = self._params(request)
         if p is not None and p.role == protocol.PREFILL and self.is_producer:
             self._prefills[request.request_id] = (request, p.transfer_id)
 
@@ -140,7 +160,8 @@ class PdxScheduler:
     # -- finish ----------------------------------------------------------------------------------
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
-        p = _params(request)
+        p = self._params(request)
+        del self._verified[rid]
         self._local_hit.pop(rid, None)
         if p is None:
             return False, None
