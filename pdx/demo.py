@@ -63,10 +63,10 @@ def main(argv: list[str]) -> int:
 
     from pdx.config import load_topology
     from pdx.errors import PdxError
-    from pdx.launch import start_local_engines, stop_engines
+    from pdx.launch import start_local_engines, stop_engines, with_fleet_secret
 
     try:
-        topology = load_topology(_find_topology(args.topology))
+        topology = with_fleet_secret(load_topology(_find_topology(args.topology)))
     except PdxError as exc:
         print(f"pdx demo: {exc}", file=sys.stderr)
         return 1

@@ -7,12 +7,20 @@ with the ``--kv-transfer-config`` its role and connector need:
 ====================  ==========================================================
 connector             kv_transfer_config
 ====================  ==========================================================
-``pdx``               PdxConnector from ``pdx.engines.vllm``; extra config
+``pdx``               PdxConnector from ``pdx.engines.vllm``,
+                      ``kv_load_failure_policy: recompute``; extra config
                       ``transport``, ``transport_options``, and for P
-                      ``control_host``/``control_port`` = the engine's ``kv_port``
+                      ``control_host``/``control_port`` = the engine's ``kv_port``;
+                      env ``PDX_KV_SECRET`` (the fleet secret) and
+                      ``PDX_KV_AUTH_TOKEN`` (the control token derived from it)
 ``nixl``              NixlConnector, ``kv_buffer_device: cpu``; env
                       ``VLLM_NIXL_SIDE_CHANNEL_HOST/PORT`` (``side_channel_port``)
 ====================  ==========================================================
+
+The fleet secret is the topology's ``kv_secret`` (or env ``PDX_KV_SECRET``); when
+neither is set, ``pdx launch`` generates one for this run. It reaches the engines
+through their environment (not their command line, which ``ps`` shows) and the
+router in-process; the router signs every leg's transfer params with it.
 
 ``kv_role`` is ``kv_producer`` for prefill, ``kv_consumer`` for decode,
 ``kv_both`` for both. Engines start together (about 60-120 s on 2 cores) while a
@@ -25,15 +33,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import signal
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from pdx.config import load_topology
 from pdx.config.topology import Engine, Topology
+from pdx.connector.signing import control_token
 from pdx.errors import ConfigError, EngineError
 
 logger = logging.getLogger(__name__)
@@ -56,6 +67,22 @@ def resolve_model_path(topology: Topology) -> str:
     return str(Path(path).expanduser())
 
 
+def with_fleet_secret(topology: Topology) -> Topology:
+    """``topology`` with a ``kv_secret``: its own, or a fresh random one for this run."""
+    if topology.kv_secret:
+        return topology
+    return replace(topology, kv_secret=secrets.token_hex(32))
+
+
+def secret_env(topology: Topology, engine: Engine) -> tuple[tuple[str, str], ...]:
+    """What a pdx-connector engine needs of the fleet secret, as environment variables."""
+    if engine.connector != "pdx":
+        return ()
+    if not topology.kv_secret:
+        raise ConfigError(f"{topology.source}: a pdx engine needs the fleet secret: set kv_secret or PDX_KV_SECRET")
+    return (("PDX_KV_AUTH_TOKEN", control_token(topology.kv_secret)), ("PDX_KV_SECRET", topology.kv_secret))
+
+
 def kv_transfer_config(engine: Engine) -> dict[str, Any]:
     """The ``--kv-transfer-config`` of one engine."""
     role = KV_ROLES[engine.role]
@@ -69,6 +96,7 @@ def kv_transfer_config(engine: Engine) -> dict[str, Any]:
         "kv_connector": "PdxConnector",
         "kv_connector_module_path": "pdx.engines.vllm",
         "kv_role": role,
+        "kv_load_failure_policy": "recompute",  # a failed or partial transfer is recomputed, not an error
         "kv_connector_extra_config": extra,
     }
 
@@ -91,7 +119,7 @@ def engine_spec(topology: Topology, engine: Engine, model_dir: str):  # -> pdx.h
         kv_transfer_config=kv_transfer_config(engine),
         nixl_side_channel_port=local.side_channel_port if engine.connector == "nixl" else None,
         extra_args=local.extra_args,
-        extra_env=local.env,
+        extra_env=local.env + secret_env(topology, engine),
         name=engine.id,
     )
 
@@ -175,7 +203,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        topology = load_topology(args.topology)
+        topology = with_fleet_secret(load_topology(args.topology))
     except ConfigError as exc:
         print(f"pdx launch: {exc}", file=sys.stderr)
         return 1

@@ -104,6 +104,8 @@ def run_load(url: str, mode: str, concurrency: int, duration: float, warmup: flo
 
 
 def _topology(path: Path, port: int, fakes: dict[str, int], connector: str) -> None:
+    from pdx.testing.fake_engine import FAKE_KV_SECRET
+
     p, d = f"p-{connector}", f"d-{connector}"
     kv = ", kv_port: 5799" if connector == "pdx" else ""
     path.write_text(
@@ -111,6 +113,7 @@ def _topology(path: Path, port: int, fakes: dict[str, int], connector: str) -> N
         "engines:\n"
         f"  - {{id: p0, url: 'http://127.0.0.1:{fakes[p]}', role: prefill, connector: {connector}{kv}}}\n"
         f"  - {{id: d0, url: 'http://127.0.0.1:{fakes[d]}', role: decode, connector: {connector}}}\n"
+        f"kv_secret: {FAKE_KV_SECRET}\n"  # the fakes' default fleet secret
         f"router: {{host: 127.0.0.1, port: {port}, log_level: error,"
         " policies: {prefill: round_robin, decode: round_robin}}\n"
     )

@@ -18,6 +18,7 @@ the machine-wide engine lock around the fleet's life.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -69,8 +70,9 @@ class LocalFleet:
 
     def __init__(self, topology_path: str | Path, with_store: bool, log_dir: str | Path) -> None:
         from pdx.config import load_topology
+        from pdx.launch import with_fleet_secret
 
-        self.topology = load_topology(str(topology_path))
+        self.topology = with_fleet_secret(load_topology(str(topology_path)))
         self.topology_path = str(topology_path)
         self.with_store = with_store
         self.log_dir = Path(log_dir)
@@ -98,7 +100,8 @@ class LocalFleet:
     def _spawn(self, argv: list[str], name: str) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as log:
-            return subprocess.Popen([sys.executable, "-c", argv[0], *argv[1:]], stdin=subprocess.DEVNULL,
+            env = {**os.environ, "PDX_KV_SECRET": self.topology.kv_secret or ""}  # the router's fleet secret
+            return subprocess.Popen([sys.executable, "-c", argv[0], *argv[1:]], stdin=subprocess.DEVNULL, env=env,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> LocalFleet:

@@ -4,7 +4,7 @@ Errors raise ``pdx.errors.ConfigError`` with ``FILE:LINE: FIELD: what is wrong``
 Environment overrides (applied before validation, so they are validated too):
 
     PDX_ROUTER_HOST, PDX_ROUTER_PORT, PDX_ROUTER_AUTH_TOKEN, PDX_ROUTER_ADMIN_TOKEN, PDX_ROUTER_LOG_LEVEL,
-    PDX_ROUTER_MAX_RETRIES (router.retries.max_retries), PDX_MODEL_PATH
+    PDX_ROUTER_MAX_RETRIES (router.retries.max_retries), PDX_MODEL_PATH, PDX_KV_SECRET (kv_secret)
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "PDX_ROUTER_LOG_LEVEL": ("router", "log_level"),
     "PDX_ROUTER_MAX_RETRIES": ("router", "retries", "max_retries"),
     "PDX_MODEL_PATH": ("model", "path"),
+    "PDX_KV_SECRET": ("kv_secret",),
 }
 
 
@@ -166,4 +167,5 @@ def to_topology(spec: schema.TopologySpec, source: str) -> topology.Topology:
         router=router,
         storage=tuple(sorted(spec.storage.items())),
         source=source,
+        kv_secret=spec.kv_secret,
     )

@@ -143,6 +143,10 @@ class TopologySpec(_Strict):
     engines: list[EngineSpec] = Field(default_factory=list)
     router: RouterSpec = Field(default_factory=RouterSpec)
     storage: dict[str, object] = Field(default_factory=dict)  # reserved for the storage tier
+    # The fleet secret (env PDX_KV_SECRET): the router signs each leg's pdx transfer params with
+    # it and pdx-connector engines verify them (kv_connector_extra_config.kv_secret). Required by
+    # a pdx fleet's router; ``pdx launch`` generates one when absent. Never log or commit it.
+    kv_secret: str | None = Field(default=None, min_length=16, repr=False)
 
     @model_validator(mode="after")
     def _fleet(self) -> TopologySpec:

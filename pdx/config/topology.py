@@ -121,6 +121,7 @@ class Topology:
     router: RouterConfig
     storage: tuple[tuple[str, object], ...] = ()
     source: str = "<memory>"  # the file it came from
+    kv_secret: str | None = field(default=None, repr=False)  # signs pdx transfer params (schema.py)
 
     @property
     def protocol(self) -> Protocol:

@@ -25,7 +25,7 @@ class Fleet:
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
         self.config = topology.router
-        self.protocol = create_protocol(topology.protocol)  # the first engine to join sets it
+        self.protocol = create_protocol(topology.protocol, topology.kv_secret)  # the first engine to join sets it
         self.prefix_index = PrefixIndex()
         self._engines: dict[str, EngineState] = {}
         self._counter = 0
@@ -66,7 +66,7 @@ class Fleet:
             client_auth=cfg.auth_token is None,
         )  # fmt: skip
         if not self._engines:
-            self.protocol = create_protocol(protocol_of([engine]))
+            self.protocol = create_protocol(protocol_of([engine]), self.topology.kv_secret)
         self._engines[engine.id] = state
         logger.info("engine %s (%s, %s) joined", engine.id, engine.role, engine.url)
         return state

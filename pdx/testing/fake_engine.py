@@ -10,6 +10,10 @@ With ``rendezvous`` set, P and D legs of one transfer (pdx transfer id or SGLang
 bootstrap room) wait for each other, as real engines do: P cannot push KV until D
 has reserved blocks, D cannot decode before the KV arrives. A router that sent the
 legs one after the other would then time out, so concurrent dispatch is tested.
+
+pdx legs are verified as ``PdxConnector`` verifies them (``pdx.connector.signing``,
+with ``kv_secret``, by default ``FAKE_KV_SECRET``): params the router did not sign
+are refused (``num_refused``) and the request is answered as a plain local one.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import orjson
 
 from pdx.connector.figures import TransferFigures
 from pdx.connector.protocol import STATS
+from pdx.connector.signing import TransferRefused, TransferVerifier
 
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8")]
+FAKE_KV_SECRET = "pdx-fake-fleet-secret-0123456789"  # the fleet secret fakes verify with unless told another
 
 
 class Rendezvous:
@@ -74,9 +80,12 @@ class FakeEngine:
     requests: list[Recorded] = field(default_factory=list)
     num_aborted: int = 0  # generation requests whose client disconnected first
     tokens_by_source: dict[str, int] = field(default_factory=lambda: {"local_compute": 0, "external_kv_transfer": 0})
+    kv_secret: str = FAKE_KV_SECRET  # verifies pdx legs, as PdxConnector's kv_secret
+    num_refused: int = 0  # pdx legs whose params were not the router's (served locally)
 
     def __post_init__(self) -> None:
         self._completion_stream = self._build_stream()
+        self._verifier = TransferVerifier(self.kv_secret)
 
     # -- canned bodies ------------------------------------------------------------------
     def _completion(self, text: str, kv_params: Any = None, chat: bool = False) -> bytes:
@@ -166,6 +175,12 @@ class FakeEngine:
         if self.kind == "sglang":
             return await self._sglang(path, body, send)
         kv = body.get("kv_transfer_params") or {}
+        if self.connector == "pdx" and "pdx_transfer_id" in kv:
+            try:
+                self._verifier.verify(kv)
+            except TransferRefused:
+                self.num_refused += 1
+                kv = {}  # as PdxConnector: a plain local request, no peer contacted
         out_params = None
         if self.connector == "nixl" and kv.get("do_remote_decode"):
             out_params = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[1, 2]],

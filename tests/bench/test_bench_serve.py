@@ -26,7 +26,7 @@ from pdx.bench.workloads import (
     users_for_kv_volume,
 )
 from pdx.engines.metrics import parse_prometheus_text
-from pdx.testing.fake_engine import FakeEngine
+from pdx.testing.fake_engine import FAKE_KV_SECRET, FakeEngine
 from tests.router.harness import Harness
 
 SPEC = WorkloadSpec(seed=3, num_users=3, system_tokens=64, user_turn_tokens=8, answer_tokens=4,
@@ -316,6 +316,7 @@ def test_launch_starts_store_and_router_then_reruns_without_the_store(
         "model: {name: tiny}\nengines:\n"
         + "".join(f"  - {{id: f{i}, url: '{u}', role: both, kind: vllm, kv_port: {free_port()}}}\n"
                   for i, u in enumerate(urls))
+        + f"kv_secret: {FAKE_KV_SECRET}\n"
         + f"router: {{port: {router_port}, policies: {{disaggregate_min_tokens: 1000000}}, health: {{interval_s: 0.2}}}}\n"
         f"storage: {{socket: '{sock}', capacity_gb: 0.05, http_port: {store_port}, connector: {{store_socket: '{sock}'}}}}\n"
     )  # fmt: skip

@@ -13,7 +13,7 @@ from pdx.transports.loop_thread import LoopThread
 from pdx.config import parse_topology
 from pdx.router.app import RouterApp
 from pdx.router.server import CoalescingHttpToolsProtocol
-from pdx.testing.fake_engine import FakeEngine, Rendezvous
+from pdx.testing.fake_engine import FAKE_KV_SECRET, FakeEngine, Rendezvous
 
 
 def _bound_socket() -> socket.socket:
@@ -80,6 +80,7 @@ def fleet_yaml(engines: list[tuple[FakeEngine, str]], router: str = "", model: s
         elif fake.role == "prefill":
             entry += f", bootstrap_port: {8998 + i}"
         lines.append(entry + "}")
+    lines.append(f"kv_secret: {FAKE_KV_SECRET}")
     lines.append("router:")
     lines.append("  health: {interval_s: 0.2, timeout_s: 1, unhealthy_after: 1, healthy_after: 1}")
     lines.append("  retries: {max_retries: 2, backoff_ms: 1}")

@@ -9,10 +9,12 @@ import pytest
 
 from pdx.config.topology import Engine, Policies
 from pdx.connector import protocol as pdx_keys
+from pdx.connector import signing
 from pdx.errors import ConfigError
 from pdx.router.protocols import create_protocol, nixl, pdx, sglang
 from pdx.router.request import RequestCtx
 
+SECRET = "router-test-fleet-secret"
 CLIENT = {"model": "tiny", "prompt": "hi", "max_tokens": 9, "min_tokens": 3, "stream": True,
           "stream_options": {"include_usage": True}}  # fmt: skip
 
@@ -20,12 +22,13 @@ CLIENT = {"model": "tiny", "prompt": "hi", "max_tokens": 9, "min_tokens": 3, "st
 def test_pdx_legs_share_one_transfer_id_and_the_connector_parses_them():
     body = copy.deepcopy(CLIENT)
     tid = pdx.new_transfer_id()
-    p = pdx.prefill_body(body, tid)
-    d = pdx.decode_body(body, tid, "10.0.0.1", 5700)
+    p = pdx.prefill_body(body, tid, SECRET)
+    d = pdx.decode_body(body, tid, "10.0.0.1", 5700, SECRET)
     assert body == CLIENT  # the client's body is never mutated
     assert p["max_tokens"] == 1 and p["stream"] is False and "min_tokens" not in p and "stream_options" not in p
     assert d["max_tokens"] == 9 and d["stream"] is True and d["stream_options"] == {"include_usage": True}
-    p_params, d_params = pdx_keys.parse(p["kv_transfer_params"]), pdx_keys.parse(d["kv_transfer_params"])
+    verifier = signing.TransferVerifier(SECRET)  # what the engines run
+    p_params, d_params = verifier.verify(p["kv_transfer_params"]), verifier.verify(d["kv_transfer_params"])
     assert p_params.transfer_id == d_params.transfer_id == tid
     assert (p_params.role, d_params.role) == ("prefill", "decode")
     assert d_params.peer == ("10.0.0.1", 5700)
@@ -33,7 +36,7 @@ def test_pdx_legs_share_one_transfer_id_and_the_connector_parses_them():
 
 
 def test_pdx_chat_caps_max_completion_tokens():
-    p = pdx.prefill_body({"messages": [], "max_completion_tokens": 50}, pdx.new_transfer_id())
+    p = pdx.prefill_body({"messages": [], "max_completion_tokens": 50}, pdx.new_transfer_id(), SECRET)
     assert p["max_completion_tokens"] == 1 and p["max_tokens"] == 1
 
 
@@ -79,7 +82,7 @@ PREFILL = Engine(id="p0", url="http://10.0.0.1:8100", role="prefill", kv_port=57
 def test_each_fleet_kind_answers_legs_concurrency_and_whether_p_is_needed():
     ctx = _ctx(copy.deepcopy(CLIENT))
     pol = Policies(disaggregate_min_tokens=64)
-    by_name = {name: create_protocol(name) for name in ("pdx", "nixl", "sglang")}
+    by_name = {name: create_protocol(name, SECRET) for name in ("pdx", "nixl", "sglang")}
     assert {n: p.name for n, p in by_name.items()} == {"pdx": "pdx", "nixl": "nixl", "sglang": "sglang"}
     assert {n: p.is_concurrent for n, p in by_name.items()} == {"pdx": True, "nixl": False, "sglang": True}
     # conditional disaggregation: a short prompt skips P on vLLM fleets, never on SGLang
@@ -89,7 +92,11 @@ def test_each_fleet_kind_answers_legs_concurrency_and_whether_p_is_needed():
 
     pdx_legs = by_name["pdx"].legs(ctx, PREFILL)
     p_body, d_body = orjson.loads(pdx_legs.prefill), orjson.loads(pdx_legs.decode)
-    assert p_body == pdx.prefill_body(CLIENT, p_body["kv_transfer_params"]["pdx_transfer_id"])
+    signed = ("pdx_exp", "pdx_sig")
+    expected = pdx.prefill_body(CLIENT, p_body["kv_transfer_params"]["pdx_transfer_id"], SECRET)
+    for body in (p_body, expected):
+        body["kv_transfer_params"] = {k: v for k, v in body["kv_transfer_params"].items() if k not in signed}
+    assert p_body == expected
     assert d_body["kv_transfer_params"]["pdx_transfer_id"] == p_body["kv_transfer_params"]["pdx_transfer_id"]
     assert pdx_keys.parse(d_body["kv_transfer_params"]).peer == ("10.0.0.1", 5700)
     assert by_name["pdx"].legs(ctx, PREFILL).prefill != pdx_legs.prefill  # a fresh transfer id per attempt
@@ -113,3 +120,9 @@ def test_each_fleet_kind_answers_legs_concurrency_and_whether_p_is_needed():
     assert ctx.body == CLIENT  # never mutated
     with pytest.raises(ConfigError, match="unknown PD protocol 'mooncake'"):
         create_protocol("mooncake")
+
+
+def test_a_pdx_router_does_not_start_without_the_fleet_secret():
+    for secret in (None, ""):
+        with pytest.raises(ConfigError, match="kv_secret .*PDX_KV_SECRET"):
+            create_protocol("pdx", secret)

@@ -30,10 +30,16 @@ _REGISTRY = {
 }
 
 
-def create_protocol(name: str) -> PDProtocol:
-    """The protocol a fleet speaks (``pdx.config.topology.protocol_of``); ConfigError names the choices."""
+def create_protocol(name: str, kv_secret: str | None = None) -> PDProtocol:
+    """The protocol a fleet speaks (``pdx.config.topology.protocol_of``); ConfigError names the choices.
+
+    ``kv_secret`` is the fleet secret (topology ``kv_secret``): the ``pdx`` protocol signs
+    every leg's transfer params with it and refuses to start without one.
+    """
     try:
         module, cls = _REGISTRY[name]
     except KeyError:
         raise ConfigError(f"unknown PD protocol {name!r}; use one of {sorted(_REGISTRY)}") from None
+    if name == "pdx":
+        return getattr(import_module(module), cls)(kv_secret)
     return getattr(import_module(module), cls)()

@@ -12,6 +12,11 @@ legs **concurrently**:
   "pdx_peer": "HOST:PORT"}`` where ``HOST:PORT`` is P's connector control
   address (the prefill engine's ``kv_port`` in the topology).
 
+Both legs' params are signed with the fleet secret (topology ``kv_secret``, env
+``PDX_KV_SECRET``): ``pdx_exp`` and ``pdx_sig`` (``pdx.connector.signing``).
+Engines serve params without a valid signature as plain local requests, so only
+the router can pair engines. A pdx router does not start without the secret.
+
 The client gets D's response (streamed as it arrives, or whole). If P fails
 before D's first byte reaches the client, the router aborts D (closes its
 connection) and retries with a new pair and a **new** transfer id; a transfer id
@@ -29,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from pdx.connector import protocol as keys
+from pdx.connector import signing
+from pdx.errors import ConfigError
 from pdx.router.protocols.base import Legs, PDProtocol
 
 if TYPE_CHECKING:
@@ -38,8 +45,8 @@ if TYPE_CHECKING:
 new_transfer_id = keys.new_transfer_id
 
 
-def prefill_body(body: dict[str, Any], transfer_id: str) -> dict[str, Any]:
-    """The P leg: one token, not streamed, tagged with the transfer id."""
+def prefill_body(body: dict[str, Any], transfer_id: str, kv_secret: str) -> dict[str, Any]:
+    """The P leg: one token, not streamed, tagged with the signed transfer id."""
     out = dict(body)
     out["max_tokens"] = 1
     if "max_completion_tokens" in out:
@@ -47,18 +54,17 @@ def prefill_body(body: dict[str, Any], transfer_id: str) -> dict[str, Any]:
     out.pop("min_tokens", None)
     out["stream"] = False
     out.pop("stream_options", None)
-    out["kv_transfer_params"] = {keys.TRANSFER_ID: transfer_id, keys.ROLE: keys.PREFILL}
+    out["kv_transfer_params"] = signing.sign(keys.prefill_params(transfer_id), kv_secret)
     return out
 
 
-def decode_body(body: dict[str, Any], transfer_id: str, prefill_kv_host: str, prefill_kv_port: int) -> dict[str, Any]:
-    """The D leg: the client's request plus where to get the KV from."""
+def decode_body(
+    body: dict[str, Any], transfer_id: str, prefill_kv_host: str, prefill_kv_port: int, kv_secret: str
+) -> dict[str, Any]:
+    """The D leg: the client's request plus where to get the KV from (signed)."""
     out = dict(body)
-    out["kv_transfer_params"] = {
-        keys.TRANSFER_ID: transfer_id,
-        keys.ROLE: keys.DECODE,
-        keys.PEER: str(keys.PeerAddress(prefill_kv_host, prefill_kv_port)),
-    }
+    out["kv_transfer_params"] = signing.sign(keys.decode_params(transfer_id, prefill_kv_host, prefill_kv_port),
+                                             kv_secret)
     return out
 
 
@@ -66,9 +72,15 @@ class PdxProtocol(PDProtocol):
     name = "pdx"
     is_concurrent = True
 
+    def __init__(self, kv_secret: str | None) -> None:
+        if not kv_secret:
+            raise ConfigError("a pdx fleet's router signs transfer params with the fleet secret: set kv_secret "
+                              "in the topology or the environment variable PDX_KV_SECRET (pdx launch makes one)")
+        self._kv_secret = kv_secret
+
     def legs(self, ctx: RequestCtx, prefill: Engine) -> Legs:
         tid = new_transfer_id()
         return Legs(
-            orjson.dumps(prefill_body(ctx.body, tid)),
-            orjson.dumps(decode_body(ctx.body, tid, prefill.host, prefill.kv_port or 0)),
+            orjson.dumps(prefill_body(ctx.body, tid, self._kv_secret)),
+            orjson.dumps(decode_body(ctx.body, tid, prefill.host, prefill.kv_port or 0, self._kv_secret)),
         )
