@@ -12,6 +12,11 @@ One TCP connection per (D worker, P worker), JSON lines, asyncio at both ends.
 A ``release`` is answered only once P has no write to that transfer in flight,
 so D may reuse the blocks as soon as the reply arrives. Every line from a peer
 is validated (pydantic) before use; a malformed line closes the connection.
+
+Bounds on P's port: a line is at most ``MAX_LINE`` bytes and nests at most
+``MAX_DEPTH`` deep (checked before parsing); the hello must arrive within
+``HELLO_TIMEOUT_S``; a connection that holds no registered transfer and sends
+nothing for ``IDLE_TIMEOUT_S`` is closed (D reconnects on its next request).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from pdx.errors import KVControlError as ControlError
@@ -32,6 +38,10 @@ from pdx.layout import LayoutKind, PagedKVLayout
 logger = logging.getLogger(__name__)
 
 MAX_LINE = 16 << 20  # bytes
+MAX_DEPTH = 16  # JSON nesting of one line; a register is 4 deep
+HELLO_TIMEOUT_S = 5.0  # P closes a connection whose hello takes longer
+IDLE_TIMEOUT_S = 300.0  # P closes a connection silent this long while it holds no transfer
+_OPENERS, _CLOSERS = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
 PROTOCOL_VERSION = 1
 
 
@@ -127,6 +137,17 @@ _to_prefill: TypeAdapter[Any] = TypeAdapter(ToPrefill)
 _to_decode: TypeAdapter[Any] = TypeAdapter(ToDecode)
 
 
+def _parse_line(line: bytes) -> Any:
+    """One line from D, its nesting checked before any parser sees it (``ControlError``),
+    then validated (``ValidationError``)."""
+    if line.count(b"[") + line.count(b"{") > MAX_DEPTH:  # only then scan (brackets in strings count too)
+        raw = np.frombuffer(line, np.uint8)
+        step = np.isin(raw, _OPENERS).astype(np.int32) - np.isin(raw, _CLOSERS)
+        if int(np.cumsum(step).max()) > MAX_DEPTH:
+            raise ControlError(f"line nests deeper than {MAX_DEPTH} levels")
+    return _to_prefill.validate_json(line)
+
+
 def encode(msg: _Msg) -> bytes:
     return msg.model_dump_json().encode() + b"\n"
 
@@ -166,9 +187,14 @@ class ControlHandler:
 class ControlServer:
     """P's control server. ``start`` binds; ``aclose`` closes it and every connection."""
 
-    def __init__(self, host: str, port: int, token: str, handler: ControlHandler) -> None:
+    def __init__(
+        self, host: str, port: int, token: str, handler: ControlHandler,
+        hello_timeout_s: float = HELLO_TIMEOUT_S, idle_timeout_s: float = IDLE_TIMEOUT_S,
+    ) -> None:  # fmt: skip
         self.host, self.port, self._token = host, port, token
         self._handler = handler
+        self.hello_timeout_s = hello_timeout_s
+        self.idle_timeout_s = idle_timeout_s  # 0: never
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[Connection] = set()
 
@@ -181,7 +207,12 @@ class ControlServer:
         peername = writer.get_extra_info("peername")
         conn = Connection(writer, f"{peername[0]}:{peername[1]}" if peername else "?")
         try:
-            hello = _to_prefill.validate_json(await reader.readuntil(b"\n"))
+            try:
+                async with asyncio.timeout(self.hello_timeout_s):
+                    hello = _parse_line(await reader.readuntil(b"\n"))
+            except TimeoutError:
+                logger.warning("pdx control: %s sent no hello within %g s; closing", conn.peer, self.hello_timeout_s)
+                return
             if not isinstance(hello, Hello) or not hmac.compare_digest(
                 hello.token.encode(), self._token.encode()
             ):
@@ -194,8 +225,7 @@ class ControlServer:
             self._conns.add(conn)
             await conn.send(Reply(seq=0, ok=True))
             while True:
-                line = await reader.readuntil(b"\n")
-                msg = _to_prefill.validate_json(line)
+                msg = _parse_line(await self._next_line(reader, conn))
                 try:
                     if isinstance(msg, Register):
                         await self._handler.on_register(conn, msg)
@@ -210,12 +240,27 @@ class ControlServer:
         except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.LimitOverrunError,
                 asyncio.CancelledError):
             pass  # the peer went away, or the server is closing
-        except ValidationError as exc:
+        except (ValidationError, ControlError) as exc:
             logger.warning("pdx control: malformed message from %s: %s", conn.peer, exc)
+        except TimeoutError:
+            logger.info("pdx control: closing %s, idle for %g s with no transfer", conn.peer, self.idle_timeout_s)
         finally:
             self._conns.discard(conn)
             writer.close()
             await self._handler.on_disconnect(conn)
+
+    async def _next_line(self, reader: asyncio.StreamReader, conn: Connection) -> bytes:
+        """The next line; ``TimeoutError`` once the connection has been idle for the idle timeout
+        with no transfer registered over it (one with transfers waits as long as they last)."""
+        while True:
+            if self.idle_timeout_s <= 0:
+                return await reader.readuntil(b"\n")
+            try:
+                async with asyncio.timeout(self.idle_timeout_s):
+                    return await reader.readuntil(b"\n")
+            except TimeoutError:
+                if not conn.transfer_ids:
+                    raise
 
     async def aclose(self) -> None:
         if self._server is not None:

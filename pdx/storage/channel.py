@@ -4,12 +4,15 @@ A call either returns the reply or raises ``StoreUnavailable`` within its timeou
 after a failure the socket is dropped and no new connect is tried for ``retry_s``,
 doubling with each failure in a row up to ``MAX_RETRY_S``, so a store that is gone
 or frozen costs nothing per call between attempts. ``StorageError`` means
-the store answered but refused the request (the connection stays usable).
+the store answered but refused the request (the connection stays usable). A socket the
+store closed while it sat idle (its ``--idle-timeout-s``) is noticed before the next call
+and replaced without counting as a failure.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -52,6 +55,7 @@ class StoreChannel:
         self.arena: SharedArena | None = None  # the arena of the server this socket talks to
         self.array: np.ndarray | None = None  # [arena bytes] uint8; holds the mapping while set
         self.has_l2 = False  # that server has an L2 tier (calls may spend an L2 budget)
+        self.must_verify = False  # that server lets remote peers write its arena: verify every load
         self._attach_arena = attach_arena
         self._sock: socket.socket | None = None
         self._retry_at = 0.0
@@ -60,6 +64,7 @@ class StoreChannel:
     def call(self, request: Request, *, l2_budget_s: float = 0.0) -> Any:
         """One request/reply within ``timeout_s`` (plus ``l2_budget_s`` if the store has L2);
         returns the request's reply type (``request.reply``)."""
+        self._drop_if_hung_up()
         sock = self._connected()
         extra_timeout_s = l2_budget_s if self.has_l2 else 0.0
         op = request.op  # type: ignore[attr-defined]
@@ -76,6 +81,7 @@ class StoreChannel:
 
     def send(self, request: Request) -> None:
         """Send a request that gets no reply (``noreply``); failures only drop the socket."""
+        self._drop_if_hung_up()
         if self._sock is None:
             return
         try:
@@ -97,6 +103,14 @@ class StoreChannel:
         self.close()
         self.arena = None
         self.array = None
+
+    def _drop_if_hung_up(self) -> None:
+        """Close, without a back-off, a socket that has something to read between calls: the
+        store closed it (idle timeout, restart) and may have said why."""
+        sock = self._sock
+        if sock is not None and select.select([sock], [], [], 0)[0]:
+            logger.debug("store at %s closed an idle connection; reconnecting", self.socket_path)
+            self.close()
 
     def _fail(self) -> None:
         self.close()
@@ -150,3 +164,4 @@ class StoreChannel:
         self.arena = self._attach_arena(hello.arena, hello.arena_bytes)
         self.array = self.arena.array
         self.has_l2 = hello.has_l2
+        self.must_verify = hello.verify_loads

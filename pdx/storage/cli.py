@@ -36,6 +36,9 @@ FLAGS = {
     "--remote-token": "auth_token",
     "--remote-advertise": "remote_advertise",
     "--remote-data-port": "remote_data_port",
+    "--http-token": "http_token",
+    "--hello-timeout-s": "hello_timeout_s",
+    "--idle-timeout-s": "idle_timeout_s",
 }
 
 
@@ -58,12 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> StoreConfig:
     """The flags (and env) as a ``StoreConfig``; ``ConfigError`` naming a bad one."""
     values = {name: getattr(args, name) for name in (*FLAGS.values(), "prefault")}
-    config = parse_options(StoreOptions, {k: v for k, v in values.items() if v is not None}, "pdx store")
-    if config.remote_listen and not config.auth_token:
-        logging.getLogger(__name__).warning(
-            "--remote-listen without --remote-token: any host that reaches the port can use the store"
-        )
-    return config
+    return parse_options(StoreOptions, {k: v for k, v in values.items() if v is not None}, "pdx store")
 
 
 async def serve(config: StoreConfig) -> None:

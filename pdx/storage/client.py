@@ -132,6 +132,7 @@ class StoreClient:
         dsts = [byte_view(d, writable=True) for d in dst_views]
         num = 0
         with self._leased(keys) as (views, checksums):
+            verify = self.verify_loads or self._ctl.must_verify  # known once connected
             for src, want, dst in zip(views, checksums, dsts, strict=False):
                 if dst.nbytes != src.nbytes:
                     logger.warning(
@@ -139,7 +140,7 @@ class StoreClient:
                     )
                     break
                 np.copyto(dst, src)
-                if self.verify_loads and checksum(dst) != want:
+                if verify and checksum(dst) != want:
                     self._add(num_corrupt=1)
                     logger.error(
                         "chunk %d of a load failed its checksum; treating it as a miss", num
@@ -150,9 +151,22 @@ class StoreClient:
 
     @contextmanager
     def read_views(self, keys: Sequence[Any]) -> Iterator[list[np.ndarray]]:
-        """Read-only uint8 views of the leading stored chunks, leased for the block."""
-        with self._leased(keys) as (views, _):
+        """Read-only uint8 views of the leading stored chunks, leased for the block.
+
+        Against a store with remote peers (``Welcome.verify_loads``) the run ends before the
+        first view whose bytes fail their checksum when handed out."""
+        with self._leased(keys) as (views, checksums):
+            if self.verify_loads or self._ctl.must_verify:
+                views = self._verified_prefix(views, checksums)
             yield views
+
+    def _verified_prefix(self, views: list[np.ndarray], checksums: list[int]) -> list[np.ndarray]:
+        for i, (view, want) in enumerate(zip(views, checksums, strict=True)):
+            if checksum(view) != want:
+                self._add(num_corrupt=1)
+                logger.error("chunk %d of a load failed its checksum; treating it as a miss", i)
+                return views[:i]
+        return views
 
     @contextmanager
     def _leased(self, keys: Sequence[Any]) -> Iterator[tuple[list[np.ndarray], list[int]]]:

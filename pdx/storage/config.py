@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pdx.errors import ConfigError
 
@@ -52,6 +52,9 @@ class StoreConfig:
     remote_transport: str = "tcp"
     remote_advertise: str | None = None
     remote_data_port: int = 0
+    http_token: str = ""  # bearer token of the HTTP API; empty: the remote token (auth_token)
+    hello_timeout_s: float = 5.0  # a store connection's first frame must arrive by then
+    idle_timeout_s: float = 600.0  # a store connection silent this long is closed (0: never)
 
     @property
     def is_remote(self) -> bool:
@@ -109,6 +112,30 @@ class StoreOptions(StoreClientOptions):
         default=None, description="host remote clients dial for data (tcp; default: the listen host)"
     )
     remote_data_port: int = Field(default=0, ge=0, le=65535, description="tcp data port (0 = any free port)")
+    http_token: str = Field(
+        default="", description="bearer token of the HTTP API (env PDX_STORE_HTTP_TOKEN; default: the remote "
+        "token); required when --http-host is not loopback, and for /clear, /pin, /unpin whenever set"
+    )  # fmt: skip
+    hello_timeout_s: float = Field(default=5.0, gt=0, description="close a connection whose hello takes longer")
+    idle_timeout_s: float = Field(
+        default=600.0, ge=0, description="close a store connection silent this long (0 = never); clients reconnect"
+    )
+
+    @model_validator(mode="after")
+    def _tokens(self) -> StoreOptions:
+        if self.remote_listen and not self.auth_token:
+            raise ValueError(
+                "--remote-listen needs a token: set --remote-token or PDX_STORE_REMOTE_TOKEN (remote clients "
+                "present it; anyone without it is refused)"
+            )
+        if http_token_of(self.http_token, self.auth_token) == "" and self.http_port >= 0 and not is_loopback(
+            self.http_host
+        ):
+            raise ValueError(
+                f"--http-host {self.http_host} is not loopback: set --http-token or PDX_STORE_HTTP_TOKEN "
+                "(or --remote-token), or bind the HTTP API to 127.0.0.1"
+            )
+        return self
 
     @field_validator("capacity_gb", "slab_mb")
     @classmethod
@@ -130,6 +157,23 @@ class StoreOptions(StoreClientOptions):
         values = self.model_dump(exclude={"capacity_gb", "slab_mb", "l2", "l2_workers"})
         return StoreConfig(**values, capacity_bytes=int(self.capacity_gb * GB), slab_bytes=int(self.slab_mb * MB),
                            l2_url=self.l2 or None, l2_workers=max(1, self.l2_workers))  # fmt: skip
+
+
+def http_token_of(http_token: str, auth_token: str) -> str:
+    """The HTTP API's bearer token: its own, else the remote port's."""
+    return http_token or auth_token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a port on this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve beyond loopback
 
 
 def parse_options(model: type[StoreClientOptions], values: dict[str, Any], where: str) -> StoreConfig:

@@ -11,20 +11,29 @@
 Operators call it rarely, so it is a few lines of HTTP/1.1 on the store's own
 event loop (one request per connection) rather than a web framework; engines use
 the unix socket. Bad input gets a 400 naming the field.
+
+Authentication: ``Authorization: Bearer <token>`` with the store's ``--http-token``
+(default: its ``--remote-token``). When a token is set, ``/clear``, ``/pin`` and
+``/unpin`` need it; when the API is bound beyond loopback (a token is then required at
+start-up) every endpoint but ``/healthz`` needs it. Otherwise 401. A request must arrive
+whole within ``REQUEST_TIMEOUT_S`` (408), and a body nests at most ``MAX_DEPTH`` deep.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pdx.errors import StoreBadRequest
+from pdx.errors import StoreBadRequest, StoreProtocolError
+from pdx.storage.config import http_token_of, is_loopback
 from pdx.storage.messages import ErrorReply, parse_request
 from pdx.storage.metrics import create_registry, render
+from pdx.storage.protocol import check_depth
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -34,11 +43,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 64 << 20
+REQUEST_TIMEOUT_S = 30.0  # the whole request (line, headers, body)
+MAX_HEADERS = 100
+MUTATING = ("/clear", "/pin", "/unpin")
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     413: "Payload Too Large",
     503: "Service Unavailable",
 }
@@ -56,18 +70,25 @@ class ClearBody(BaseModel):
 
 async def start_http(server: StoreServer, host: str, port: int) -> asyncio.Server:
     registry = create_registry(server.stats)  # this server's own, never the global one
+    auth = _Auth(http_token_of(server.config.http_token, server.config.auth_token), is_loopback(host))
+    if not auth.token and not auth.is_loopback:  # StoreOptions refuses this config first
+        raise ValueError(f"the HTTP API on {host} needs --http-token (PDX_STORE_HTTP_TOKEN)")
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            status, ctype, body = await _serve_one(server, reader, registry)
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                status, ctype, body = await _serve_one(server, reader, registry, auth)
+        except TimeoutError:
+            status, ctype, body = 408, "application/json", _json({"error": f"no request within {REQUEST_TIMEOUT_S} s"})
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, StoreProtocolError) as exc:
             status, ctype, body = (
                 400,
                 "application/json",
                 _json({"error": f"malformed request: {exc}"}),
             )
+        extra = 'WWW-Authenticate: Bearer realm="pdx store"\r\n' if status == 401 else ""
         head = (
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {ctype}\r\n"
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {ctype}\r\n{extra}"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         )
         try:
@@ -81,21 +102,47 @@ async def start_http(server: StoreServer, host: str, port: int) -> asyncio.Serve
     return await asyncio.start_server(handle, host, port)
 
 
+class _Auth:
+    __slots__ = ("token", "is_loopback")
+
+    def __init__(self, token: str, is_loopback: bool) -> None:
+        self.token = token  # empty: none configured (loopback only)
+        self.is_loopback = is_loopback
+
+    def is_needed(self, path: str) -> bool:
+        return bool(self.token) and (path in MUTATING or (not self.is_loopback and path != "/healthz"))
+
+    def is_valid(self, header: str) -> bool:
+        scheme, _, presented = header.strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), self.token.encode())
+
+
 async def _serve_one(
-    server: StoreServer, reader: asyncio.StreamReader, registry: CollectorRegistry
+    server: StoreServer, reader: asyncio.StreamReader, registry: CollectorRegistry, auth: _Auth
 ) -> tuple[int, str, bytes]:
     request_line = (await reader.readline()).decode("latin-1").split()
     if len(request_line) != 3:
         raise ValueError("bad request line")
     method, path = request_line[0], request_line[1].split("?", 1)[0]
     length = 0
-    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+    authorization = ""
+    for _ in range(MAX_HEADERS + 1):
+        if (line := await reader.readline()) in (b"\r\n", b"\n", b""):
+            break
         name, _, value = line.decode("latin-1").partition(":")
         if name.strip().lower() == "content-length":
             length = int(value.strip())
+        elif name.strip().lower() == "authorization":
+            authorization = value
+    else:
+        raise ValueError(f"over {MAX_HEADERS} header lines")
+    if auth.is_needed(path) and not auth.is_valid(authorization):
+        return 401, "application/json", _json({"error": f"{path} needs 'Authorization: Bearer <token>' with the "
+                                                        "store's --http-token (default: its --remote-token)"})  # fmt: skip
     if length > MAX_BODY:
         return 413, "application/json", _json({"error": f"body over {MAX_BODY} bytes"})
     raw = await reader.readexactly(length) if length else b""
+    check_depth(raw)
 
     if method == "GET":
         if path == "/healthz":

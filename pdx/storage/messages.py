@@ -97,6 +97,7 @@ class Welcome(OkReply):
     arena_bytes: int = Field(gt=0)
     has_l2: bool  # calls may spend an L2 budget
     version: int
+    verify_loads: bool = False  # remote peers can write the arena: check every load's checksum
 
 
 class RemoteWelcome(OkReply):
@@ -297,6 +298,6 @@ def is_noreply(body: bytes) -> bool:
 
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # callers check the depth first; this is a backstop
         return False
     return isinstance(obj, dict) and obj.get("noreply") is True

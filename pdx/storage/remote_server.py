@@ -15,13 +15,20 @@ What the store adds for remote clients:
 - Leases belong to the control connection, as on the unix socket: a client that dies or
   drops the connection ends its reads at once and frees its reserved slots
   ``WRITE_GRACE_S`` later (bytes of a write it was cut off in may still be landing).
-- A bad token, a frame that is not JSON or a hello that is not first gets an error reply
-  naming the problem, then the connection is closed; bad fields of an op get an error
-  reply and the connection stays.
+- A bad token, a frame that is not JSON, nests too deep or is too large, or a hello that
+  is not first gets an error reply naming the problem, then the connection is closed; bad
+  fields of an op get an error reply and the connection stays. A connection with no hello
+  within ``--hello-timeout-s``, or silent for ``--idle-timeout-s`` after it, is closed.
+- The port never runs without a token (``--remote-token``): an empty one is a start-up error.
 
 The transport's data port accepts only peers that present the descriptor's per-start
-nonce, which is handed out after the token check. Remote clients can write anywhere in
-the arena over it: give the token only to engines you trust with the store.
+nonce, which is handed out after the token check. The transport is one-sided: a peer
+holding the descriptor can read and write any byte of the arena over it, not only the
+slots it leased, and the store cannot see its segments. What the store does instead:
+``commit`` verifies the reserved slots (above), and while the port is open the node's own
+clients verify every chunk they load (``Welcome.verify_loads``), so a chunk overwritten
+behind the store's back is a miss, never served. Give the token only to engines you trust
+to read every chunk in the store.
 """
 
 from __future__ import annotations
@@ -51,7 +58,13 @@ from pdx.storage.messages import (
     Stats,
     parse_request,
 )
-from pdx.storage.protocol import read_body, send_reply, serve_requests
+from pdx.storage.protocol import (
+    ConnectionTimeout,
+    check_depth,
+    read_body_within,
+    send_reply,
+    serve_requests,
+)
 
 if TYPE_CHECKING:
     from pdx.storage.config import StoreConfig
@@ -61,7 +74,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REMOTE_OPS = (Lookup, Acquire, Release, Reserve, Commit, Abort, Stats)  # requests served to remote clients
-HELLO_TIMEOUT_S = 10.0  # a connection that sends no hello by then is closed
 WRITE_GRACE_S = 2.0  # reserved slots of a lost connection are freed this much later
 AUTO_MEDIA = ("nixl", "tcp")  # media of ``--remote-transport auto`` that reach other hosts
 
@@ -83,7 +95,11 @@ class RemoteFrontend:
         self.server = server
         self.host, self.port = parse_listen(config.remote_listen)
         self.kind = config.remote_transport
+        if not config.auth_token:
+            raise ConfigError("--remote-listen needs a token: set --remote-token or PDX_STORE_REMOTE_TOKEN")
         self._token = config.auth_token
+        self._hello_timeout_s = config.hello_timeout_s
+        self._idle_timeout_s = config.idle_timeout_s
         self._advertise = config.remote_advertise
         self._data_port = config.remote_data_port
         self.transport: Transport | None = None
@@ -141,9 +157,10 @@ class RemoteFrontend:
         conn: set[int] = set()  # lease ids owned by this connection
         peer = writer.get_extra_info("peername")
         try:
-            body = await asyncio.wait_for(read_body(reader), HELLO_TIMEOUT_S)
+            body = await read_body_within(reader, self._hello_timeout_s, "hello")
             if body is None:
                 return
+            check_depth(body)
             error = self._check_hello(body)
             if error is not None:
                 counters.remote_refused += 1
@@ -152,12 +169,15 @@ class RemoteFrontend:
                 return
             self._writers.add(writer)
             await send_reply(writer, self._welcome())
-            await serve_requests(reader, writer, lambda request: self._dispatch(request, conn))
+            await serve_requests(reader, writer, lambda request: self._dispatch(request, conn), self._idle_timeout_s)
         except StoreProtocolError as exc:
             counters.remote_refused += 1
             logger.warning("remote store client %s sent a malformed frame: %s", peer, exc)
             await send_reply(writer, ErrorReply(error=f"malformed frame: {exc}"))
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+        except ConnectionTimeout as exc:
+            logger.info("closing remote store connection %s: %s", peer, exc)
+            await send_reply(writer, ErrorReply(error=f"closed: {exc}"))
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
             logger.debug("remote store client %s gone: %r", peer, exc)
         finally:
             loop = asyncio.get_running_loop()

@@ -49,7 +49,7 @@ from pdx.storage.messages import (
     Welcome,
 )
 from pdx.storage.metrics import StoreCounters
-from pdx.storage.protocol import send_reply, serve_requests
+from pdx.storage.protocol import ConnectionTimeout, send_reply, serve_requests
 from pdx.storage.tier import L2Tier
 
 if TYPE_CHECKING:
@@ -155,11 +155,16 @@ class StoreServer:
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn: set[int] = set()  # lease ids owned by this connection
         self._conn_writers.add(writer)
+        cfg = self.config
         try:
-            await serve_requests(reader, writer, lambda request: self.dispatch(request, conn))
+            await serve_requests(reader, writer, lambda request: self.dispatch(request, conn),
+                                 cfg.idle_timeout_s, first_timeout_s=cfg.hello_timeout_s)  # fmt: skip
         except StoreProtocolError as exc:
             logger.warning("store client sent a malformed frame: %s", exc)
             await send_reply(writer, ErrorReply(error=f"malformed frame: {exc}"))
+        except ConnectionTimeout as exc:
+            logger.info("closing a silent store connection: %s", exc)
+            await send_reply(writer, ErrorReply(error=f"closed: {exc}"))
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             logger.debug("client connection ended: %s", exc)
         finally:
@@ -207,8 +212,9 @@ class StoreServer:
             case Stats():
                 return StatsReply(stats=self.stats())
             case Hello():
-                return Welcome(arena=self.arena.name, arena_bytes=self.arena.nbytes,
-                               has_l2=self.tier is not None, version=VERSION)  # fmt: skip
+                # remote peers can write anywhere in the arena (docs/storage.md): local loads verify
+                return Welcome(arena=self.arena.name, arena_bytes=self.arena.nbytes, has_l2=self.tier is not None,
+                               version=VERSION, verify_loads=self.remote is not None)  # fmt: skip
         raise AssertionError(f"no handler for {type(request).__name__}")
 
     def _budget(self, budget_s: float | None) -> float:

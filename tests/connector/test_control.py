@@ -93,3 +93,57 @@ def test_a_layout_crosses_the_wire_with_its_fingerprint_and_a_tampered_one_is_re
         msg.model_copy(update={"kind": "vllm_xyz"}).to_layout()
     with pytest.raises(ValueError):
         LayoutMsg.model_validate({**msg.model_dump(), "fingerprint": "not hex"})
+
+
+def test_silent_and_idle_connections_are_closed():
+    """No hello within the hello timeout: closed. Idle with no transfer: closed, and D's next
+    request reconnects (``ControlClient.is_closed``)."""
+
+    async def main():
+        server = ControlServer("127.0.0.1", 0, "tok", Recorder(), hello_timeout_s=0.3, idle_timeout_s=0.5)
+        await server.start()
+        try:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # silent: closed
+            assert loop.time() - start < 3
+            writer.close()
+
+            idle = ControlClient("127.0.0.1", server.port, "tok", "d", lambda t, r: None)
+            await idle.connect()
+            for _ in range(50):
+                if idle.is_closed:
+                    break
+                await asyncio.sleep(0.1)
+            assert idle.is_closed
+            await idle.aclose()
+        finally:
+            await server.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_deeply_nested_line_closes_the_connection_and_the_server_keeps_serving():
+    async def main():
+        handler = Recorder()
+        server = ControlServer("127.0.0.1", 0, "tok", handler)
+        await server.start()
+        try:
+            deep = b"[" * 100_000 + b"]" * 100_000 + b"\n"
+            for first in (b"", b'{"op": "hello", "token": "tok"}\n'):  # before and after the hello
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(first + deep)
+                await writer.drain()
+                data = await asyncio.wait_for(reader.read(), 5)
+                assert data in (b"", b'{"op":"reply","seq":0,"ok":true,"error":""}\n')
+                writer.close()
+            good = ControlClient("127.0.0.1", server.port, "tok", "d", lambda t, r: None)
+            await good.connect()
+            reply = await good.request(lambda seq: Release(seq=seq, transfer_id="ef" * 8), timeout=5)
+            assert reply.ok and handler.released == ["ef" * 8]
+            await good.aclose()
+        finally:
+            await server.aclose()
+
+    asyncio.run(main())

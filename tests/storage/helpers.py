@@ -42,7 +42,8 @@ class StoreProc:
 
     def __init__(self, tmp: Path, *, capacity_gb: float = 0.05, slab_mb: float = 1.0, l2: str | None = None,
                  socket_path: str | None = None, extra: list[str] | None = None,
-                 ready_timeout: float = 30.0):  # fmt: skip
+                 ready_timeout: float = 30.0, http_token: str | None = None):  # fmt: skip
+        self.http_token = http_token  # sent as a bearer token by get/post
         self.socket = socket_path or str(tmp / f"store-{time.monotonic_ns()}.sock")
         self.log_path = tmp / f"store-{time.monotonic_ns()}.log"
         args = [sys.executable, "-m", "pdx.cli", "store", "--socket", self.socket,
@@ -70,13 +71,17 @@ class StoreProc:
             raise RuntimeError(f"store did not start: {line!r}\n{self.log_path.read_text()}")
         return line
 
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.http_token}"} if self.http_token else {}
+
     def get(self, path: str) -> dict:
-        with urllib.request.urlopen(self.http + path, timeout=10) as resp:
+        req = urllib.request.Request(self.http + path, headers=self._headers())
+        with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
 
     def post(self, path: str, body: dict) -> dict:
         req = urllib.request.Request(
-            self.http + path, data=json.dumps(body).encode(), method="POST"
+            self.http + path, data=json.dumps(body).encode(), method="POST", headers=self._headers()
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
