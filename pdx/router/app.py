@@ -7,7 +7,9 @@ Routes::
     GET  /workers, POST /workers, DELETE /workers/{id}
 
 Client input errors get an OpenAI-style error body with a 4xx status; engine
-failures 502 (after retries) and no usable engine 503.
+failures 502 (after retries) and no usable engine 503. Generation routes and
+``/v1/models`` follow ``router.auth_token``; membership changes need
+``router.admin_token`` (refused with 403 when it is not set).
 
 For a generation request the app parses and validates, picks the pair (``Fleet``)
 and retries; ``proxy.Dispatcher`` runs each attempt, writes the response and
@@ -34,6 +36,7 @@ from pdx.router.prefix import num_prompt_tokens, prefix_keys, prompt_units
 from pdx.router.proxy import Dispatcher
 from pdx.router.request import RequestCtx
 from pdx.router.respond import client_error, send_json
+from pdx.router.validate import check_prompt, fan_out_problem, nesting_exceeds
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,8 @@ class RouterApp:
         self._session_header = self.config.policies.session_header.lower().encode()
         token = self.config.auth_token
         self._auth = b"Bearer " + token.encode() if token else None
+        admin = self.config.admin_token
+        self._admin_auth = b"Bearer " + admin.encode() if admin else None
         self._models = orjson.dumps(
             {"object": "list", "data": [{"id": topology.model, "object": "model", "created": 0, "owned_by": "pdx"}]}
         )
@@ -117,19 +122,31 @@ class RouterApp:
                 body, content_type = render(self.registry)
                 return await send_json(send, 200, body, content_type)
             if path == "/v1/models":
+                if not self._is_authorized(scope, self._auth):
+                    return await client_error(send, 401, "missing or wrong bearer token", "authentication_error")
                 return await send_json(send, 200, self._models)
         if path == "/workers" or path.startswith("/workers/"):
-            if not self._is_authorized(scope):
+            if method == "GET":  # read-only: the router token or the admin token
+                is_allowed = self._is_authorized(scope, self._auth) or (
+                    self._admin_auth is not None and self._is_authorized(scope, self._admin_auth)
+                )
+            elif self._admin_auth is None:
+                return await client_error(send, 403, "membership changes are disabled: set router.admin_token "
+                                          "(or PDX_ROUTER_ADMIN_TOKEN) to allow them", "permission_error")  # fmt: skip
+            else:
+                is_allowed = self._is_authorized(scope, self._admin_auth)
+            if not is_allowed:
                 return await client_error(send, 401, "missing or wrong bearer token", "authentication_error")
             return await workers.handle(self, scope, receive, send)
         return await client_error(send, 404, f"no route {method} {path}", code="not_found")
 
-    def _is_authorized(self, scope: dict) -> bool:
-        if self._auth is None:
+    @staticmethod
+    def _is_authorized(scope: dict, expected: bytes | None) -> bool:
+        if expected is None:
             return True
         for name, value in scope["headers"]:
             if name == b"authorization":
-                return value == self._auth
+                return value == expected
         return False
 
     async def handle_generate(self, scope: dict, receive: Any, send: Any, path: str) -> None:
@@ -166,6 +183,9 @@ class RouterApp:
                 if size > cfg.max_body_bytes:
                     return await self.dispatcher.reject(send, path, 413, f"request body over {cfg.max_body_bytes} bytes")
             raw = b"".join(parts)
+        if nesting_exceeds(raw, cfg.max_json_depth):
+            return await self.dispatcher.reject(send, path, 400, f"request body nests arrays/objects deeper than "
+                                                f"{cfg.max_json_depth} levels")  # fmt: skip
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -235,8 +255,13 @@ class RouterApp:
         if model is not None and model != self.topology.model:
             return 404, f"The model `{model}` does not exist; this router serves `{self.topology.model}`", "model"
         field = GENERATE_ROUTES[path]
-        if field == "prompt" and body.get("prompt") in (None, "", []):
-            return 400, "missing required field 'prompt'", "prompt"
+        if field == "prompt":
+            prompt = body.get("prompt")
+            if prompt in (None, "", []):
+                return 400, "missing required field 'prompt'", "prompt"
+            problem = check_prompt(prompt, "prompt")
+            if problem is not None:
+                return problem
         if field == "messages":
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -246,6 +271,10 @@ class RouterApp:
                 return 400, "/generate is served for SGLang fleets only; use /v1/completions", None
             if body.get("text") is None and body.get("input_ids") is None:
                 return 400, "missing required field 'text' or 'input_ids'", "text"
+            if body.get("input_ids") is not None:
+                problem = check_prompt(body["input_ids"], "input_ids")
+                if problem is not None:
+                    return problem
         stream = body.get("stream")
         if stream is not None and not isinstance(stream, bool):
             return 400, "'stream' must be true or false", "stream"
@@ -259,7 +288,8 @@ class RouterApp:
         dispatcher = self.dispatcher
         excluded: set[str] = set()
         last: LegFailed | None = None
-        for attempt in range(cfg.max_retries + 1):
+        num_attempts = min(cfg.max_retries + 1, cfg.max_attempts)
+        for attempt in range(num_attempts):
             if attempt:
                 dispatcher.record_retry()
                 await asyncio.sleep(cfg.retry_backoff_ms / 1000.0 * (2 ** (attempt - 1)))
@@ -270,6 +300,12 @@ class RouterApp:
                     break
                 return await dispatcher.fail(send, 503, str(exc), "service_unavailable", kind="no_engine",
                                              code="no_engine")  # fmt: skip
+            if p is not None:
+                problem = fan_out_problem(ctx.body, fleet.protocol.name)
+                if problem is not None:
+                    status, text, param = problem
+                    return await dispatcher.fail(send, status, text, "invalid_request_error", kind="bad_request",
+                                                 param=param)  # fmt: skip
             try:
                 status = await dispatcher.attempt(ctx, fleet.protocol, p, d, send)
             except LegFailed as exc:
@@ -282,5 +318,5 @@ class RouterApp:
             return status
         assert last is not None
         kind = "timed out" if last.is_timeout else "failed"
-        return await dispatcher.fail(send, 502, f"engine {kind} after {cfg.max_retries + 1} attempts: {last}",
+        return await dispatcher.fail(send, 502, f"engine {kind} after {num_attempts} attempts: {last}",
                                      "engine_error", kind="engine")  # fmt: skip

@@ -87,14 +87,17 @@ class Fleet:
         self._engines.clear()
 
     # -- selection ----------------------------------------------------------------------
-    def _available(self, want_prefill: bool, excluded: set[str], now: float) -> list[EngineState]:
+    def _available(self, want_prefill: bool, excluded: set[str], now: float, *,
+                   can_reuse_excluded: bool = True) -> list[EngineState]:
         found = [
             s for s in self._engines.values()
             if (s.engine.can_prefill if want_prefill else s.engine.can_decode) and s.is_available(now)
         ]  # fmt: skip
         if excluded:
             kept = [s for s in found if s.id not in excluded]
-            return kept or found  # every candidate failed once: try them again
+            if kept or not can_reuse_excluded:
+                return kept
+            return found  # every candidate failed once and there is no other way: try them again
         return found
 
     def pick_pair(self, ctx: RequestCtx, excluded: set[str]) -> tuple[EngineState | None, EngineState]:
@@ -112,12 +115,13 @@ class Fleet:
         if not protocol.needs_prefill(ctx.num_tokens, d_matched, pol):
             d = self._pick(pol.decode, decoders, counter, matched, ctx.session_id, prefer_prefix=True)
             return None, d
-        prefillers = self._available(True, excluded, now)
+        # a P that failed this request is not picked again while D can serve alone
+        prefillers = self._available(True, excluded, now, can_reuse_excluded=protocol.is_prefill_required)
         if not prefillers:
             if protocol.is_prefill_required:
                 raise RoutingError("no healthy prefill engine is available; check GET /workers")
             d = self._pick(pol.decode, decoders, counter, matched, ctx.session_id)
-            return None, d  # vLLM D can prefill by itself
+            return None, d  # vLLM D can prefill by itself (decode_only)
         p = self._pick(pol.prefill, prefillers, counter, matched, ctx.session_id)
         others = [s for s in decoders if s.id != p.id]
         if not others:

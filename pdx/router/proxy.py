@@ -72,10 +72,11 @@ class Dispatcher:
         await client_error(send, status, message, type_, param=param, code=code)
 
     async def fail(self, send: Any, status: int, message: str, type_: str, *, kind: str,
-                   code: str | None = None) -> int:
-        """End a dispatched request with an error (no engine, retries exhausted); returns ``status``."""
+                   code: str | None = None, param: str | None = None) -> int:
+        """End a dispatched request with an error (no engine, retries exhausted, a request the pair
+        cannot serve); returns ``status``."""
         self.metrics.errors[kind] += 1
-        await client_error(send, status, message, type_, code=code)
+        await client_error(send, status, message, type_, param=param, code=code)
         return status
 
     def finish(self, ctx: RequestCtx, status: int) -> None:
@@ -150,7 +151,7 @@ class Dispatcher:
     async def _prefill(self, p: EngineState, ctx: RequestCtx, body: bytes) -> bytes:
         """Send the P leg and read its whole response; LegFailed / EngineRejected on failure."""
         p.begin()
-        ok = False
+        ok = is_cancelled = False
         timeout = self.timeouts.prefill_s
         try:
             resp = await p.pool.request(_POST, ctx.route_bytes, body, leg_headers(p, ctx), timeout=timeout)
@@ -164,8 +165,14 @@ class Dispatcher:
             raise EngineRejected(resp.status, data, resp.header(b"content-type") or _JSON)
         except UpstreamError as exc:
             raise LegFailed(p.id, f"prefill engine {p.id}: {exc}", is_timeout=exc.is_timeout) from None
+        except asyncio.CancelledError:
+            is_cancelled = True  # D failed or the client left: not P's failure
+            raise
         finally:
-            p.end(ok)
+            if is_cancelled:
+                p.abandon()
+            else:
+                p.end(ok)
 
     # -- the leg whose answer the client gets (D) -----------------------------------------
     async def _decode(

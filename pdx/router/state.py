@@ -70,6 +70,11 @@ class EngineState:
         if self.circuit_open_until:
             self.is_trial_in_flight = True
 
+    def abandon(self) -> None:
+        """End a leg the router cancelled (the other leg failed, the client left): no outcome counted."""
+        self.in_flight -= 1
+        self.is_trial_in_flight = False
+
     def end(self, ok: bool) -> None:
         """Record one leg's outcome (``ok``: 2xx or 4xx, the engine itself is fine)."""
         self.in_flight -= 1

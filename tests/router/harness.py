@@ -12,7 +12,7 @@ from pdx.transports.loop_thread import LoopThread
 
 from pdx.config import parse_topology
 from pdx.router.app import RouterApp
-from pdx.router.server import CoalescingHttpToolsProtocol
+from pdx.router.server import CoalescingHttpToolsProtocol, uvicorn_options
 from pdx.testing.fake_engine import FAKE_KV_SECRET, FakeEngine, Rendezvous
 
 
@@ -45,7 +45,8 @@ class Harness:
     def serve(self, app: Any) -> str:
         """Serve ``app`` on a fresh loopback port; return its base URL."""
         sock = _bound_socket()
-        config = uvicorn.Config(app, log_level="error", access_log=False, lifespan="on", http=CoalescingHttpToolsProtocol)
+        options = uvicorn_options(app.config) if isinstance(app, RouterApp) else {"http": CoalescingHttpToolsProtocol}
+        config = uvicorn.Config(app, log_level="error", access_log=False, lifespan="on", **options)
         server = uvicorn.Server(config)
         self._servers.append(server)
         self._tasks.append(asyncio.run_coroutine_threadsafe(server.serve(sockets=[sock]), self.loop))

@@ -211,21 +211,26 @@ def test_client_disconnect_aborts_both_legs(harness, protocol):
     assert all(s.in_flight == 0 for s in app.fleet.states())
 
 
+ADMIN = {"authorization": "Bearer adm1n"}
+
+
 def test_membership_api(harness):
     p, d0, d1 = fakes_for("pdx", num_decode=2)
-    url, app = start_fleet(harness, [p, d0])
+    url, app = start_fleet(harness, [p, d0], router="  admin_token: adm1n")
     d1_url = harness.serve(d1)
     workers = C.get(url + "/workers").json()
     assert workers["protocol"] == "pdx" and [w["id"] for w in workers["workers"]] == ["p0", "d0"]
-    r = C.post(url + "/workers", json={"id": "d1", "url": d1_url, "role": "decode", "connector": "pdx"})
+    r = C.post(url + "/workers", json={"id": "d1", "url": d1_url, "role": "decode", "connector": "pdx"}, headers=ADMIN)
     assert r.status_code == 201 and r.json()["id"] == "d1"
-    assert C.post(url + "/workers", json={"id": "d1", "url": "http://127.0.0.1:1", "role": "decode"}).status_code == 409
-    r = C.post(url + "/workers", json={"id": "x", "url": "http://127.0.0.1:2", "role": "decoder"})
+    r = C.post(url + "/workers", json={"id": "d1", "url": "http://127.0.0.1:1", "role": "decode"}, headers=ADMIN)
+    assert r.status_code == 409
+    r = C.post(url + "/workers", json={"id": "x", "url": "http://127.0.0.1:2", "role": "decoder"}, headers=ADMIN)
     assert r.status_code == 400 and "role" in r.json()["error"]["message"]
-    r = C.post(url + "/workers", json={"id": "s", "url": "http://127.0.0.1:3", "role": "decode", "kind": "sglang"})
+    r = C.post(url + "/workers", json={"id": "s", "url": "http://127.0.0.1:3", "role": "decode", "kind": "sglang"},
+               headers=ADMIN)  # fmt: skip
     assert r.status_code == 400 and "protocol" in r.json()["error"]["message"]
-    assert C.delete(url + "/workers/d0").status_code == 200
-    assert C.delete(url + "/workers/d0").status_code == 404
+    assert C.delete(url + "/workers/d0", headers=ADMIN).status_code == 200
+    assert C.delete(url + "/workers/d0", headers=ADMIN).status_code == 404
     for _ in range(3):
         assert C.post(url + "/v1/completions", json={"prompt": "hi"}).status_code == 200
     assert len(d1.requests) == 3 and len(d0.requests) == 0
@@ -236,6 +241,8 @@ def test_auth_token_guards_generation_and_membership(harness):
     url, _ = start_fleet(harness, [p, d], router="  auth_token: s3cret")
     assert C.post(url + "/v1/completions", json={"prompt": "hi"}).status_code == 401
     assert C.get(url + "/workers").status_code == 401
+    assert C.get(url + "/v1/models").status_code == 401
+    assert C.get(url + "/v1/models", headers={"authorization": "Bearer s3cret"}).status_code == 200
     ok = C.post(url + "/v1/completions", json={"prompt": "hi"}, headers={"authorization": "Bearer s3cret"})
     assert ok.status_code == 200
     assert "authorization" not in d.requests[0].headers  # the router's token is not the engines'
@@ -282,12 +289,12 @@ def test_short_prompts_go_to_decode_alone(harness):
 def test_removing_a_worker_lets_its_open_requests_finish(harness):
     p, d = fakes_for("nixl")
     d.delay_s = 0.5
-    url, app = start_fleet(harness, [p, d])
+    url, app = start_fleet(harness, [p, d], router="  admin_token: adm1n")
     result = {}
     t = threading.Thread(target=lambda: result.update(r=C.post(url + "/v1/completions", json={"prompt": "hi"})))
     t.start()
     time.sleep(0.25)  # the request is at D now
-    assert C.delete(url + "/workers/d0").status_code == 200
+    assert C.delete(url + "/workers/d0", headers=ADMIN).status_code == 200
     t.join(5)
     assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["text"] == "hello"
     assert C.post(url + "/v1/completions", json={"prompt": "hi"}).status_code == 503  # no D left
