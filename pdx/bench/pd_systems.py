@@ -72,6 +72,7 @@ class System:
     stats_path: Path | None = None  # pdx: D's per-transfer JSON lines
     prefill_stats_path: Path | None = None  # pdx: P's per-transfer JSON lines
     prefill_kv_port: int | None = None  # pdx: P's connector control port
+    kv_secret: str = field(default="", repr=False)  # pdx: the fleet secret the legs are signed with
     transfer_ids: list[str] = field(default_factory=list)
 
     def start(self) -> None:
@@ -93,7 +94,8 @@ class System:
             return replace(timing, prefill_leg_s=prefill_leg_s)
         # pdx: both legs at once, one transfer id
         tid = secrets.token_hex(16)
-        prefill_body, decode_body = pd_client.pdx_legs(body, "127.0.0.1", self.prefill_kv_port, tid)
+        prefill_body, decode_body = pd_client.pdx_legs(body, "127.0.0.1", self.prefill_kv_port, tid,
+                                                       kv_secret=self.kv_secret)
         prefill_task = asyncio.ensure_future(
             pd_client.post_json(client, self.prefill.url + "/v1/completions", prefill_body)
         )
@@ -153,12 +155,13 @@ def make_vllm_nixl(base: EngineSpec, log_dir: Path, num_threads: int | None = No
 def make_pdx(base: EngineSpec, log_dir: Path, transport: str) -> System:
     control_port = free_port()
     token = secrets.token_hex(16)
+    kv_secret = secrets.token_hex(32)
     stats_path = log_dir / "pdx-transfers.jsonl"
     prefill_stats_path = log_dir / "pdx-prefill-transfers.jsonl"
     stats_path.unlink(missing_ok=True)
     prefill_stats_path.unlink(missing_ok=True)
     kv = {"kv_connector": "PdxConnector", "kv_connector_module_path": "pdx.engines.vllm"}
-    extra = {"transport": transport, "auth_token": token}
+    extra = {"transport": transport, "auth_token": token, "kv_secret": kv_secret}
     prefill_kv = {**kv, "kv_role": "kv_producer",
                   "kv_connector_extra_config": {**extra, "control_port": control_port,
                                                 "stats_path": str(prefill_stats_path)}}  # fmt: skip
@@ -183,4 +186,5 @@ def make_pdx(base: EngineSpec, log_dir: Path, transport: str) -> System:
         stats_path=stats_path,
         prefill_stats_path=prefill_stats_path,
         prefill_kv_port=control_port,
+        kv_secret=kv_secret,
     )

@@ -99,14 +99,17 @@ async def nixl_completion(
 
 
 def pdx_legs(
-    body: dict[str, Any], prefill_kv_host: str, prefill_kv_port: int, transfer_id: str | None = None
+    body: dict[str, Any], prefill_kv_host: str, prefill_kv_port: int, transfer_id: str | None = None, *,
+    kv_secret: str,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(P body, D body) for one pdx request sharing ``transfer_id`` (new if None)."""
-    from pdx.connector import protocol
+    """(P body, D body) for one pdx request sharing ``transfer_id`` (new if None), signed with the
+    fleet secret as the router signs them (engines serve unsigned legs locally)."""
+    from pdx.connector import protocol, signing
 
     tid = transfer_id or protocol.new_transfer_id()
-    prefill_body = prefill_leg(body, protocol.prefill_params(tid))
-    decode_body = with_params(body, protocol.decode_params(tid, prefill_kv_host, prefill_kv_port))
+    prefill_body = prefill_leg(body, signing.sign(protocol.prefill_params(tid), kv_secret))
+    decode_body = with_params(body, signing.sign(protocol.decode_params(tid, prefill_kv_host, prefill_kv_port),
+                                                 kv_secret))
     return prefill_body, decode_body
 
 
@@ -118,9 +121,11 @@ async def pdx_completion(
     body: dict[str, Any],
     path: str = "/v1/completions",
     prefill_kv_host: str = "127.0.0.1",
+    *,
+    kv_secret: str,
 ) -> dict[str, Any]:
     """A non-streaming request through a pdx 1P1D pair (both legs at once); D's answer."""
-    prefill_body, decode_body = pdx_legs(body, prefill_kv_host, prefill_kv_port)
+    prefill_body, decode_body = pdx_legs(body, prefill_kv_host, prefill_kv_port, kv_secret=kv_secret)
     answers = await asyncio.gather(
         post_json(client, prefill_url + path, prefill_body),
         post_json(client, decode_url + path, decode_body),

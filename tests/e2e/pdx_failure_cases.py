@@ -12,6 +12,8 @@ import asyncio
 import os
 import secrets
 import signal
+import socket
+import threading
 
 import pytest
 
@@ -23,7 +25,7 @@ from tests.e2e.harness import (
     completion_body,
     make_prompts,
 )
-from tests.e2e.pdx_helpers import LEASE_S, RECV_TIMEOUT_S, kv_usage, wait_blocks_free
+from tests.e2e.pdx_helpers import KV_SECRET, LEASE_S, RECV_TIMEOUT_S, kv_usage, wait_blocks_free
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -32,7 +34,8 @@ def _legs(pair, prompt, tid=None, stream=False):
 
     body = completion_body(prompt)
     body["stream"] = stream
-    return pdx_legs(body, "127.0.0.1", pair.extras["control_port"], tid or secrets.token_hex(16))
+    return pdx_legs(body, "127.0.0.1", pair.extras["control_port"], tid or secrets.token_hex(16),
+                    kv_secret=KV_SECRET)
 
 
 def _post(url, body):
@@ -92,7 +95,7 @@ def case_32_concurrent_long_prompts_with_a_small_decoder_cache_all_finish(pdx_pa
         async with httpx.AsyncClient() as client:
             return await asyncio.gather(*[
                 pdx_completion(client, pair.prefill.url, pair.decode.url, pair.extras["control_port"],
-                               completion_body(p)) for p in prompts])
+                               completion_body(p), kv_secret=KV_SECRET) for p in prompts])
 
     answers = asyncio.run(asyncio.wait_for(run(), 600))
     assert all(len(a["choices"][0]["token_ids"]) == MAX_TOKENS for a in answers)
@@ -133,8 +136,10 @@ def case_unreachable_prefill_is_recomputed_or_fails_by_policy(pdx_pair, single_r
     from pdx.harness.process import free_port
 
     body = completion_body(PROMPTS[2])
-    body["kv_transfer_params"] = {"pdx_transfer_id": secrets.token_hex(16), "pdx_role": "decode",
-                                  "pdx_peer": f"127.0.0.1:{free_port()}"}
+    from pdx.connector import protocol, signing
+
+    body["kv_transfer_params"] = signing.sign(
+        protocol.decode_params(secrets.token_hex(16), "127.0.0.1", free_port()), KV_SECRET)  # as the router would
     if pdx_pair.extras["policy"] == "recompute":
         answer = _post(pdx_pair.decode.url, body)
         assert_outputs_match([single_reference[2]], [Output.from_response(answer)])
@@ -146,3 +151,94 @@ def case_unreachable_prefill_is_recomputed_or_fails_by_policy(pdx_pair, single_r
         else:
             assert answer["choices"][0]["finish_reason"] == "error", answer
     wait_blocks_free(pdx_pair, timeout_s=10)
+
+
+class _RogueP:
+    """A listening socket posing as a prefill connector: records every connection it gets."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.received: list[bytes] = []  # one entry per accepted connection
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(1.0)
+                try:
+                    self.received.append(conn.recv(65536))
+                except OSError:
+                    self.received.append(b"")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def case_client_named_peer_is_never_contacted(pdx_pair, single_reference):
+    """Trust boundaries, finding 1: a client of D names its own "P"; D never connects to it.
+
+    Unsigned, tampered (a router-signed D leg with another peer) and replayed params are
+    each served locally; the rogue socket gets no connection (no hello, no registration),
+    D holds no blocks, and a routed request afterwards still equals a single engine.
+    """
+    from pdx.connector import protocol, signing
+
+    pair = pdx_pair
+    rogue = _RogueP()
+    name = "prompt_tokens_by_source"
+    try:
+        prompt = list(range(100, 400))  # 300 ids: the reproduction
+        unsigned = {"pdx_transfer_id": "ab" * 16, "pdx_role": "decode", "pdx_peer": f"127.0.0.1:{rogue.port}"}
+        signed = signing.sign(protocol.decode_params(secrets.token_hex(16), "127.0.0.1", pair.extras["control_port"]),
+                              KV_SECRET)
+        tampered = {**signed, "pdx_peer": f"127.0.0.1:{rogue.port}"}
+        before = pair.decode.scrape_metrics()
+        for params in (unsigned, tampered):
+            body = {**completion_body(prompt), "max_tokens": 1, "kv_transfer_params": params}
+            answer = _post(pair.decode.url, body)  # answered, computed locally
+            assert answer["choices"][0]["finish_reason"] == "length", answer
+            assert not (answer.get("kv_transfer_params") or {}).get("pdx_transfer_stats")
+        after = pair.decode.scrape_metrics()
+        assert after.sum(name, source="local_compute") - before.sum(name, source="local_compute") == 2 * len(prompt)
+        assert after.sum(name, source="external_kv_transfer") == before.sum(name, source="external_kv_transfer")
+        # an unsigned P leg holds nothing for anyone
+        p_body = {**completion_body(prompt), "max_tokens": 1,
+                  "kv_transfer_params": {"pdx_transfer_id": "cd" * 16, "pdx_role": "prefill"}}
+        _post(pair.prefill.url, p_body)
+        wait_blocks_free(pair, timeout_s=LEASE_S / 2)  # a held (leased) block would stay LEASE_S
+        assert rogue.received == [], f"D connected to the client's peer: {rogue.received!r:.200}"
+    finally:
+        rogue.close()
+    # a replayed router-signed D leg (same transfer id on the same D) is served locally too
+    p_leg, d_leg = _legs(pair, PROMPTS[1])
+    first = asyncio.run(_both(pair, p_leg, d_leg))
+    assert_outputs_match([single_reference[1]], [Output.from_response(first)])
+    before = pair.decode.scrape_metrics()
+    again = _post(pair.decode.url, d_leg)
+    assert_outputs_match([single_reference[1]], [Output.from_response(again)])
+    after = pair.decode.scrape_metrics()
+    assert after.sum(name, source="local_compute") - before.sum(name, source="local_compute") == len(PROMPTS[1])
+    wait_blocks_free(pair, timeout_s=LEASE_S + 20)
+
+
+async def _both(pair, p_leg, d_leg):
+    import httpx
+
+    from pdx.harness.pd_client import post_json
+
+    async with httpx.AsyncClient() as client:
+        _, answer = await asyncio.gather(post_json(client, pair.prefill.url + "/v1/completions", p_leg),
+                                         post_json(client, pair.decode.url + "/v1/completions", d_leg))
+    return answer

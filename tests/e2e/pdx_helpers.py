@@ -13,12 +13,13 @@ LEASE_S = 10.0
 RECV_TIMEOUT_S = 20.0
 DECODE_BLOCKS = 48  # x 128 tokens: about five 1000-token requests at a time
 TOKEN = "e2e-token"
+KV_SECRET = "e2e-fleet-secret-0123456789abcdef"  # what the router would sign the legs with
 
 
 def pdx_kv_configs(control_port: int, transport: str, policy: str = "recompute",
                    **extra: Any) -> tuple[dict, dict]:
     base = {"kv_connector": "PdxConnector", "kv_connector_module_path": "pdx.engines.vllm"}
-    common = {"transport": transport, "auth_token": TOKEN, **extra}
+    common = {"transport": transport, "auth_token": TOKEN, "kv_secret": KV_SECRET, **extra}
     prefill = {
         **base,
         "kv_role": "kv_producer",
@@ -46,9 +47,10 @@ def run_pdx(pair, prompts, transfer_ids=None) -> list[dict]:
                 pair.decode.url,
                 pair.extras["control_port"],
                 completion_body(prompt),
+                kv_secret=KV_SECRET,
             )
         p_body, d_body = pdx_legs(
-            completion_body(prompt), "127.0.0.1", pair.extras["control_port"], tid
+            completion_body(prompt), "127.0.0.1", pair.extras["control_port"], tid, kv_secret=KV_SECRET
         )
         _, answer = await asyncio.gather(
             post_json(client, pair.prefill.url + "/v1/completions", p_body),

@@ -21,6 +21,7 @@ def store_kv_config(socket: str, *, l2_budget_s: float = 0.0) -> dict[str, Any]:
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
             "auth_token": "e2e-token",
+            "kv_secret": "e2e-fleet-secret-0123456789abcdef",
             "store": {
                 "socket": socket,
                 "timeout_s": 1.0,

@@ -97,6 +97,11 @@ def _tcp_only(pdx_pair) -> None:
         pytest.skip("the failure contract runs on tcp only")
 
 
+def test_client_named_peer_is_never_contacted(pdx_pair, single_reference):
+    _tcp_only(pdx_pair)
+    cases.case_client_named_peer_is_never_contacted(pdx_pair, single_reference)
+
+
 def test_lease_frees_prefill_blocks_when_the_decoder_never_comes(pdx_pair):
     _tcp_only(pdx_pair)
     cases.case_lease_frees_prefill_blocks_when_the_decoder_never_comes(pdx_pair)
