@@ -35,6 +35,7 @@ class UcxConn:
         self.next_id = 0
         self.task: asyncio.Task[Any] | None = None  # the exchange running now
         self.broken = False
+        self.is_refused = False  # the target dropped us (died, or fenced us): no reconnect until ``connect``
         self._writer: asyncio.StreamWriter | None = None
         self._watch: asyncio.Task[None] | None = None
 
@@ -42,12 +43,19 @@ class UcxConn:
     def address(self) -> tuple[str, int, int]:
         return self.host, self.port, self.alive_port
 
-    async def ensure(self, hello: bytes) -> Any:
-        """The open endpoint, connecting (liveness socket, endpoint, hello) if there is none."""
+    async def ensure(self, hello: bytes, is_connect: bool = False) -> Any:
+        """The open endpoint, connecting (liveness socket, endpoint, hello) if there is none.
+
+        After the target dropped the connection only ``connect`` (``is_connect``) opens a new one:
+        a write queued behind a fence must fail, not land through a fresh connection."""
         import ucxx
 
+        if is_connect:
+            self.is_refused = False
         if self.ep is not None and not self.ep.closed:
             return self.ep
+        if self.is_refused:
+            raise ConnectionError(f"ucx peer at {self.host}:{self.port} dropped the connection; connect again")
         self.drop()
         token = secrets.randbits(62) + 1  # pairs the liveness socket with the endpoint at the target
         reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.alive_port),
@@ -89,7 +97,7 @@ class UcxConn:
         if ep is None or self.ep is not ep:
             return
         logger.debug("ucx connection to %s:%d lost (%s)", self.host, self.port, why)
-        self.broken = True
+        self.broken = self.is_refused = True
         task = self.task
         self.drop()
         if task is not None:

@@ -62,14 +62,15 @@ def region_view(addr: int, nbytes: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8)
 
 
-async def run_op(ops: set[asyncio.Task[Any]], call: Coroutine[Any, Any, Any]) -> Any:
+async def run_op(ops: set[asyncio.Task[Any]], call: Coroutine[Any, Any, Any], *more: set[asyncio.Task[Any]]) -> Any:
     """Await one ucxx send/recv; cancelling the caller leaves the request (and its buffer) running.
 
     The request ends when UCX completes or cancels it (abort its endpoint to cancel); until
-    then its task stays in ``ops``."""
+    then its task stays in ``ops`` (and in each set of ``more``: one connection's requests)."""
     task = asyncio.ensure_future(call)
-    ops.add(task)
-    task.add_done_callback(_op_done(ops))
+    for group in (ops, *more):
+        group.add(task)
+        task.add_done_callback(_op_done(group))
     return await asyncio.shield(task)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,6 +40,8 @@ class _Link:
     writer: asyncio.StreamWriter | None = None  # the liveness socket
     task: asyncio.Task[None] | None = None  # the ucxx handler serving its endpoint
     is_gone: bool = False  # the liveness socket reached EOF
+    sender: str = ""  # the initiator's name, from its hello
+    ops: set[asyncio.Task[Any]] = field(default_factory=set)  # requests of this link that may touch memory
 
 
 class UcxTarget:
@@ -80,6 +82,23 @@ class UcxTarget:
                 link.writer.close()
         self._links.clear()
 
+    async def fence(self, sender: str, timeout: float) -> bool:
+        """End every handler of ``sender`` (each aborts its endpoint) and wait until UCX has ended
+        their requests: then no byte of that peer can land in a region. False if a request
+        outlived ``timeout`` (UCX never ends a receive cut off mid-message without rendezvous)."""
+        links = [link for link in self._links.values() if link.sender == sender and link.task is not None]
+        tasks = [link.task for link in links if link.task is not None]
+        for task in tasks:
+            task.cancel()
+        deadline = asyncio.get_running_loop().time() + timeout
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        ops = [op for link in links for op in link.ops]
+        left = deadline - asyncio.get_running_loop().time()
+        if ops and left > 0:
+            await asyncio.wait(ops, timeout=left)
+        return all(task.done() for task in tasks) and all(op.done() for op in ops)
+
     def _track(self) -> asyncio.Task[None]:
         task = asyncio.current_task()
         assert task is not None
@@ -112,24 +131,26 @@ class UcxTarget:
         token, link = 0, None
         try:
             frame = np.zeros(4, dtype=np.int64)
-            await run_op(self.ops, ep.recv(frame))
+            ops: set[asyncio.Task[Any]] = set()  # this endpoint's requests, until its link is known
+            await run_op(self.ops, ep.recv(frame), ops)
             if frame[0] != HELLO or not 0 < frame[1] <= 4096:
                 logger.warning("ucx %s: bad hello from a peer; closing it", self.transport.name)
                 return
             token = int(frame[2])
             name = np.zeros(int(frame[1]), dtype=np.uint8)
-            await run_op(self.ops, ep.recv(name))
+            await run_op(self.ops, ep.recv(name), ops)
             sender = name.tobytes().decode("utf-8", "replace")
             link = self._links.setdefault(token, _Link())
             if link.is_gone:
                 return
-            link.task = task
+            link.task, link.sender = task, sender
+            link.ops = ops
             while not self.transport.is_closed:
-                await run_op(self.ops, ep.recv(frame))
+                await run_op(self.ops, ep.recv(frame), ops)
                 if frame[0] != WRITE or frame[2] < 0:
                     logger.warning("ucx %s: bad frame %s from %s; closing it", self.transport.name, frame, sender)
                     return
-                await self._serve_write(ep, sender, int(frame[1]), int(frame[2]), int(frame[3]))
+                await self._serve_write(ep, sender, int(frame[1]), int(frame[2]), int(frame[3]), ops)
         except asyncio.CancelledError:
             pass
         except Exception as exc:  # peer went away: nothing to report on this side
@@ -143,16 +164,18 @@ class UcxTarget:
                 if link.writer is not None:
                     link.writer.close()  # the initiator sees its peer lost
 
-    async def _serve_write(self, ep: Any, sender: str, xfer_id: int, num: int, notif_len: int) -> None:
+    async def _serve_write(
+        self, ep: Any, sender: str, xfer_id: int, num: int, notif_len: int, ops: set[asyncio.Task[Any]]
+    ) -> None:
         regions = self.transport.regions
         table = np.zeros((num, 3), dtype=np.int64)  # region, offset, nbytes
         if num:
-            await run_op(self.ops, ep.recv(table))
+            await run_op(self.ops, ep.recv(table), ops)
         notif = None
         if notif_len >= 0:
             buf = np.zeros(notif_len, dtype=np.uint8)
             if notif_len:
-                await run_op(self.ops, ep.recv(buf))
+                await run_op(self.ops, ep.recv(buf), ops)
             notif = buf.tobytes()
         status = np.ones(num, dtype=np.uint8)
         views: list[np.ndarray] = []
@@ -162,9 +185,9 @@ class UcxTarget:
                 status[i] = 0
                 views.append(region_view(region.addr + off, n))
         if num:
-            await run_op(self.ops, ep.send(status))
+            await run_op(self.ops, ep.send(status), ops)
         for view in views:
-            await run_op(self.ops, ep.recv(view))
+            await run_op(self.ops, ep.recv(view), ops)
         num_failed = int(status.sum())
         if notif is not None and num_failed == 0:
             self.transport.notifications.push(Notification(sender, notif))

@@ -127,6 +127,12 @@ class AutoTransport(Transport):
         medium, inner_peer = peer.state
         await self.inner[medium].disconnect(inner_peer)
 
+    async def fence(self, peer_name: str, timeout: float = 10.0) -> bool:
+        """The target does not know which medium a peer chose: every inner medium must confirm."""
+        self._check_open()
+        results = [await inner.fence(peer_name, timeout) for inner in self.inner.values()]
+        return all(results)
+
     # -- transfers ------------------------------------------------------------------------------
     async def post_write(self, peer: Peer, pairs: SegmentPairs, notif: bytes | None = None) -> Transfer:
         medium, inner_peer = peer.state

@@ -17,6 +17,7 @@ Initiator (for KV: the prefill engine)
 Target (for KV: the decode engine)
     ``await wait_notification(timeout, peer=None)`` -> ``Notification`` (each delivered exactly once)
     ``pop_notifications()``                      -> every notification received so far, removed from the box
+    ``await fence(peer_name, timeout)``          -> bool: True once nothing more from that peer can land here
 
 Segments never see tokens or layers: a ``SegmentPairs`` (``segments.py``) is a table of
 ``(local_region, local_offset, remote_region, remote_offset, nbytes)`` rows, int64.
@@ -27,6 +28,17 @@ Failure contract: a transfer completes, or fails with a report naming its failed
 segment indices, within its timeout; a peer that dies gives ``PeerLost`` within a
 bounded time; a bad descriptor or segment raises before anything is posted and
 leaves both sides usable.
+
+Fence: a transfer that timed out or was aborted may still be writing (no medium can take
+back bytes already on their way). Before the target hands the destination blocks of such a
+transfer back to its engine it calls ``fence(peer_name)``. True means: no byte sent by that
+peer over any connection open when the fence began can land in this endpoint's memory after
+the call returns (those connections are dropped, writes in progress have ended, their
+notifications are never delivered; the peer's later posts fail with ``PeerLost`` until it
+connects again). False means the medium could not confirm it within ``timeout``: the
+blocks must stay out of use (quarantined) until a later ``fence`` returns True or the peer
+is known dead. A fence never disturbs other peers. Which blocks a peer may write after it
+reconnects is the business of the transfer's grant, not of the fence.
 """
 
 from __future__ import annotations
@@ -250,6 +262,17 @@ class Transport(abc.ABC):
 
     def pop_notifications(self) -> list[Notification]:
         return self.notifications.pop_all()
+
+    async def fence(self, peer_name: str, timeout: float = 10.0) -> bool:
+        """Target side, after a transfer from ``peer_name`` timed out or was aborted: return True
+        only once nothing that peer sent (over connections open now) can still land in this
+        endpoint's memory; False if the medium cannot confirm that within ``timeout`` (keep the
+        destination blocks out of use). Drops the peer's connections into this endpoint; other
+        peers are not disturbed. ``peer_name`` is ``Notification.peer`` (the initiator's name).
+
+        The default cannot confirm anything: a medium that can fence overrides it."""
+        self._check_open()
+        return False
 
     # -- lifetime -----------------------------------------------------------------------
     def _check_open(self) -> None:

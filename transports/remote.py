@@ -261,6 +261,16 @@ class RemoteEndpoint:
             return reply[1]
         raise RemoteError(reply[1], reply[2])
 
+    def send(self, cmd: str, *args: Any, **kwargs: Any) -> None:
+        """Queue a command without waiting (a paused process runs it once resumed); ``answer`` reads its reply."""
+        self.conn.send((cmd, args, kwargs))
+
+    def answer(self, timeout: float = 120.0) -> tuple[Any, ...]:
+        """The reply to the command ``send`` queued: ``("ok", value)`` or ``("err", kind, message)``."""
+        if not self.conn.poll(timeout):
+            raise RemoteError("TimeoutError", f"no answer from the endpoint in {timeout}s")
+        return tuple(self.conn.recv())
+
     def close(self) -> dict[str, Any]:
         return self.call("close")
 
@@ -271,6 +281,10 @@ class RemoteEndpoint:
     def pause(self) -> None:
         """Freeze the process (SIGSTOP): its transfers stay in flight until it is killed."""
         os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused process run again (SIGCONT)."""
+        os.kill(self.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         """End the process (gracefully if it still runs) and free the pipe; idempotent."""

@@ -71,6 +71,8 @@ class StreamServer:
         self._copier = CmaCopier(copy_threads, name)  # threads that pull one large cma frame
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
+        self._senders: dict[socket.socket, str] = {}  # stream -> initiator name, once its hello is read
+        self._fenced: set[socket.socket] = set()  # streams being dropped by a fence: land nothing more
         self._parts: dict[tuple[str, int], list[Any]] = {}  # (session, transfer) -> [parts left, failed, notif]
         self._closing = False
         self._accept_thread = threading.Thread(target=self._accept_loop, name=f"pdx-accept-{name}", daemon=True)
@@ -102,6 +104,17 @@ class StreamServer:
         for sock in socks:
             _shutdown(sock)
 
+    def fence(self, peer_name: str) -> list[threading.Thread]:
+        """Drop every stream of ``peer_name`` and return their receiver threads: once those have
+        ended, no byte of that peer can land (a frame being received fails; one being pulled with
+        cross-memory attach finishes its copy first) and none of its notifications is delivered."""
+        with self._lock:
+            conns = [(sock, thread) for sock, thread in self._conns.items() if self._senders.get(sock) == peer_name]
+            self._fenced.update(sock for sock, _ in conns)
+        for sock, _ in conns:
+            _shutdown(sock)
+        return [thread for _, thread in conns]
+
     def _accept_loop(self) -> None:
         while True:
             try:
@@ -129,6 +142,8 @@ class StreamServer:
                 return
             is_cma = bool(self.allow_cma and hello.get("probe") and
                           cma_probe(pid, int(hello["probe"][0]), bytes.fromhex(hello["probe"][1])))
+            with self._lock:
+                self._senders[sock] = peer_name
             send_json(sock, {"ok": True, "cma": is_cma})
             sock.settimeout(None)
             scratch = memoryview(bytearray(SCRATCH_BYTES))
@@ -141,6 +156,8 @@ class StreamServer:
             sock.close()
             with self._lock:
                 self._conns.pop(sock, None)
+                self._senders.pop(sock, None)
+                self._fenced.discard(sock)
                 for key in [k for k in self._parts if k[0] == session]:
                     del self._parts[key]
 
@@ -180,11 +197,11 @@ class StreamServer:
                 payload = [regions[r][2][o : o + n] for i, (r, o, n) in
                            enumerate(zip(rids.tolist(), offs.tolist(), sizes.tolist(), strict=True)) if not bad[i]]
             if op == OP_WRITE:  # bytes are in place: notify, then ack
-                self._land(session, peer_name, tid, num_parts, bool(bad.any()), notif)
+                self._land(sock, session, peer_name, tid, num_parts, bool(bad.any()), notif)
                 self._ack(sock, op, tid, part, bad, error, payload)
             else:  # the initiator has the bytes once the ack (and its payload) is sent
                 self._ack(sock, op, tid, part, bad, error, payload)
-                self._land(session, peer_name, tid, num_parts, bool(bad.any()), notif)
+                self._land(sock, session, peer_name, tid, num_parts, bool(bad.any()), notif)
         finally:
             self.pins.unpin(pinned)
 
@@ -203,11 +220,23 @@ class StreamServer:
         head = ACK.pack(ACK_MAGIC, op, 0, 0, tid, part, len(failed), len(err))
         send_views(sock, [head, failed.tobytes(), err, *payload])
 
-    def _land(self, session: str, peer_name: str, tid: int, num_parts: int, is_failed: bool, notif: bytes | None) -> None:
-        """Count a landed part; notify once every part of the transfer landed without failure."""
-        if num_parts > 1:
-            key = (session, tid)
-            with self._lock:
+    def _land(
+        self,
+        sock: socket.socket,
+        session: str,
+        peer_name: str,
+        tid: int,
+        num_parts: int,
+        is_failed: bool,
+        notif: bytes | None,
+    ) -> None:
+        """Count a landed part; notify once every part of the transfer landed without failure
+        (never on a fenced stream: its transfer was given up)."""
+        with self._lock:
+            if sock in self._fenced:
+                raise ProtocolError("stream fenced")
+            if num_parts > 1:
+                key = (session, tid)
                 entry = self._parts.setdefault(key, [num_parts, False, None])
                 entry[0] -= 1
                 entry[1] = entry[1] or is_failed
@@ -217,8 +246,8 @@ class StreamServer:
                     return
                 del self._parts[key]
                 is_failed, notif = entry[1], entry[2]
-        if notif is not None and not is_failed:
-            self.deliver(Notification(peer_name, notif))
+            if notif is not None and not is_failed:
+                self.deliver(Notification(peer_name, notif))
 
 
 def _shutdown(sock: socket.socket) -> None:

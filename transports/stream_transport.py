@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 import uuid
 from typing import Any
 
@@ -210,6 +211,22 @@ class StreamTransport(Transport):
             transfer.fail(PeerLost, conn.lost_reason or "connection lost")
             raise PeerLost(f"{self.kind} peer {peer.name!r} is gone ({conn.lost_reason}); connect again")
         return transfer
+
+    # -- fence (target side) ----------------------------------------------------------------------
+    async def fence(self, peer_name: str, timeout: float = 10.0) -> bool:
+        """Drop the peer's streams into this endpoint and wait until their receivers have ended."""
+        self._check_open()
+        threads = self._server.fence(peer_name)
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while any(t.is_alive() for t in threads):
+            if time.monotonic() > deadline:
+                logger.warning("%s: fence of %s not confirmed in %ss (a receive is still running)",
+                               self.name, peer_name, timeout)
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return True
 
     # -- lifetime ---------------------------------------------------------------------------------
     async def aclose(self) -> None:

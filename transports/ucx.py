@@ -173,7 +173,7 @@ class UcxTransport(Transport):
         return peer
 
     async def _open(self, conn: UcxConn) -> None:
-        await conn.ensure(self.name.encode())  # returns nothing: a future holding the endpoint keeps UCX alive
+        await conn.ensure(self.name.encode(), is_connect=True)  # returns nothing: a future holding the endpoint keeps UCX alive
 
     async def disconnect(self, peer: Peer) -> None:
         if self._peers.pop(peer.name, None) is None:
@@ -182,6 +182,11 @@ class UcxTransport(Transport):
             if tr.peer is peer:
                 tr.cancel(TransferStatus.FAILED, PeerLost, f"peer {peer.name} was disconnected")
         self._runtime.loop.call_soon_threadsafe(peer.state.drop)
+
+    async def fence(self, peer_name: str, timeout: float = 10.0) -> bool:
+        """End the peer's handlers into this endpoint (their endpoints aborted) and wait for UCX."""
+        self._check_open()
+        return bool(await asyncio.wrap_future(self._runtime.submit(self._target.fence(peer_name, timeout))))
 
     # -- transfers ------------------------------------------------------------------------
     async def post_write(self, peer: Peer, pairs: SegmentPairs, notif: bytes | None = None) -> Transfer:
