@@ -301,7 +301,7 @@ class RouterApp:
                 return await dispatcher.fail(send, 503, str(exc), "service_unavailable", kind="no_engine",
                                              code="no_engine")  # fmt: skip
             if p is not None:
-                problem = fan_out_problem(ctx.body, fleet.protocol.name)
+                problem = fan_out_problem(ctx.body, fleet.protocol)
                 if problem is not None:
                     status, text, param = problem
                     return await dispatcher.fail(send, status, text, "invalid_request_error", kind="bad_request",

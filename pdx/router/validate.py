@@ -9,14 +9,12 @@ disaggregated (a P was picked). Each problem is ``(status, message, param)``,
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pdx.router.protocols.base import PDProtocol
 
 MAX_TOKEN_ID = (1 << 31) - 1  # engines and the chunk-key hash take token ids as 32-bit values
-
-# Protocols whose sub-requests (``n``, ``best_of``, several prompts) would share one
-# transfer id and never be answered. Lift a protocol from here once it mints one
-# transfer per sub-request.
-FAN_OUT_UNSUPPORTED = frozenset({"pdx"})
 
 # One JSON string, or an unterminated one up to the end: the match always succeeds,
 # so stripping strings is linear in the body size whatever the quotes and escapes.
@@ -92,13 +90,13 @@ def fan_out_field(body: dict[str, Any]) -> str | None:
     return None
 
 
-def fan_out_problem(body: dict[str, Any], protocol: str) -> Problem | None:
+def fan_out_problem(body: dict[str, Any], protocol: PDProtocol) -> Problem | None:
     """400 for a fan-out request that ``protocol`` would disaggregate but cannot answer."""
-    if protocol not in FAN_OUT_UNSUPPORTED:
+    if protocol.is_fan_out_supported:
         return None
     field = fan_out_field(body)
     if field is None:
         return None
     what = "a list of several prompts" if field == "prompt" else f"'{field}' above 1"
-    return (400, f"{what} is not supported for prefill-decode disaggregated requests on this {protocol} fleet; "
+    return (400, f"{what} is not supported for prefill-decode disaggregated requests on this {protocol.name} fleet; "
                  f"send one request per prompt and completion", field)  # fmt: skip

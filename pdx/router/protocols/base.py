@@ -39,6 +39,10 @@ class PDProtocol(ABC):
     is_concurrent: ClassVar[bool]  # P and D dispatched at once; else P first, then D with P's answer
     is_prefill_required: ClassVar[bool] = False  # D cannot serve a request alone (no P: 503)
     serves_generate: ClassVar[bool] = False  # the fleet's engines serve SGLang's ``/generate``
+    # Sub-requests of one client request (``n``, ``best_of``, several prompts) each get their own
+    # KV transfer. False: they would share one transfer id and never be answered, so a
+    # disaggregated fan-out request gets a 400 instead.
+    is_fan_out_supported: ClassVar[bool] = True
 
     @abstractmethod
     def legs(self, ctx: RequestCtx, prefill: Engine) -> Legs:

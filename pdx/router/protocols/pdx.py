@@ -70,6 +70,7 @@ def decode_body(
 
 class PdxProtocol(PDProtocol):
     name = "pdx"
+    is_fan_out_supported = False  # one transfer id per client request, not per sub-request
     is_concurrent = True
 
     def __init__(self, kv_secret: str | None) -> None:
