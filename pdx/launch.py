@@ -204,6 +204,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         topology = with_fleet_secret(load_topology(args.topology))
+        if not args.no_router:  # before any engine starts: an exposed router without a token
+            from pdx.router.cli import check_exposure
+
+            check_exposure(topology.router, topology.router.host)
     except ConfigError as exc:
         print(f"pdx launch: {exc}", file=sys.stderr)
         return 1

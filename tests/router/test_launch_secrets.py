@@ -35,3 +35,16 @@ def test_launch_recomputes_failed_loads():
     topology = parse_topology(YAML)
     for engine in topology.engines:
         assert kv_transfer_config(engine)["kv_load_failure_policy"] == "recompute"
+
+
+def test_launch_refuses_an_exposed_router_before_any_engine_starts(tmp_path, monkeypatch, capsys):
+    import pdx.launch
+
+    monkeypatch.delenv("PDX_ROUTER_AUTH_TOKEN", raising=False)
+    started = []
+    monkeypatch.setattr(pdx.launch, "start_local_engines", lambda *a, **kw: started.append(a) or [])
+    path = tmp_path / "fleet.yaml"
+    path.write_text(YAML + "router: {host: 0.0.0.0, port: 18999}\n")
+    assert pdx.launch.main(["--topology", str(path)]) == 1
+    assert not started, "engines started although the router could never serve"
+    assert "router.auth_token" in capsys.readouterr().err
