@@ -173,7 +173,8 @@ class StreamConnection:
         self.mode = mode
         self.split_bytes = split_bytes
         self.streams: list[Stream] = []
-        self._lock = threading.Lock()
+        # re-entrant: ``submit`` holds it while a stream sends inline, and a failed send calls ``lose``
+        self._lock = threading.RLock()
         self._next = 0
         self.lost_reason: str | None = None
         self.lost_error: type[TransferError] = PeerLost
