@@ -53,9 +53,9 @@ storage:
 
 def test_engine_spec_keeps_the_topology_and_swaps_only_the_connector() -> None:
     from pdx.config import load_topology
-    from pdx.launch import engine_spec
+    from pdx.launch import engine_spec, with_fleet_secret
 
-    topo = load_topology(str(ROOT / "configs" / "local-2x-store.yaml"))
+    topo = with_fleet_secret(load_topology(str(ROOT / "configs" / "local-2x-store.yaml")))  # as LMCacheFleet
     engine = topo.engines[1]
     spec = engine_spec(topo, engine, "/models/tiny")
     out = lmcache_engine_spec(spec, 6555, Path("/v/lib/python3.11/site-packages"))
