@@ -44,7 +44,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,7 @@ from pdx.storage.buffers import byte_view, key_bytes
 from pdx.storage.channel import StoreChannel
 from pdx.storage.checksum import checksum
 from pdx.storage.config import StoreConfig
+from pdx.storage.metrics import ClientStats
 
 logger = logging.getLogger(__name__)
 
@@ -76,19 +77,6 @@ def create_client(address: str | StoreConfig, **options: Any) -> StoreClient:
 
         return RemoteStoreClient(config)
     return StoreClient(config)
-
-
-@dataclass(frozen=True)
-class ClientStats:
-    num_loaded: int  # chunks read out of the store
-    num_saved: int  # chunks committed into the store
-    num_save_dropped: int  # chunks not saved: queue full, store down or full
-    num_errors: int  # calls that failed because the store was slow or gone
-    num_corrupt: int  # loaded chunks that failed verification (verify_loads)
-    loaded_bytes: int
-    saved_bytes: int
-    load_seconds: float  # time spent reading out of the arena
-    save_seconds: float  # time spent writing into the arena (and checksumming)
 
 
 class StoreClient:

@@ -19,6 +19,21 @@ if TYPE_CHECKING:
 EWMA_ALPHA = 0.2
 
 
+@dataclass(frozen=True)
+class ClientStats:
+    """What one engine's store client did (``StoreClient.stats()``)."""
+
+    num_loaded: int  # chunks read out of the store
+    num_saved: int  # chunks committed into the store
+    num_save_dropped: int  # chunks not saved: queue full, store down or full
+    num_errors: int  # calls that failed because the store was slow or gone
+    num_corrupt: int  # loaded chunks that failed verification (verify_loads)
+    loaded_bytes: int
+    saved_bytes: int
+    load_seconds: float  # time spent reading out of the arena
+    save_seconds: float  # time spent writing into the arena (and checksumming)
+
+
 @dataclass
 class StoreCounters:
     hits_l1: int = 0  # chunks served by acquire straight from L1
