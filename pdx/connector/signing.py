@@ -23,6 +23,7 @@ fleet secret (what ``pdx launch`` gives engines when the topology names only
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import time
 from collections.abc import Callable
@@ -87,7 +88,7 @@ class TransferVerifier:
         self._key = _key(secret)
         self._clock = clock
         self._seen: dict[tuple[str, str], int] = {}  # (transfer id, role) -> expiry
-        self._next_prune = 0.0  # the book drops expired entries at most once a second
+        self._expiries: list[tuple[int, tuple[str, str]]] = []  # heap of (expiry, key): O(log n) pruning
         self.num_refused: dict[str, int] = {}  # by reason
 
     def verify(self, raw: dict[str, Any] | None) -> protocol.PdxTransferParams | None:
@@ -121,11 +122,13 @@ class TransferVerifier:
             raise TransferRefused("expired", f"kv_transfer_params expired {now - exp:.0f} s ago")
         if exp > now + _MAX_SKEW_S:
             raise TransferRefused("expired", f"{EXP} is {exp - now:.0f} s ahead (at most {_MAX_SKEW_S} s)")
-        if now >= self._next_prune:
-            self._seen = {k: e for k, e in self._seen.items() if e > now}
-            self._next_prune = now + 1.0
+        while self._expiries and self._expiries[0][0] <= now:  # forget what can no longer be replayed
+            _, old = heapq.heappop(self._expiries)
+            if self._seen.get(old, now + 1) <= now:
+                del self._seen[old]
         key = (params.transfer_id, params.role)
         if self._seen.get(key, 0) > now:
             raise TransferRefused("replayed", f"transfer {params.transfer_id} ({params.role}) was already used here")
         self._seen[key] = exp
+        heapq.heappush(self._expiries, (exp, key))
         return params

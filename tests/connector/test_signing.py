@@ -87,6 +87,20 @@ def test_replay_is_refused_until_the_params_expire():
     assert v.num_refused == {"replayed": 1, "expired": 1}
 
 
+def test_replay_book_forgets_expired_transfers():
+    """An engine's book holds only transfers that could still be replayed (bounded memory)."""
+    clock = [NOW]
+    v = signing.TransferVerifier(SECRET, clock=lambda: clock[0])
+    for i in range(100):
+        tid = f"{i:032x}"
+        assert v.verify(signing.sign(protocol.decode_params(tid, "127.0.0.1", 15600), SECRET, now=NOW)) is not None
+    assert len(v._seen) == 100
+    clock[0] = NOW + signing.TTL_S + 1
+    fresh = signing.sign(protocol.decode_params("ff" * 16, "127.0.0.1", 15600), SECRET, now=clock[0])
+    assert v.verify(fresh) is not None
+    assert len(v._seen) == 1
+
+
 def test_empty_secret_is_a_configuration_error():
     with pytest.raises(ConfigError, match="PDX_KV_SECRET"):
         signing.TransferVerifier("")
