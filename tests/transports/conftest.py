@@ -12,6 +12,7 @@ class attribute ``process_threads`` and its fds returned by the classmethod ``pr
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -141,6 +142,7 @@ def leak_check(aio: LoopThread, process_pool: ProcessPool, request: pytest.Fixtu
     yield
     deadline = time.monotonic() + 5
     while True:  # threads finishing their last socket call may need a moment to exit
+        gc.collect()  # library handles (ucxx endpoints) close their sockets when collected
         extra_threads = [
             t.name for t in threading.enumerate() if t not in threads and t.is_alive() and t.name not in shared
         ]
