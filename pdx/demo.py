@@ -36,10 +36,13 @@ class _RouterThread:
         import uvicorn
 
         from pdx.router.app import RouterApp
+        from pdx.router.cli import check_exposure
+        from pdx.router.server import uvicorn_options
 
         r = topology.router
+        check_exposure(r, r.host)  # the same listener rules as ``pdx route``: token, timeouts
         config = uvicorn.Config(RouterApp(topology), host=r.host, port=r.port, log_level="error",
-                                access_log=False, http="httptools")  # fmt: skip
+                                access_log=False, **uvicorn_options(r))  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
 
